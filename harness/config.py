@@ -1,0 +1,399 @@
+"""Recipes: YAML files plus dotted ``key=value`` overrides, validated into small typed sections.
+
+Each concern (data, model, optim, schedule, train, checkpoint, ...) has its own dataclass and
+each module is handed only its own section. Kind-specific options (the keys of one scheduler,
+one model, one data set) sit flat beside ``name`` in the YAML and are validated against that
+kind's options dataclass, so ``schedule.step_size=10`` works as an override and a typo in it is
+reported with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says where and what was expected."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    # The run folder: resolved config, TensorBoard events and checkpoints all live here.
+    output_dir: str = "runs/${run.name}"
+    seed: int = 0
+    # auto: the newest complete checkpoint in the run folder; never: start fresh; or a path.
+    resume: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    name: str = "breast_cancer"
+    # Global batch size: samples per optimizer step summed over all ranks and micro-batches.
+    batch_size: int = 32
+    val_batch_size: int = 256
+    shuffle: bool = True
+    drop_last: bool = False
+    options: Any = None  # the kind's own options dataclass, filled in by validation
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "an integer >= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    options: Any = None
+
+
+@dataclass
+class ParamGroupConfig:
+    """Parameters whose names match one of ``params`` (fnmatch globs) get their own LR."""
+
+    name: str
+    params: list[str]
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.0
+    nesterov: bool = False
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "a positive number")
+        _require(len(self.betas) == 2, "optim.betas", self.betas, "two numbers, e.g. [0.9, 0.999]")
+        names = [g.name for g in self.param_groups]
+        _require(len(set(names)) == len(names), "optim.param_groups", names, "unique group names")
+        _require("default" not in names, "optim.param_groups", names,
+                 "names other than 'default' (the group of all unmatched parameters)")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "none"
+    # When the scheduler steps: after every optimizer step or after every epoch.
+    # ReduceLROnPlateau always steps once per validation.
+    interval: Literal["epoch", "step"] = "epoch"
+    # Linear warmup over this many optimizer steps, from warmup_start_factor * lr to lr;
+    # the main schedule starts counting when the warmup ends. Composes with every kind.
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.01
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(0.0 <= self.warmup_start_factor <= 1.0, "schedule.warmup_start_factor",
+                 self.warmup_start_factor, "a number in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    grad_accum_steps: int = 1
+    max_grad_norm: Optional[float] = None
+    # null: whatever `accelerate launch` was told; otherwise no | bf16 | fp16.
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    # auto: CUDA when there is one, else CPU processes over gloo.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every_steps: int = 10
+    val_every_epochs: int = 1
+    # Stop after this many optimizer steps in total (null: train all epochs). For smoke runs.
+    max_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
+        _require(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "an integer >= 1")
+        _require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, "an integer >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    every_epochs: Optional[int] = 1
+    keep_last: int = 2
+    keep_best: int = 0
+    # Metric to rank checkpoints for keep_best: val_loss or val_metric.
+    monitor: Literal["val_loss", "val_metric"] = "val_loss"
+    monitor_mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "an integer >= 1")
+        _require(self.keep_best >= 0, "checkpoint.keep_best", self.keep_best, "an integer >= 0")
+        for key in ("every_steps", "every_epochs"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"checkpoint.{key}", value, "null or an integer >= 1")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+
+# Sections whose extra keys are the options of the kind named by ``name``.
+_KIND_SECTIONS = ("data", "model", "schedule")
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a recipe, apply ``key=value`` overrides, validate every section (kind options too)."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        recipes = sorted(Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
+        if recipes:
+            hint = " Recipes here: " + ", ".join(str(r) for r in recipes)
+        raise ConfigError(f"recipe file not found: {path}.{hint}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run, data, model, ...), got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``optim.lr=0.005`` sets raw['optim']['lr']; the value is read as YAML (lists, null, numbers)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.005")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict) -> Config:
+    raw = dict(raw)
+    sections = {}
+    known = [f.name for f in dataclasses.fields(Config)]
+    for name in raw:
+        if name not in known:
+            raise ConfigError(_unknown_key_message(name, known, where="top level"))
+    for f in dataclasses.fields(Config):
+        section_raw = raw.get(f.name) or {}
+        if not isinstance(section_raw, dict):
+            raise ConfigError(f"{f.name}: expected a section (mapping), got {section_raw!r}")
+        cls = typing.get_type_hints(Config)[f.name]
+        if f.name in _KIND_SECTIONS:
+            sections[f.name] = _kind_section(f.name, cls, section_raw)
+        else:
+            sections[f.name] = parse_dataclass(cls, section_raw, f.name)
+    cfg = Config(**sections)
+    cfg.run.output_dir = cfg.run.output_dir.replace("${run.name}", cfg.run.name)
+    return cfg
+
+
+def _kind_section(section: str, cls: type, section_raw: dict):
+    from harness import registry  # the registries import nothing heavy at module level
+
+    common = {f.name for f in dataclasses.fields(cls)} - {"options"}
+    default_name = cls().name if section != "data" else DataConfig().name
+    name = section_raw.get("name", default_name)
+    options_cls = registry.options_class(section, name)
+    base = {k: v for k, v in section_raw.items() if k in common}
+    rest = {k: v for k, v in section_raw.items() if k not in common}
+    option_keys = [f.name for f in dataclasses.fields(options_cls)]
+    for key in rest:
+        if key not in option_keys:
+            valid = sorted(common | set(option_keys))
+            raise ConfigError(_unknown_key_message(f"{section}.{key}", valid,
+                                                   where=f"{section} (kind {name!r})", prefix=section))
+    parsed = parse_dataclass(cls, base, section)
+    parsed.name = registry.canonical_name(section, name)
+    parsed.options = parse_dataclass(options_cls, rest, section)
+    return parsed
+
+
+def _unknown_key_message(key: str, valid: list[str], where: str, prefix: str = "") -> str:
+    leaf = key.split(".")[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean {prefix + '.' if prefix else ''}{close[0]!r}?" if close else ""
+    return f"unknown key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}"
+
+
+def parse_dataclass(cls: type, raw: dict, path: str):
+    """Build ``cls`` from ``raw``: unknown keys, missing keys and wrong types are ConfigErrors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_unknown_key_message(f"{path}.{key}", names, where=path, prefix=path))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = coerce(raw[f.name], hints[f.name], f"{path}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}.{f.name}: missing, expected {_type_name(hints[f.name])}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # __post_init__ messages name the key relative to the section; keep the full path.
+        message = str(exc)
+        if not message.startswith(path.split(".")[0]):
+            message = f"{path}.{message}"
+        raise ConfigError(message) from None
+
+
+def coerce(value: Any, hint: Any, path: str) -> Any:
+    """Convert a YAML value to ``hint``; YAML 1.1 reads ``1e-3`` as a string, so numbers are parsed."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: got {value!r}, expected {_type_name(hint)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{path}: got {value!r}, expected one of {', '.join(repr(a) for a in args)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: got {value!r}, expected a list of {_type_name(args[0])}")
+        return [coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}, expected a mapping")
+        return {k: coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return parse_dataclass(hint, value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: got {value!r}, expected true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: got {value!r}, expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
+        raise ConfigError(f"{path}: got {value!r}, expected an integer")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: got {value!r}, expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # "1e-3", "5e-4": YAML 1.1 leaves these as strings
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: got {value!r}, expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: got {value!r}, expected a string")
+    raise ConfigError(f"{path}: unsupported type {hint!r}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        parts = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def to_plain_dict(cfg: Config) -> dict:
+    """The resolved config as plain YAML-able data (kind options flattened back beside ``name``)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        data = dataclasses.asdict(section)
+        if f.name in _KIND_SECTIONS:
+            options = data.pop("options") or {}
+            data.update(options)
+        out[f.name] = data
+    return out
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_plain_dict(cfg), sort_keys=False)

@@ -1,0 +1,487 @@
+"""Data sets by name: bundled or generated ones for the recipes, real loaders for users' own files.
+
+A data set is built into a :class:`TaskData`: what kind of target it has, the shapes the model
+needs, and splits (train / val / test). A split fetches a batch from a tensor of sample indices,
+so the sampler (``harness.sampling``) alone decides which rank sees which samples.
+
+torch_geometric is imported only by the graph data sets: it costs seconds at start-up.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Optional
+
+import numpy as np
+import torch
+
+from harness.config import ConfigError, DataConfig
+from harness.registry import Kind
+
+TaskKind = Literal["binary", "multiclass", "regression"]
+
+
+# --------------------------------------------------------------------------------------------
+# What the loop and the model builder see
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: TaskKind
+    in_dim: int
+    out_dim: int  # 1 for binary and regression, number of classes for multiclass
+    graph: Literal["none", "node", "graph"] = "none"
+
+
+class Batch:
+    """One rank's share of a global batch: ``predict(model)`` returns one output per sample."""
+
+    targets: torch.Tensor
+
+    def predict(self, model) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to(self, device) -> "Batch":
+        raise NotImplementedError
+
+
+class Split:
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def fetch(self, indices: torch.Tensor) -> Batch:
+        raise NotImplementedError
+
+    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[Batch]:
+        for indices in index_batches:
+            yield self.fetch(indices)
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: Split
+    val: Split
+    test: Optional[Split] = None
+    description: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Tabular data
+# --------------------------------------------------------------------------------------------
+
+
+class TensorBatch(Batch):
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+        self.features, self.targets = features, targets
+
+    def predict(self, model) -> torch.Tensor:
+        return model(self.features)
+
+    def to(self, device) -> "TensorBatch":
+        return TensorBatch(self.features.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
+
+
+class TensorSplit(Split):
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+        self.features, self.targets = features, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def fetch(self, indices: torch.Tensor) -> TensorBatch:
+        return TensorBatch(self.features[indices], self.targets[indices])
+
+
+def _standardised_splits(x: np.ndarray, y: np.ndarray, kind: TaskKind, test_size: float, val_size: float,
+                         random_state: int, standardize: bool) -> tuple[TensorSplit, TensorSplit, TensorSplit]:
+    """Train/val/test split; the scaler is fitted on the training part only."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, random_state=random_state)
+    if val_size > 0:
+        x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=val_size,
+                                                          random_state=random_state)
+    else:
+        # No separate validation part (as in the breast-cancer article): validate on the test part.
+        x_val, y_val = x_test, y_test
+    if standardize:
+        scaler = StandardScaler().fit(x_train)
+        x_train, x_val, x_test = (scaler.transform(a) for a in (x_train, x_val, x_test))
+
+    def split(features, targets):
+        features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        if kind == "multiclass":
+            targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        else:
+            targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32).view(-1, 1)
+        return TensorSplit(features, targets)
+
+    return split(x_train, y_train), split(x_val, y_val), split(x_test, y_test)
+
+
+@dataclass
+class BreastCancerOptions:
+    test_size: float = 0.2
+    # 0: validate on the test part, as the seed article does.
+    val_size: float = 0.0
+    random_state: int = 2
+    standardize: bool = True
+
+
+def build_breast_cancer(o: BreastCancerOptions, seed: int) -> TaskData:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    # scikit-learn codes malignant as 0; the article (and most users) code malignant as 1.
+    y = 1 - bunch.target
+    train, val, test = _standardised_splits(bunch.data, y, "binary", o.test_size, o.val_size,
+                                            o.random_state, o.standardize)
+    return TaskData(TaskSpec("binary", bunch.data.shape[1], 1), train, val, test,
+                    description=f"breast cancer (scikit-learn bundled): {len(train)} train, {len(test)} test")
+
+
+@dataclass
+class CsvOptions:
+    path: str = ""
+    target: str = "target"
+    # null: every column but the target.
+    features: Optional[list[str]] = None
+    task: TaskKind = "binary"
+    test_size: float = 0.2
+    val_size: float = 0.1
+    random_state: int = 0
+    standardize: bool = True
+
+
+def build_csv(o: CsvOptions, seed: int) -> TaskData:
+    path = Path(o.path)
+    if not o.path:
+        raise ConfigError("data.path: the csv data set needs a path to a CSV file with a header row")
+    if not path.is_file():
+        raise ConfigError(f"data.path: CSV file not found: {path}")
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ConfigError(f"{path}: empty file, expected a header row") from None
+        rows = [row for row in reader if row]
+    header = [h.strip() for h in header]
+    if o.target not in header:
+        raise ConfigError(f"{path}: no column {o.target!r} (data.target). Columns: {', '.join(header)}")
+    features = o.features or [h for h in header if h != o.target]
+    for name in features:
+        if name not in header:
+            raise ConfigError(f"{path}: no column {name!r} (data.features). Columns: {', '.join(header)}")
+    columns = [header.index(name) for name in features]
+    target_column = header.index(o.target)
+    x = np.empty((len(rows), len(columns)), dtype=np.float64)
+    for r, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ConfigError(f"{path}: line {r + 2} has {len(row)} fields, the header has {len(header)}")
+        for c, column in enumerate(columns):
+            try:
+                x[r, c] = float(row[column])
+            except ValueError:
+                raise ConfigError(f"{path}: line {r + 2}, column {header[column]!r}: "
+                                  f"{row[column]!r} is not a number") from None
+    raw_targets = [row[target_column].strip() for row in rows]
+    if o.task == "regression":
+        try:
+            y = np.array([float(v) for v in raw_targets])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: column {o.target!r}: regression targets must be numbers ({exc})") from None
+        classes = []
+    else:
+        classes = sorted(set(raw_targets), key=_natural_key)
+        y = np.array([classes.index(v) for v in raw_targets])
+        if o.task == "binary" and len(classes) != 2:
+            raise ConfigError(f"{path}: column {o.target!r} has {len(classes)} classes {classes[:10]}; "
+                              "task: binary needs exactly 2 (use task: multiclass)")
+    if len(rows) < 10:
+        raise ConfigError(f"{path}: only {len(rows)} rows; need at least 10 to split train/val/test")
+    train, val, test = _standardised_splits(x, y, o.task, o.test_size, o.val_size, o.random_state, o.standardize)
+    out_dim = len(classes) if o.task == "multiclass" else 1
+    return TaskData(TaskSpec(o.task, len(columns), out_dim), train, val, test,
+                    description=f"{path}: {len(rows)} rows, {len(columns)} features, task {o.task}")
+
+
+def _natural_key(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Node classification on one graph
+# --------------------------------------------------------------------------------------------
+
+
+class NodeBatch(Batch):
+    def __init__(self, x, edge_index, seed_positions, targets):
+        self.x, self.edge_index, self.seed_positions, self.targets = x, edge_index, seed_positions, targets
+
+    def predict(self, model) -> torch.Tensor:
+        return model(self.x, self.edge_index)[self.seed_positions]
+
+    def to(self, device) -> "NodeBatch":
+        return NodeBatch(self.x.to(device), self.edge_index.to(device), self.seed_positions.to(device),
+                         self.targets.to(device))
+
+
+class NodeSplit(Split):
+    """Nodes of one split; a batch is the subgraph around its seed nodes.
+
+    With ``hops`` = model layers + 1 the seed nodes' outputs equal the full-graph outputs (GCN's
+    degree normalisation needs the neighbours of the outermost layer too), so splitting seed
+    nodes across ranks shares the work without changing the result. null: the whole graph.
+    """
+
+    def __init__(self, graph, node_index: torch.Tensor, hops: Optional[int]):
+        self.graph, self.node_index, self.hops = graph, node_index, hops
+
+    def __len__(self) -> int:
+        return len(self.node_index)
+
+    def fetch(self, indices: torch.Tensor) -> NodeBatch:
+        from torch_geometric.utils import k_hop_subgraph
+
+        seeds = self.node_index[indices]
+        targets = self.graph.y[seeds]
+        if self.hops is None:
+            return NodeBatch(self.graph.x, self.graph.edge_index, seeds, targets)
+        subset, edge_index, mapping, _ = k_hop_subgraph(seeds, self.hops, self.graph.edge_index,
+                                                        relabel_nodes=True, num_nodes=self.graph.num_nodes)
+        return NodeBatch(self.graph.x[subset], edge_index, mapping, targets)
+
+
+@dataclass
+class SbmNodesOptions:
+    """A stochastic-block-model graph whose node features are noisy class centroids.
+
+    Neighbours mostly share a class, so a GCN that averages over them beats a per-node MLP.
+    """
+
+    num_nodes: int = 1200
+    num_classes: int = 4
+    num_features: int = 16
+    p_in: float = 0.02
+    p_out: float = 0.002
+    feature_noise: float = 2.0
+    train_fraction: float = 0.6
+    val_fraction: float = 0.2
+    subgraph_hops: Optional[int] = 3
+    graph_seed: int = 0
+
+
+def build_sbm_nodes(o: SbmNodesOptions, seed: int) -> TaskData:
+    from torch_geometric.data import Data
+    from torch_geometric.utils import stochastic_blockmodel_graph
+
+    generator = torch.Generator().manual_seed(o.graph_seed)
+    sizes = [o.num_nodes // o.num_classes] * o.num_classes
+    sizes[-1] += o.num_nodes - sum(sizes)
+    probs = [[o.p_in if i == j else o.p_out for j in range(o.num_classes)] for i in range(o.num_classes)]
+    with torch.random.fork_rng():
+        torch.manual_seed(o.graph_seed)  # stochastic_blockmodel_graph draws from the global RNG
+        edge_index = stochastic_blockmodel_graph(sizes, probs)
+    y = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(sizes)])
+    centroids = torch.randn(o.num_classes, o.num_features, generator=generator)
+    x = centroids[y] + o.feature_noise * torch.randn(o.num_nodes, o.num_features, generator=generator)
+    graph = Data(x=x, edge_index=edge_index, y=y)
+    order = torch.randperm(o.num_nodes, generator=generator)
+    n_train = int(o.train_fraction * o.num_nodes)
+    n_val = int(o.val_fraction * o.num_nodes)
+    train, val, test = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    spec = TaskSpec("multiclass", o.num_features, o.num_classes, graph="node")
+    return TaskData(spec, NodeSplit(graph, train, o.subgraph_hops), NodeSplit(graph, val, o.subgraph_hops),
+                    NodeSplit(graph, test, o.subgraph_hops),
+                    description=f"SBM graph: {o.num_nodes} nodes, {edge_index.size(1)} edges, "
+                                f"{o.num_classes} classes; {len(train)}/{len(val)}/{len(test)} train/val/test nodes")
+
+
+# --------------------------------------------------------------------------------------------
+# Graph-level learning: batches of many small graphs
+# --------------------------------------------------------------------------------------------
+
+
+class GraphBatch(Batch):
+    def __init__(self, batch):
+        self.batch = batch
+        self.targets = batch.y
+
+    def predict(self, model) -> torch.Tensor:
+        return model(self.batch.x, self.batch.edge_index, self.batch.batch, self.batch.num_graphs)
+
+    def to(self, device) -> "GraphBatch":
+        return GraphBatch(self.batch.to(device))
+
+
+class GraphSplit(Split):
+    def __init__(self, graphs, num_workers: int = 0):
+        self.graphs, self.num_workers = graphs, num_workers
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def fetch(self, indices: torch.Tensor) -> GraphBatch:
+        from torch_geometric.data import Batch as PygBatch
+
+        return GraphBatch(PygBatch.from_data_list([self.graphs[int(i)] for i in indices]))
+
+    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[GraphBatch]:
+        # PyG's loader collates; our sampler decides the indices (its batch_sampler).
+        from torch_geometric.loader import DataLoader
+
+        batch_lists = [idx.tolist() for idx in index_batches]
+        loader = DataLoader(self.graphs, batch_sampler=batch_lists, num_workers=self.num_workers)
+        for batch in loader:
+            yield GraphBatch(batch)
+
+
+ATOM_TYPES = ("C", "N", "O", "S", "Cl")
+
+
+@dataclass
+class MoleculesOptions:
+    """Generated molecule-like graphs (atoms as one-hot types, bonds as edges, some rings).
+
+    The target is a made-up additive property (think of a group-contribution estimate):
+    per-atom contributions plus a per-ring term, standardised. A GNN with sum pooling can learn it.
+    """
+
+    num_graphs: int = 2000
+    min_atoms: int = 6
+    max_atoms: int = 20
+    ring_probability: float = 0.3
+    train_fraction: float = 0.8
+    val_fraction: float = 0.1
+    graph_seed: int = 0
+    num_workers: int = 0
+
+
+def build_molecules(o: MoleculesOptions, seed: int) -> TaskData:
+    from torch_geometric.data import Data
+
+    rng = np.random.default_rng(o.graph_seed)
+    contributions = np.array([0.5, 1.0, -0.8, 1.5, -1.2])
+    ring_term = 0.7
+    graphs, raw_targets = [], []
+    for _ in range(o.num_graphs):
+        n = int(rng.integers(o.min_atoms, o.max_atoms + 1))
+        atoms = rng.choice(len(ATOM_TYPES), size=n, p=[0.6, 0.15, 0.15, 0.05, 0.05])
+        bonds = [(i, int(rng.integers(0, i))) for i in range(1, n)]  # a random tree: connected
+        rings = 0
+        for _ in range(3):
+            if rng.random() < o.ring_probability:
+                a, b = (int(v) for v in rng.choice(n, size=2, replace=False))
+                if (a, b) not in bonds and (b, a) not in bonds:
+                    bonds.append((a, b))
+                    rings += 1
+        src = [a for a, b in bonds] + [b for a, b in bonds]
+        dst = [b for a, b in bonds] + [a for a, b in bonds]
+        x = torch.zeros(n, len(ATOM_TYPES))
+        x[torch.arange(n), torch.as_tensor(atoms)] = 1.0
+        raw_targets.append(float(contributions[atoms].sum() + ring_term * rings))
+        graphs.append(Data(x=x, edge_index=torch.tensor([src, dst], dtype=torch.long)))
+    targets = np.array(raw_targets)
+    mean, std = targets.mean(), targets.std()
+    for graph, value in zip(graphs, targets):
+        graph.y = torch.tensor([[(value - mean) / std]], dtype=torch.float32)
+    order = np.random.default_rng(o.graph_seed + 1).permutation(o.num_graphs)
+    n_train, n_val = int(o.train_fraction * o.num_graphs), int(o.val_fraction * o.num_graphs)
+    parts = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    train, val, test = ([graphs[i] for i in part] for part in parts)
+    spec = TaskSpec("regression", len(ATOM_TYPES), 1, graph="graph")
+    return TaskData(spec, GraphSplit(train, o.num_workers), GraphSplit(val, o.num_workers),
+                    GraphSplit(test, o.num_workers),
+                    description=f"generated molecules: {o.num_graphs} graphs of {o.min_atoms}-{o.max_atoms} atoms; "
+                                f"{len(train)}/{len(val)}/{len(test)} train/val/test; target standardised")
+
+
+@dataclass
+class TuFolderOptions:
+    """A graph data set in the TU format (PyG's TUDataset raw files) from a local folder.
+
+    ``root/NAME_A.txt``, ``NAME_graph_indicator.txt``, ``NAME_graph_labels.txt`` and optionally
+    ``NAME_node_labels.txt`` / ``NAME_node_attributes.txt``. Read straight from the text files:
+    no processed pickle is written or trusted.
+    """
+
+    root: str = ""
+    name: str = ""
+    task: TaskKind = "multiclass"
+    train_fraction: float = 0.8
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    num_workers: int = 0
+
+
+def build_tu_folder(o: TuFolderOptions, seed: int) -> TaskData:
+    from torch_geometric.data import InMemoryDataset
+    from torch_geometric.io import read_tu_data
+
+    root = Path(o.root)
+    if not o.root or not o.name:
+        raise ConfigError("data.root and data.name: the tu_folder data set needs the folder and the file prefix")
+    required = [root / f"{o.name}_{part}.txt" for part in ("A", "graph_indicator", "graph_labels")]
+    missing = [str(p) for p in required if not p.is_file()]
+    if missing:
+        raise ConfigError(f"data.root: missing TU files: {', '.join(missing)}")
+    try:
+        data, slices, _ = read_tu_data(str(root), o.name)
+    except Exception as exc:  # malformed text files: name the folder, keep the cause
+        raise ConfigError(f"{root}: cannot read TU data set {o.name!r}: {exc}") from exc
+
+    class _Loaded(InMemoryDataset):
+        def __init__(self):
+            super().__init__(root=None)
+            self.data, self.slices = data, slices
+
+    dataset = _Loaded()
+    if dataset.num_node_features == 0:
+        raise ConfigError(f"{root}: {o.name} has no node labels or attributes to learn from")
+    graphs = [dataset[i] for i in range(len(dataset))]
+    if o.task == "multiclass":
+        labels = torch.cat([g.y.view(-1) for g in graphs]).long()
+        classes = sorted(set(labels.tolist()))
+        remap = {c: i for i, c in enumerate(classes)}
+        for g in graphs:
+            g.y = torch.tensor([remap[int(g.y.view(-1)[0])]], dtype=torch.long)
+        out_dim = len(classes)
+    else:
+        for g in graphs:
+            g.y = g.y.view(1, -1).float()
+        out_dim = 1
+    order = torch.randperm(len(graphs), generator=torch.Generator().manual_seed(o.split_seed)).tolist()
+    n_train, n_val = int(o.train_fraction * len(graphs)), int(o.val_fraction * len(graphs))
+    parts = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    train, val, test = ([graphs[i] for i in part] for part in parts)
+    if not train or not val:
+        raise ConfigError(f"{root}: {len(graphs)} graphs are too few for train/val splits")
+    spec = TaskSpec(o.task, dataset.num_node_features, out_dim, graph="graph")
+    return TaskData(spec, GraphSplit(train, o.num_workers), GraphSplit(val, o.num_workers),
+                    GraphSplit(test, o.num_workers) if test else None,
+                    description=f"TU data set {o.name} from {root}: {len(graphs)} graphs")
+
+
+DATASETS: dict[str, Kind] = {
+    "breast_cancer": Kind(BreastCancerOptions, build_breast_cancer, (), "scikit-learn's bundled breast cancer table"),
+    "csv": Kind(CsvOptions, build_csv, (), "your own CSV table"),
+    "sbm_nodes": Kind(SbmNodesOptions, build_sbm_nodes, (), "generated SBM graph, node classification"),
+    "molecules": Kind(MoleculesOptions, build_molecules, (), "generated molecule-like graphs, graph regression"),
+    "tu_folder": Kind(TuFolderOptions, build_tu_folder, ("tudataset",), "your own TU-format graph data set"),
+}
+
+
+def build_data(cfg: DataConfig, seed: int) -> TaskData:
+    from harness.registry import lookup
+
+    return lookup("data", cfg.name).build(cfg.options, seed)

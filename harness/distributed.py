@@ -1,0 +1,152 @@
+"""Processes and collectives: the Accelerator, (sum, count) reductions, rank agreement, teardown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+logger = logging.getLogger("harness")
+
+
+class RankDivergence(RuntimeError):
+    """Ranks disagree on something that must be identical (the LR of a param group)."""
+
+
+def make_accelerator(device: str, mixed_precision: Optional[str]):
+    from accelerate import Accelerator
+
+    # Without cpu=True, Accelerator on a GPU-less machine does not join the process group:
+    # every rank believes it is rank 0 of 1.
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        from harness.config import ConfigError
+
+        raise ConfigError("train.device: 'cuda' asked for, but torch sees no CUDA device (use auto or cpu)")
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision)
+    return accelerator
+
+
+def requested_process_count(pid: Optional[int] = None) -> Optional[int]:
+    """How many processes the launcher above us was asked for, read from its command line.
+
+    ``accelerate launch --cpu --num_processes 2`` (or a MULTI_CPU config file) silently starts ONE
+    process with world size 1; this lets us say so loudly instead of training alone.
+    """
+    pid = os.getppid() if pid is None else pid
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    argv = [a for a in argv if a]
+    joined = " ".join(argv)
+    if "accelerate" not in joined and "torchrun" not in joined and "torch.distributed.run" not in joined:
+        return None
+    for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node", "--num-processes"):
+        for i, arg in enumerate(argv):
+            value = None
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None and value.isdigit():
+                return int(value)
+    for flag in ("--config_file", "--config-file"):
+        for i, arg in enumerate(argv):
+            path = argv[i + 1] if arg == flag and i + 1 < len(argv) else (
+                arg.split("=", 1)[1] if arg.startswith(flag + "=") else None)
+            if path:
+                try:
+                    import yaml
+
+                    launch_cfg = yaml.safe_load(Path(path).read_text()) or {}
+                    return int(launch_cfg.get("num_processes", 1))
+                except (OSError, ValueError, TypeError, AttributeError):
+                    return None
+    return None
+
+
+def warn_if_ranks_lost(world_size: int) -> Optional[str]:
+    requested = requested_process_count()
+    if requested and requested > 1 and world_size == 1:
+        message = (
+            f"\n{'!' * 78}\n"
+            f"!! The launcher was asked for {requested} processes but this run sees world size 1.\n"
+            f"!! It is training on ONE process. On a CPU-only machine `accelerate launch --cpu\n"
+            f"!! --num_processes N` and `distributed_type: MULTI_CPU` do this silently. Use\n"
+            f"!!   accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m harness train ...\n"
+            f"!! or torchrun --standalone --nproc_per_node {requested} -m harness train ...\n"
+            f"{'!' * 78}"
+        )
+        logger.warning(message)
+        print(message, file=sys.stderr, flush=True)
+        return message
+    return None
+
+
+def all_reduce_sum(accelerator, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """One packed all-reduce of float64 sums (sum, count, ...), identical on every rank."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        tensor = accelerator.reduce(tensor, reduction="sum")
+    return tensor.cpu()
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when any rank passes True (one collective)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(all_reduce_sum(accelerator, [1.0 if flag else 0.0])[0] > 0)
+
+
+def check_lrs_agree(accelerator, lrs: torch.Tensor, group_names: list[str], first_step: int, what: str) -> None:
+    """Stop with a clear error if any rank's LRs differ from rank 0's.
+
+    ``lrs`` is [steps, groups] of the LRs applied since the last check, so a per-step schedule is
+    checked once per log interval instead of paying a collective every step.
+    """
+    if accelerator.num_processes == 1 or lrs.numel() == 0:
+        return
+    local = lrs.to(torch.float64).to(accelerator.device)
+    gathered = accelerator.gather(local.unsqueeze(0)).cpu()  # [world, steps, groups]
+    differs = (gathered != gathered[0:1]).any(dim=0)  # [steps, groups]
+    if bool(differs.any()):
+        step_i, group_i = (int(v) for v in differs.nonzero()[0])
+        values = ", ".join(f"rank {r}: {gathered[r, step_i, group_i].item():.10g}" for r in range(gathered.size(0)))
+        raise RankDivergence(
+            f"LR of param group {group_names[group_i]!r} differs between ranks at {what} "
+            f"{first_step + step_i}: {values}. The schedule must be stepped identically on every rank "
+            "(with a value reduced over all ranks for ReduceLROnPlateau)."
+        )
+
+
+def shutdown(accelerator, timeout_s: float = 30.0) -> None:
+    """Leave the process group without hanging: gloo's destroy has been seen to hang at exit."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    done = threading.Event()
+
+    def _destroy() -> None:
+        try:
+            torch.distributed.destroy_process_group()
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=_destroy, name="harness-teardown", daemon=True)
+    thread.start()
+    if not done.wait(timeout_s):
+        logger.warning("destroy_process_group did not return in %.0f s; exiting without it", timeout_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def describe_launch() -> str:
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in keys if k in os.environ)

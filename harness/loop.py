@@ -1,0 +1,309 @@
+"""The training loop: plain functions called in order, readable top to bottom.
+
+Loss scaling, the one trick here: each rank's loss is (sum of its per-sample losses) times
+world_size / (samples in the global batch). DDP averages gradients over ranks, so the applied
+gradient is exactly the global-batch mean, however unevenly the batch splits across ranks and
+micro-batches. That is what makes 1 rank and N ranks train the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harness import sampling
+from harness.config import Config, ConfigError, dump_config, to_plain_dict
+from harness.datasets import Split, TaskData, build_data
+from harness.distributed import all_reduce_sum, check_lrs_agree, make_accelerator, warn_if_ranks_lost
+from harness.models import build_model
+from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric
+from harness.optimizers import build_optimizer
+from harness.schedules import Horizon, LRSchedule, build_schedule
+from harness.tracking import TensorBoardLog, flatten
+
+logger = logging.getLogger("harness")
+
+
+@dataclass
+class TrainState:
+    """The trainer's counters; saved in every checkpoint like any other state."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    samples_in_epoch: int = 0  # position in the current epoch's (world-size independent) order
+    best_metric: Optional[float] = None
+    # Partial sums of the train-loss log windows, reduced over ranks, so a resumed run logs the
+    # same values an uninterrupted one would.
+    window_loss_sum: float = 0.0
+    window_count: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_count: int = 0
+    history: list[dict] = field(default_factory=list)  # per-epoch validation results
+
+
+@dataclass
+class Trainer:
+    """What one run holds; the functions below do the work."""
+
+    cfg: Config
+    accelerator: object
+    task: TaskData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    group_names: list[str]
+    horizon: Horizon
+    tb: TensorBoardLog
+    state: TrainState = field(default_factory=TrainState)
+    # LRs applied at steps not yet written/checked: [(step, [lr per group])]
+    pending_lrs: list[tuple[int, list[float]]] = field(default_factory=list)
+    window_loss: Optional[torch.Tensor] = None
+    epoch_loss: Optional[torch.Tensor] = None
+    window_started: float = field(default_factory=time.perf_counter)
+    window_samples: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Setting up
+# --------------------------------------------------------------------------------------------
+
+
+def build_trainer(cfg: Config) -> Trainer:
+    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
+    warn_if_ranks_lost(accelerator.num_processes)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    task = build_data(cfg.data, cfg.run.seed)
+    if cfg.data.batch_size > len(task.train) and cfg.data.drop_last:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {len(task.train)} "
+                          "training samples and data.drop_last is true: no step would run")
+    model = build_model(cfg.model, task.spec)
+    optimizer, group_names = build_optimizer(model, cfg.optim)
+    horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last),
+                      cfg.train.epochs)
+    schedule = build_schedule(optimizer, cfg.schedule, horizon, group_names)
+    # The scheduler is deliberately not prepared: Accelerate's wrapper would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    tb = TensorBoardLog(cfg.run_dir, enabled=accelerator.is_main_process)
+    trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon, tb)
+    # Dropout and other training randomness: a distinct stream per rank, derived from the seed.
+    torch.manual_seed(cfg.run.seed * 1000 + 17 + accelerator.process_index)
+    return trainer
+
+
+def write_run_files(trainer: Trainer) -> None:
+    if not trainer.is_main:
+        return
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    (trainer.run_dir / "config.yaml").write_text(dump_config(trainer.cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
+    acc, cfg = trainer.accelerator, trainer.cfg
+    rank, world = acc.process_index, acc.num_processes
+    global_count = len(global_indices)
+    trainer.pending_lrs.append((trainer.state.step, [g["lr"] for g in trainer.optimizer.param_groups]))
+    micro = sampling.micro_batches(global_indices, cfg.train.grad_accum_steps)
+    for i, micro_indices in enumerate(micro):
+        local = sampling.shard(micro_indices, rank, world)
+        weight = 1.0
+        if len(local) == 0:
+            # This rank has no sample in this micro-batch; DDP still needs its backward, so run
+            # one real sample with weight 0: it adds nothing to the gradient.
+            local, weight = global_indices[:1], 0.0
+        batch = trainer.task.train.fetch(local).to(acc.device)
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last else acc.no_sync(trainer.model)
+        with sync:
+            outputs = batch.predict(trainer.model)
+            loss_sum = per_sample_loss(trainer.task.spec.kind, outputs.float(), batch.targets).sum() * weight
+            acc.backward(loss_sum * (world / global_count))
+        detached = loss_sum.detach()
+        trainer.window_loss = detached if trainer.window_loss is None else trainer.window_loss + detached
+        trainer.epoch_loss = detached if trainer.epoch_loss is None else trainer.epoch_loss + detached
+    if cfg.train.max_grad_norm is not None:
+        acc.clip_grad_norm_(trainer.model.parameters(), cfg.train.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.schedule.after_optimizer_step()
+    trainer.state.step += 1
+    trainer.state.samples_in_epoch += global_count
+    trainer.state.window_count += global_count
+    trainer.state.epoch_count += global_count
+    trainer.window_samples += global_count
+
+
+def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
+    """Write and cross-check pending per-step LRs; if ``close_window``, log the train-loss window.
+
+    One collective for the LR check, one for the loss window. Called every log interval.
+    """
+    if trainer.pending_lrs:
+        first = trainer.pending_lrs[0][0]
+        block = torch.tensor([lrs for _, lrs in trainer.pending_lrs], dtype=torch.float64)
+        check_lrs_agree(trainer.accelerator, block, trainer.group_names, first, "optimizer step")
+        trainer.tb.lr_series(first, trainer.group_names, block.tolist())
+        trainer.pending_lrs.clear()
+    if close_window and trainer.state.window_count > 0:
+        local = float(trainer.window_loss) if trainer.window_loss is not None else 0.0
+        total = float(all_reduce_sum(trainer.accelerator, [local])[0]) + trainer.state.window_loss_sum
+        elapsed = time.perf_counter() - trainer.window_started
+        trainer.tb.scalars(trainer.state.step, {
+            "train/loss": total / trainer.state.window_count,
+            "perf/samples_per_s": trainer.window_samples / max(elapsed, 1e-9),
+        })
+        trainer.window_loss = None
+        trainer.state.window_loss_sum = 0.0
+        trainer.state.window_count = 0
+        trainer.window_started = time.perf_counter()
+        trainer.window_samples = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: (sum, count) over the whole split, reduced once
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(trainer: Trainer, split: Split) -> tuple[float, float]:
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.model)  # no DDP collectives inside a rank-local loop
+    was_training = model.training
+    model.eval()
+    kind = trainer.task.spec.kind
+    sums = torch.zeros(3, dtype=torch.float64)
+    shards = [s for s in sampling.validation_shards(len(split), trainer.cfg.data.val_batch_size,
+                                                    acc.process_index, acc.num_processes) if len(s)]
+    with torch.no_grad(), acc.autocast():
+        for batch in split.batches(shards):
+            batch = batch.to(acc.device)
+            outputs = batch.predict(model).float()
+            sums[0] += per_sample_loss(kind, outputs, batch.targets).sum().item()
+            sums[1] += per_sample_metric(kind, outputs, batch.targets).sum().item()
+            sums[2] += len(batch.targets)
+    total = all_reduce_sum(acc, sums)
+    model.train(was_training)
+    count = max(total[2].item(), 1.0)
+    return total[0].item() / count, total[1].item() / count
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> dict:
+    trainer = build_trainer(cfg)
+    write_run_files(trainer)
+    log_start(trainer)
+    try:
+        summary = fit(trainer)
+    finally:
+        trainer.tb.close()
+    return summary
+
+
+def fit(trainer: Trainer) -> dict:
+    cfg, state = trainer.cfg, trainer.state
+    metric_name = METRIC_NAMES[trainer.task.spec.kind]
+    stop = False
+    while state.epoch < cfg.train.epochs and not stop:
+        epoch = state.epoch
+        trainer.model.train()
+        order = sampling.epoch_order(len(trainer.task.train), cfg.run.seed, epoch, cfg.data.shuffle)
+        for global_indices in sampling.global_batches(order, cfg.data.batch_size, cfg.data.drop_last,
+                                                      state.samples_in_epoch):
+            train_step(trainer, global_indices)
+            if state.step % cfg.train.log_every_steps == 0:
+                flush_step_logs(trainer, close_window=True)
+            if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+                stop = True
+                break
+        if stop and state.samples_in_epoch < len(trainer.task.train):
+            flush_step_logs(trainer, close_window=False)
+            break
+        end_epoch(trainer, metric_name)
+    return finish(trainer, metric_name)
+
+
+def end_epoch(trainer: Trainer, metric_name: str) -> None:
+    cfg, state = trainer.cfg, trainer.state
+    epoch = state.epoch
+    flush_step_logs(trainer, close_window=False)
+    local = float(trainer.epoch_loss) if trainer.epoch_loss is not None else 0.0
+    train_loss = (float(all_reduce_sum(trainer.accelerator, [local])[0]) + state.epoch_loss_sum) / max(state.epoch_count, 1)
+    state.epoch += 1
+    state.samples_in_epoch = 0
+    trainer.epoch_loss, state.epoch_loss_sum, state.epoch_count = None, 0.0, 0
+    trainer.schedule.after_epoch()
+    scalars = {"train/loss_epoch": train_loss}
+    record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss}
+    if state.epoch % cfg.train.val_every_epochs == 0 or state.epoch == cfg.train.epochs:
+        val_loss, val_metric = evaluate(trainer, trainer.task.val)
+        trainer.schedule.after_validation(val_loss, val_metric)
+        scalars.update({"val/loss": val_loss, f"val/{metric_name}": val_metric})
+        record.update({"val_loss": val_loss, f"val_{metric_name}": val_metric})
+    lrs = trainer.schedule.lrs()
+    check_lrs_agree(trainer.accelerator, torch.tensor([list(lrs.values())]), trainer.group_names,
+                    state.epoch, "end of epoch")
+    scalars.update({f"lr_epoch/{name}": lr for name, lr in lrs.items()})
+    trainer.tb.scalars(state.epoch, scalars)
+    state.history.append(record)
+    log_epoch(trainer, record, lrs)
+
+
+def finish(trainer: Trainer, metric_name: str) -> dict:
+    state = trainer.state
+    summary = {"epochs": state.epoch, "steps": state.step, "world_size": trainer.accelerator.num_processes}
+    if state.history and "val_loss" in state.history[-1]:
+        summary["val_loss"] = state.history[-1]["val_loss"]
+        summary[f"val_{metric_name}"] = state.history[-1][f"val_{metric_name}"]
+    if trainer.task.test is not None:
+        test_loss, test_metric = evaluate(trainer, trainer.task.test)
+        summary.update({"test_loss": test_loss, f"test_{metric_name}": test_metric})
+        trainer.tb.scalars(state.step, {"test/loss": test_loss, f"test/{metric_name}": test_metric})
+    summary["final_lrs"] = trainer.schedule.lrs()
+    trainer.tb.hparams(flatten(to_plain_dict(trainer.cfg)),
+                       {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)})
+    if trainer.is_main:
+        (trainer.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)]
+        logger.info("done: %d epochs, %d steps, %s; run folder %s", state.epoch, state.step, " ".join(parts),
+                    trainer.run_dir)
+    return summary
+
+
+def log_start(trainer: Trainer) -> None:
+    acc = trainer.accelerator
+    if trainer.is_main:
+        logger.info("%s | world size %d | device %s | mixed precision %s | %d steps/epoch x %d epochs | "
+                    "schedule %s (%s) | run folder %s", trainer.task.description, acc.num_processes, acc.device,
+                    acc.mixed_precision, trainer.horizon.steps_per_epoch, trainer.horizon.epochs,
+                    trainer.cfg.schedule.name, trainer.cfg.schedule.interval, trainer.run_dir)
+
+
+def log_epoch(trainer: Trainer, record: dict, lrs: dict[str, float]) -> None:
+    if not trainer.is_main:
+        return
+    values = " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
+    lr_text = " ".join(f"lr/{k}={v:.3g}" for k, v in lrs.items())
+    logger.info("epoch %d/%d step %d %s %s", record["epoch"], trainer.cfg.train.epochs, record["step"], values, lr_text)

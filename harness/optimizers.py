@@ -1,0 +1,46 @@
+"""The optimizer, with named param groups that may carry their own LR (e.g. smaller for early layers)."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from harness.config import ConfigError, OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> tuple[list[dict], list[str]]:
+    """Groups in recipe order, then 'default' with every unmatched parameter. A parameter goes to
+    the first group whose glob matches its name (names as in ``model.named_parameters()``)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    taken: set[str] = set()
+    groups, names = [], []
+    for group in cfg.param_groups:
+        params = [(n, p) for n, p in named if n not in taken and any(fnmatchcase(n, g) for g in group.params)]
+        if not params:
+            available = ", ".join(n for n, _ in named)
+            raise ConfigError(f"optim.param_groups[{group.name}]: patterns {group.params} match no parameter. "
+                              f"Parameters: {available}")
+        taken.update(n for n, _ in params)
+        entry = {"params": [p for _, p in params], "lr": group.lr if group.lr is not None else cfg.lr}
+        if group.weight_decay is not None:
+            entry["weight_decay"] = group.weight_decay
+        groups.append(entry)
+        names.append(group.name)
+    rest = [p for n, p in named if n not in taken]
+    if rest:
+        groups.append({"params": rest, "lr": cfg.lr})
+        names.append("default")
+    return groups, names
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, list[str]]:
+    groups, names = param_groups(model, cfg)
+    if cfg.name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    weight_decay=cfg.weight_decay)
+    else:
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        optimizer = cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optimizer, names

@@ -1,0 +1,414 @@
+"""Learning-rate schedules: every kind in torch.optim.lr_scheduler, chosen by name, plus a warmup.
+
+The loop talks to one object, :class:`LRSchedule`, at three points: after each optimizer step,
+after each epoch, and after each validation. The schedule is never handed to
+``accelerator.prepare``: Accelerate's wrapper steps it once per process, which makes the LR
+depend on the world size. Everything here is counted in global optimizer steps and epochs, so
+the LR series is the same on 1 rank or 8.
+
+The linear warmup is our own rather than ``SequentialLR`` because SequentialLR cannot chain
+ReduceLROnPlateau (it has no ``last_epoch``-driven ``get_lr``). The warmup scales the main
+schedule's current LR; the main schedule starts counting when the warmup ends.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional, Union
+
+import torch
+from torch.optim import lr_scheduler as torch_sched
+
+from harness.config import ConfigError, ScheduleConfig
+from harness.registry import Kind
+
+
+# --------------------------------------------------------------------------------------------
+# Options of each kind (the recipe keys beside ``schedule.name``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@dataclass
+class StepOptions:
+    step_size: int = 10
+    gamma: float = 0.1
+
+
+@dataclass
+class MultiStepOptions:
+    milestones: list[int] = field(default_factory=lambda: [30, 60])
+    gamma: float = 0.1
+
+
+@dataclass
+class ExponentialOptions:
+    gamma: float = 0.95
+
+
+@dataclass
+class CosineOptions:
+    # null: the whole planned run after warmup, in the schedule's interval units.
+    T_max: Optional[int] = None
+    eta_min: float = 0.0
+
+
+@dataclass
+class CosineRestartsOptions:
+    T_0: int = 10
+    T_mult: int = 1
+    eta_min: float = 0.0
+
+
+@dataclass
+class LinearOptions:
+    start_factor: float = 1.0 / 3
+    end_factor: float = 1.0
+    total_iters: int = 5
+
+
+@dataclass
+class PolynomialOptions:
+    total_iters: Optional[int] = None
+    power: float = 1.0
+
+
+@dataclass
+class LambdaOptions:
+    # A named factor (linear_decay, constant, inverse_sqrt, cosine_decay) or your own
+    # function as "package.module:function", called as f(t, **factor_kwargs) -> float.
+    factor: str = "linear_decay"
+    factor_kwargs: dict[str, float] = field(default_factory=dict)
+    # Horizon of the named factors; null: the planned run after warmup.
+    total: Optional[int] = None
+    min_factor: float = 0.0
+
+
+@dataclass
+class PlateauOptions:
+    monitor: Literal["val_loss", "val_metric"] = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    factor: float = 0.1
+    patience: int = 10
+    threshold: float = 1e-4
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown: int = 0
+    min_lr: Union[float, list[float]] = 0.0
+    eps: float = 1e-8
+
+
+@dataclass
+class OneCycleOptions:
+    # null: each param group's own lr is its peak.
+    max_lr: Optional[Union[float, list[float]]] = None
+    # null: the planned run after warmup, in the schedule's interval units.
+    total_steps: Optional[int] = None
+    pct_start: float = 0.3
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    three_phase: bool = False
+
+
+@dataclass
+class CyclicOptions:
+    max_lr: Union[float, list[float]] = 0.01
+    # null: each param group's own lr is the bottom of the cycle.
+    base_lr: Optional[Union[float, list[float]]] = None
+    step_size_up: int = 2000
+    step_size_down: Optional[int] = None
+    mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
+    gamma: float = 1.0
+    # Adam has no momentum to cycle; set true only with SGD(momentum).
+    cycle_momentum: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Named LambdaLR factors
+# --------------------------------------------------------------------------------------------
+
+
+def linear_decay(t: int, total: int) -> float:
+    """The seeds' linear decay: lr = initial_lr * (1 - t / total)."""
+    return 1.0 - t / total
+
+
+def constant(t: int, total: int) -> float:
+    return 1.0
+
+
+def inverse_sqrt(t: int, total: int) -> float:
+    return 1.0 / math.sqrt(max(1, t))
+
+
+def cosine_decay(t: int, total: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+
+
+NAMED_FACTORS: dict[str, Callable[[int, int], float]] = {
+    "linear_decay": linear_decay,
+    "constant": constant,
+    "inverse_sqrt": inverse_sqrt,
+    "cosine_decay": cosine_decay,
+}
+
+
+class _Factor:
+    """A picklable-free callable LambdaLR can hold; clamps at min_factor."""
+
+    def __init__(self, fn: Callable, total: int, min_factor: float, kwargs: dict, named: bool):
+        self.fn, self.total, self.min_factor, self.kwargs, self.named = fn, total, min_factor, kwargs, named
+
+    def __call__(self, t: int) -> float:
+        value = self.fn(t, self.total) if self.named else self.fn(t, **self.kwargs)
+        return max(self.min_factor, float(value))
+
+
+def resolve_factor(name: str) -> tuple[Callable, bool]:
+    if name in NAMED_FACTORS:
+        return NAMED_FACTORS[name], True
+    if ":" not in name:
+        raise ConfigError(
+            f"schedule.factor: unknown factor {name!r}. Named factors: {', '.join(NAMED_FACTORS)}; "
+            "or give your own as 'package.module:function'"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"schedule.factor: cannot import module {module_name!r} for {name!r}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"schedule.factor: {module_name!r} has no function {attr!r}")
+    return fn, False
+
+
+# --------------------------------------------------------------------------------------------
+# Builders: (optimizer, options, horizon in interval units after warmup) -> torch scheduler
+# --------------------------------------------------------------------------------------------
+
+
+def _group_lrs(optimizer) -> list[float]:
+    return [g["lr"] for g in optimizer.param_groups]
+
+
+def _build_none(opt, o: NoOptions, horizon: int):
+    return torch_sched.LambdaLR(opt, lambda t: 1.0)
+
+
+def _build_step(opt, o: StepOptions, horizon: int):
+    return torch_sched.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
+
+
+def _build_multistep(opt, o: MultiStepOptions, horizon: int):
+    return torch_sched.MultiStepLR(opt, milestones=o.milestones, gamma=o.gamma)
+
+
+def _build_exponential(opt, o: ExponentialOptions, horizon: int):
+    return torch_sched.ExponentialLR(opt, gamma=o.gamma)
+
+
+def _build_cosine(opt, o: CosineOptions, horizon: int):
+    return torch_sched.CosineAnnealingLR(opt, T_max=o.T_max or horizon, eta_min=o.eta_min)
+
+
+def _build_cosine_restarts(opt, o: CosineRestartsOptions, horizon: int):
+    return torch_sched.CosineAnnealingWarmRestarts(opt, T_0=o.T_0, T_mult=o.T_mult, eta_min=o.eta_min)
+
+
+def _build_linear(opt, o: LinearOptions, horizon: int):
+    return torch_sched.LinearLR(opt, start_factor=o.start_factor, end_factor=o.end_factor,
+                                total_iters=o.total_iters)
+
+
+def _build_polynomial(opt, o: PolynomialOptions, horizon: int):
+    return torch_sched.PolynomialLR(opt, total_iters=o.total_iters or horizon, power=o.power)
+
+
+def _build_lambda(opt, o: LambdaOptions, horizon: int):
+    fn, named = resolve_factor(o.factor)
+    factor = _Factor(fn, o.total or horizon, o.min_factor, o.factor_kwargs, named)
+    return torch_sched.LambdaLR(opt, factor)
+
+
+def _build_plateau(opt, o: PlateauOptions, horizon: int):
+    return torch_sched.ReduceLROnPlateau(
+        opt, mode=o.mode, factor=o.factor, patience=o.patience, threshold=o.threshold,
+        threshold_mode=o.threshold_mode, cooldown=o.cooldown, min_lr=o.min_lr, eps=o.eps,
+    )
+
+
+def _build_onecycle(opt, o: OneCycleOptions, horizon: int):
+    max_lr = o.max_lr if o.max_lr is not None else _group_lrs(opt)
+    return torch_sched.OneCycleLR(
+        opt, max_lr=max_lr, total_steps=o.total_steps or horizon, pct_start=o.pct_start,
+        anneal_strategy=o.anneal_strategy, cycle_momentum=o.cycle_momentum,
+        base_momentum=o.base_momentum, max_momentum=o.max_momentum, div_factor=o.div_factor,
+        final_div_factor=o.final_div_factor, three_phase=o.three_phase,
+    )
+
+
+def _build_cyclic(opt, o: CyclicOptions, horizon: int):
+    base_lr = o.base_lr if o.base_lr is not None else _group_lrs(opt)
+    return torch_sched.CyclicLR(
+        opt, base_lr=base_lr, max_lr=o.max_lr, step_size_up=o.step_size_up,
+        step_size_down=o.step_size_down, mode=o.mode, gamma=o.gamma, cycle_momentum=o.cycle_momentum,
+    )
+
+
+SCHEDULES: dict[str, Kind] = {
+    "none": Kind(NoOptions, _build_none, ("constant", "constantlr"), "constant LR"),
+    "step": Kind(StepOptions, _build_step, ("steplr",), "StepLR"),
+    "multistep": Kind(MultiStepOptions, _build_multistep, ("multisteplr",), "MultiStepLR"),
+    "exponential": Kind(ExponentialOptions, _build_exponential, ("exponentiallr",), "ExponentialLR"),
+    "cosine": Kind(CosineOptions, _build_cosine, ("cosineannealinglr",), "CosineAnnealingLR"),
+    "cosine_restarts": Kind(CosineRestartsOptions, _build_cosine_restarts,
+                            ("cosineannealingwarmrestarts",), "CosineAnnealingWarmRestarts"),
+    "linear": Kind(LinearOptions, _build_linear, ("linearlr",), "LinearLR"),
+    "polynomial": Kind(PolynomialOptions, _build_polynomial, ("polynomiallr",), "PolynomialLR"),
+    "lambda": Kind(LambdaOptions, _build_lambda, ("lambdalr",), "LambdaLR"),
+    "plateau": Kind(PlateauOptions, _build_plateau, ("reducelronplateau",), "ReduceLROnPlateau"),
+    "onecycle": Kind(OneCycleOptions, _build_onecycle, ("onecyclelr",), "OneCycleLR"),
+    "cyclic": Kind(CyclicOptions, _build_cyclic, ("cycliclr",), "CyclicLR"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule the loop drives
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """How long the run is planned to be, in global optimizer steps."""
+
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def main_schedule_length(cfg: ScheduleConfig, horizon: Horizon) -> int:
+    """How many times the main schedule will step after warmup, in its interval's units."""
+    if cfg.interval == "step":
+        return max(1, horizon.total_steps - cfg.warmup_steps)
+    # Epoch-interval schedules step at each epoch end reached once the warmup is over.
+    warm_epochs = 0 if cfg.warmup_steps == 0 else (cfg.warmup_steps - 1) // horizon.steps_per_epoch
+    return max(1, horizon.epochs - warm_epochs)
+
+
+class LRSchedule:
+    """One main torch scheduler, an optional linear warmup, and where in the loop each steps."""
+
+    def __init__(self, optimizer, cfg: ScheduleConfig, horizon: Horizon, group_names: list[str]):
+        from harness.registry import lookup
+
+        self.optimizer = optimizer
+        self.interval = cfg.interval
+        self.kind = cfg.name
+        self.warmup_steps = cfg.warmup_steps
+        self.warmup_start_factor = cfg.warmup_start_factor
+        self.group_names = list(group_names)
+        self.is_plateau = cfg.name == "plateau"
+        self.monitor = cfg.options.monitor if self.is_plateau else None
+        self.steps_done = 0  # optimizer steps seen, warmup included
+        try:
+            self.main = lookup("schedule", cfg.name).build(optimizer, cfg.options,
+                                                          main_schedule_length(cfg, horizon))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"schedule ({cfg.name}): {exc}") from None
+        self._apply_warmup()
+
+    # The loop calls these three, in this order within an epoch.
+
+    def after_optimizer_step(self) -> None:
+        self.steps_done += 1
+        if self.in_warmup_or_ending():
+            self._apply_warmup()
+            return
+        if self.interval == "step" and not self.is_plateau:
+            self.main.step()
+
+    def after_epoch(self) -> None:
+        if self.interval == "epoch" and not self.is_plateau and self.warmup_over():
+            self.main.step()
+
+    def after_validation(self, val_loss: float, val_metric: float) -> None:
+        """Plateau steps exactly once per validation, on the value reduced over all ranks."""
+        if self.is_plateau and self.warmup_over():
+            self.main.step(val_loss if self.monitor == "val_loss" else val_metric)
+
+    # Warmup: scale the main schedule's own current LRs.
+
+    def warmup_over(self) -> bool:
+        return self.steps_done >= self.warmup_steps
+
+    def in_warmup_or_ending(self) -> bool:
+        return self.warmup_steps > 0 and self.steps_done <= self.warmup_steps
+
+    def warmup_factor(self) -> float:
+        if self.steps_done >= self.warmup_steps:
+            return 1.0
+        progress = self.steps_done / self.warmup_steps
+        return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * progress
+
+    def _apply_warmup(self) -> None:
+        if self.warmup_steps == 0:
+            return
+        factor = self.warmup_factor()
+        for group, lr in zip(self.optimizer.param_groups, self.main_lrs()):
+            group["lr"] = lr * factor
+
+    def main_lrs(self) -> list[float]:
+        return list(self.main.get_last_lr())
+
+    def lrs(self) -> dict[str, float]:
+        """The LR each named param group will use at its next optimizer step."""
+        return {name: g["lr"] for name, g in zip(self.group_names, self.optimizer.param_groups)}
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "steps_done": self.steps_done, "main": self.main.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint holds a {state.get('kind')!r} schedule, the recipe asks for {self.kind!r}")
+        self.steps_done = int(state["steps_done"])
+        self.main.load_state_dict(state["main"])
+        for group, lr in zip(self.optimizer.param_groups, self.main_lrs()):
+            group["lr"] = lr
+        self._apply_warmup()
+
+
+def build_schedule(optimizer, cfg: ScheduleConfig, horizon: Horizon, group_names: list[str]) -> LRSchedule:
+    return LRSchedule(optimizer, cfg, horizon, group_names)
+
+
+def preview_lrs(optimizer_factory: Callable[[], torch.optim.Optimizer], cfg: ScheduleConfig,
+                horizon: Horizon, group_names: list[str], val_losses: Optional[list[float]] = None):
+    """The LR of each group at each optimizer step of the planned run, on a dummy optimizer.
+
+    Plateau schedules need validation values; with none given the LR stays flat (the plan).
+    """
+    optimizer = optimizer_factory()
+    schedule = LRSchedule(optimizer, cfg, horizon, group_names)
+    series = {name: [] for name in group_names}
+    for epoch in range(horizon.epochs):
+        for _ in range(horizon.steps_per_epoch):
+            for name, lr in schedule.lrs().items():
+                series[name].append(lr)
+            schedule.after_optimizer_step()
+        schedule.after_epoch()
+        if val_losses is not None and epoch < len(val_losses):
+            schedule.after_validation(val_losses[epoch], val_losses[epoch])
+    return series

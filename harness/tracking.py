@@ -1,0 +1,91 @@
+"""TensorBoard: rank 0 writes scalars into ``<run>/tb``; one reader for tests and plots.
+
+A resumed run writes into the same folder with ``purge_step`` set to the resume step, so points
+logged after the checkpoint by the interrupted process are dropped, not duplicated.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+TB_DIR = "tb"
+
+
+class TensorBoardLog:
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR), purge_step=purge_step,
+                                        flush_secs=10)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def lr_series(self, first_step: int, group_names: list[str], lrs: list[list[float]]) -> None:
+        """The LR each group applied at optimizer steps first_step, first_step+1, ..."""
+        if self.writer is None:
+            return
+        for offset, row in enumerate(lrs):
+            for name, lr in zip(group_names, row):
+                self.writer.add_scalar(f"lr/{name}", lr, first_step + offset)
+
+    def hparams(self, flat_config: dict, metrics: dict[str, float]) -> None:
+        """The run's hyperparameters, in this same event file (add_hparams would make a new folder)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat_config.items()}
+        clean = {k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))}
+        experiment, session_start, session_end = hparams(clean, metrics)
+        file_writer = self.writer._get_file_writer()
+        for summary in (experiment, session_start, session_end):
+            file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, 0)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def read_scalars(run_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in ``<run>/tb`` as sorted (step, value) pairs, purges applied."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_dir = Path(run_dir) / TB_DIR
+    if not tb_dir.is_dir():
+        raise FileNotFoundError(f"no TensorBoard folder at {tb_dir}")
+    accumulator = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0}, purge_orphaned_data=True)
+    accumulator.Reload()
+    series = {}
+    for tag in accumulator.Tags()["scalars"]:
+        points = {}
+        for event in accumulator.Scalars(tag):
+            points[event.step] = event.value  # a later write of the same step wins
+        series[tag] = sorted(points.items())
+    return series
