@@ -268,8 +268,8 @@ def _kind_section(section: str, cls: type, section_raw: dict):
 
 def _unknown_key_message(key: str, valid: list[str], where: str, prefix: str = "") -> str:
     leaf = key.split(".")[-1]
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean {prefix + '.' if prefix else ''}{close[0]!r}?" if close else ""
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+    hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
     return f"unknown key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}"
 
 

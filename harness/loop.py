@@ -69,6 +69,8 @@ class Trainer:
     epoch_loss: Optional[torch.Tensor] = None
     window_started: float = field(default_factory=time.perf_counter)
     window_samples: int = 0
+    # This rank's own validation sums (loss_sum, metric_sum, count) before the reduction.
+    local_validations: list[list[float]] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -200,6 +202,8 @@ def evaluate(trainer: Trainer, split: Split) -> tuple[float, float]:
             sums[0] += per_sample_loss(kind, outputs, batch.targets).sum().item()
             sums[1] += per_sample_metric(kind, outputs, batch.targets).sum().item()
             sums[2] += len(batch.targets)
+    if split is trainer.task.val:
+        trainer.local_validations.append(sums.tolist())
     total = all_reduce_sum(acc, sums)
     model.train(was_training)
     count = max(total[2].item(), 1.0)
@@ -282,6 +286,8 @@ def finish(trainer: Trainer, metric_name: str) -> dict:
         summary.update({"test_loss": test_loss, f"test_{metric_name}": test_metric})
         trainer.tb.scalars(state.step, {"test/loss": test_loss, f"test/{metric_name}": test_metric})
     summary["final_lrs"] = trainer.schedule.lrs()
+    write_final_model(trainer)
+    write_rank_report(trainer)
     trainer.tb.hparams(flatten(to_plain_dict(trainer.cfg)),
                        {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)})
     if trainer.is_main:
@@ -290,6 +296,35 @@ def finish(trainer: Trainer, metric_name: str) -> dict:
         logger.info("done: %d epochs, %d steps, %s; run folder %s", state.epoch, state.step, " ".join(parts),
                     trainer.run_dir)
     return summary
+
+
+def write_final_model(trainer: Trainer) -> None:
+    """Final weights of the unwrapped model, loadable with safetensors alone."""
+    if not trainer.is_main:
+        return
+    from safetensors.torch import save_model
+
+    (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
+    save_model(trainer.accelerator.unwrap_model(trainer.model), str(trainer.run_dir / "final" / "model.safetensors"))
+
+
+def write_rank_report(trainer: Trainer) -> None:
+    """Each rank's own view at the end (LRs, scheduler counters, local validation sums), so a user
+    can see that ranks agree, or where they do not."""
+    acc = trainer.accelerator
+    main = trainer.schedule.main
+    report = {
+        "rank": acc.process_index,
+        "world_size": acc.num_processes,
+        "lrs": trainer.schedule.lrs(),
+        "schedule_steps_done": trainer.schedule.steps_done,
+        "scheduler_last_epoch": getattr(main, "last_epoch", None),
+        "plateau_num_bad_epochs": getattr(main, "num_bad_epochs", None),
+        "local_validations": trainer.local_validations,
+    }
+    folder = trainer.run_dir / "ranks"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def log_start(trainer: Trainer) -> None:

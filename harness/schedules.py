@@ -378,16 +378,48 @@ class LRSchedule:
         return {name: g["lr"] for name, g in zip(self.group_names, self.optimizer.param_groups)}
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "steps_done": self.steps_done, "main": self.main.state_dict()}
+        """Plain JSON data (no pickles): Counters and infinities are tagged, see to_json_safe."""
+        return {"kind": self.kind, "steps_done": self.steps_done, "main": to_json_safe(self.main.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
             raise ValueError(f"checkpoint holds a {state.get('kind')!r} schedule, the recipe asks for {self.kind!r}")
         self.steps_done = int(state["steps_done"])
-        self.main.load_state_dict(state["main"])
+        self.main.load_state_dict(from_json_safe(state["main"]))
         for group, lr in zip(self.optimizer.param_groups, self.main_lrs()):
             group["lr"] = lr
         self._apply_warmup()
+
+
+def to_json_safe(value):
+    """Scheduler state as strict JSON: MultiStepLR's Counter keeps int keys, inf survives."""
+    from collections import Counter
+
+    if isinstance(value, Counter):
+        return {"__counter__": [[k, v] for k, v in value.items()]}
+    if isinstance(value, dict):
+        return {k: to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if callable(value):
+        return None  # LambdaLR functions are rebuilt from the recipe, never stored
+    return value
+
+
+def from_json_safe(value):
+    from collections import Counter
+
+    if isinstance(value, dict):
+        if set(value) == {"__counter__"}:
+            return Counter({k: v for k, v in value["__counter__"]})
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: from_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_safe(v) for v in value]
+    return value
 
 
 def build_schedule(optimizer, cfg: ScheduleConfig, horizon: Horizon, group_names: list[str]) -> LRSchedule:
@@ -400,15 +432,20 @@ def preview_lrs(optimizer_factory: Callable[[], torch.optim.Optimizer], cfg: Sch
 
     Plateau schedules need validation values; with none given the LR stays flat (the plan).
     """
+    import warnings
+
     optimizer = optimizer_factory()
     schedule = LRSchedule(optimizer, cfg, horizon, group_names)
     series = {name: [] for name in group_names}
-    for epoch in range(horizon.epochs):
-        for _ in range(horizon.steps_per_epoch):
-            for name, lr in schedule.lrs().items():
-                series[name].append(lr)
-            schedule.after_optimizer_step()
-        schedule.after_epoch()
-        if val_losses is not None and epoch < len(val_losses):
-            schedule.after_validation(val_losses[epoch], val_losses[epoch])
+    with warnings.catch_warnings():
+        # No optimizer.step() happens here, which torch would warn about at every scheduler step.
+        warnings.simplefilter("ignore", UserWarning)
+        for epoch in range(horizon.epochs):
+            for _ in range(horizon.steps_per_epoch):
+                for name, lr in schedule.lrs().items():
+                    series[name].append(lr)
+                schedule.after_optimizer_step()
+            schedule.after_epoch()
+            if val_losses is not None and epoch < len(val_losses):
+                schedule.after_validation(val_losses[epoch], val_losses[epoch])
     return series

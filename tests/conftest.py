@@ -1,0 +1,62 @@
+"""Shared helpers: run the harness the way users do (real processes, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CPU_2PROC = ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra)
+    return env
+
+
+def harness_command(recipe: str | Path, overrides: list[str], nproc: int, launcher: str = "accelerate") -> list[str]:
+    args = ["-m", "harness", "train", str(recipe), *overrides]
+    if nproc == 1 and launcher == "python":
+        return [sys.executable, *args]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *args]
+    if nproc == 1:
+        return [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(CPU_2PROC), "--num_processes", str(nproc),
+            "--main_process_port", str(free_port()), *args]
+
+
+def run_harness(recipe, overrides=(), nproc: int = 2, launcher: str = "accelerate", check: bool = True,
+                timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = harness_command(recipe, list(overrides), nproc, launcher)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"

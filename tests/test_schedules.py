@@ -1,0 +1,140 @@
+"""LRSchedule, in one process: each kind follows the stock torch scheduler; warmup composes with all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.optim import lr_scheduler as S
+
+from harness.config import ConfigError, apply_override, config_from_dict, load_config
+from harness.schedules import Horizon, LRSchedule, main_schedule_length, preview_lrs
+from tests.conftest import ROOT
+from tests.reference import stock_series, warmup_cosine_closed_form
+
+SPE, EPOCHS = 4, 9
+BASE = [1e-3, 3e-4]
+
+
+def schedule_cfg(*overrides: str):
+    raw = {}
+    for item in overrides:
+        apply_override(raw, f"schedule.{item}")
+    return config_from_dict(raw).schedule
+
+
+def harness_series(overrides, val_losses=None):
+    cfg = schedule_cfg(*overrides)
+
+    def make_optimizer():
+        params = [torch.nn.Parameter(torch.zeros(1)) for _ in BASE]
+        return torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in zip(params, BASE)])
+
+    series = preview_lrs(make_optimizer, cfg, Horizon(SPE, EPOCHS), ["a", "b"], val_losses)
+    return [list(row) for row in zip(series["a"], series["b"])]
+
+
+def assert_same_series(got, expected, rel=1e-12):
+    assert len(got) == len(expected)
+    for step, (row, ref) in enumerate(zip(got, expected)):
+        assert row == pytest.approx(ref, rel=rel, abs=0), f"step {step}: {row} != {ref}"
+
+
+CASES = {
+    "step": (["name=step", "step_size=2", "gamma=0.5"], lambda o: S.StepLR(o, 2, 0.5), "epoch"),
+    "multistep": (["name=multistep", "milestones=[2, 5]", "gamma=0.3"], lambda o: S.MultiStepLR(o, [2, 5], 0.3), "epoch"),
+    "exponential": (["name=exponential", "gamma=0.8", "interval=step"], lambda o: S.ExponentialLR(o, 0.8), "step"),
+    "cosine": (["name=cosine", "interval=step", "eta_min=1e-5"],
+               lambda o: S.CosineAnnealingLR(o, SPE * EPOCHS, 1e-5), "step"),
+    "cosine_restarts": (["name=cosine_restarts", "T_0=3", "T_mult=2", "interval=step"],
+                        lambda o: S.CosineAnnealingWarmRestarts(o, 3, 2), "step"),
+    "linear": (["name=linear", "start_factor=0.25", "total_iters=4"], lambda o: S.LinearLR(o, 0.25, 1.0, 4), "epoch"),
+    "polynomial": (["name=polynomial", "power=2.0"], lambda o: S.PolynomialLR(o, EPOCHS, 2.0), "epoch"),
+    "lambda": (["name=lambda", "factor=linear_decay"], lambda o: S.LambdaLR(o, lambda e: 1 - e / EPOCHS), "epoch"),
+    "lambda_user": (["name=lambda", "factor=tests.lr_factors:halve_every", "factor_kwargs={every: 2}"],
+                    lambda o: S.LambdaLR(o, lambda e: 0.5 ** (e // 2)), "epoch"),
+    "onecycle": (["name=onecycle", "interval=step"], lambda o: S.OneCycleLR(o, BASE, total_steps=SPE * EPOCHS), "step"),
+    "cyclic": (["name=cyclic", "interval=step", "max_lr=0.01", "step_size_up=5"],
+               lambda o: S.CyclicLR(o, BASE, 0.01, step_size_up=5, cycle_momentum=False), "step"),
+    "none": (["name=none"], lambda o: S.LambdaLR(o, lambda e: 1.0), "epoch"),
+}
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_each_kind_follows_the_stock_scheduler(kind):
+    overrides, make, interval = CASES[kind]
+    expected = stock_series(make, BASE, SPE, EPOCHS, interval)
+    assert_same_series(harness_series(overrides), expected)
+
+
+def test_plateau_follows_the_stock_scheduler_fed_the_same_values():
+    losses = [1.0, 0.9, 0.95, 0.96, 0.97, 0.5, 0.6, 0.7, 0.8]
+    overrides = ["name=plateau", "patience=1", "factor=0.5", "cooldown=1", "min_lr=2e-4"]
+    expected = stock_series(lambda o: S.ReduceLROnPlateau(o, factor=0.5, patience=1, cooldown=1, min_lr=2e-4),
+                            BASE, SPE, EPOCHS, "epoch", val_losses=losses)
+    got = harness_series(overrides, val_losses=losses)
+    assert_same_series(got, expected)
+    assert got[-1][0] < BASE[0]  # it did reduce
+
+
+def test_warmup_then_cosine_matches_the_closed_form():
+    got = harness_series(["name=cosine", "interval=step", "warmup_steps=6", "warmup_start_factor=0.1", "eta_min=0"])
+    total = SPE * EPOCHS
+    for group, base in enumerate(BASE):
+        expected = [warmup_cosine_closed_form(base, s, 6, 0.1, total, 0.0) for s in range(total)]
+        assert [row[group] for row in got] == pytest.approx(expected, rel=1e-9)
+
+
+def test_warmup_composes_with_plateau_which_only_counts_validations_after_warmup():
+    losses = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8]  # never improves
+    got = harness_series(["name=plateau", "patience=0", "factor=0.5", "warmup_steps=8", "warmup_start_factor=0.5"],
+                         val_losses=losses)
+    first = [row[0] for row in got]
+    assert first[0] == pytest.approx(BASE[0] * 0.5)
+    assert first[4] == pytest.approx(BASE[0] * (0.5 + 0.5 * 4 / 8))
+    assert first[8] == pytest.approx(BASE[0])  # warmup done at the end of epoch 2: full LR
+    # The validation after epoch 0 fell inside the warmup and is ignored; the one after epoch 1
+    # (warmup just ended) is the first counted, hence the best; each later one is worse and, with
+    # patience 0, halves the LR.
+    per_epoch = [first[e * SPE] for e in range(1, EPOCHS)]
+    halvings = [round(torch.log2(torch.tensor(BASE[0] / v)).item()) for v in per_epoch]
+    assert halvings == [0, 0, 1, 2, 3, 4, 5, 6]
+
+
+def test_horizon_lengths_account_for_warmup():
+    h = Horizon(steps_per_epoch=10, epochs=5)
+    assert main_schedule_length(schedule_cfg("interval=step", "warmup_steps=7"), h) == 43
+    assert main_schedule_length(schedule_cfg("interval=epoch", "warmup_steps=0"), h) == 5
+    assert main_schedule_length(schedule_cfg("interval=epoch", "warmup_steps=10"), h) == 5
+    assert main_schedule_length(schedule_cfg("interval=epoch", "warmup_steps=11"), h) == 4
+
+
+def test_state_dict_is_json_and_restores_mid_run():
+    cfg = schedule_cfg("name=multistep", "milestones=[3, 6]", "warmup_steps=5")
+
+    def fresh():
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.Adam([p], lr=0.1)
+        return opt, LRSchedule(opt, cfg, Horizon(4, 10), ["default"])
+
+    opt, sched = fresh()
+    for _ in range(3):
+        for _ in range(4):
+            sched.after_optimizer_step()
+        sched.after_epoch()
+    state = json.loads(json.dumps(sched.state_dict(), allow_nan=False))
+    opt2, sched2 = fresh()
+    sched2.load_state_dict(state)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for _ in range(20):
+        sched.after_optimizer_step(), sched2.after_optimizer_step()
+        sched.after_epoch(), sched2.after_epoch()
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_a_missing_user_factor_is_a_config_error():
+    cfg = schedule_cfg("name=lambda", "factor=nowhere.mod:fn")
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match="cannot import module 'nowhere.mod'"):
+        LRSchedule(opt, cfg, Horizon(4, 4), ["default"])
