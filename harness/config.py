@@ -193,12 +193,35 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (run, data, model, ...), got {type(raw).__name__}")
+    original_kinds = {s: (raw.get(s) or {}).get("name") for s in _KIND_SECTIONS if isinstance(raw.get(s), dict)}
     for item in overrides:
         apply_override(raw, item)
+    _drop_options_of_replaced_kinds(raw, original_kinds, overrides)
     try:
         return config_from_dict(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _drop_options_of_replaced_kinds(raw: dict, original_kinds: dict, overrides) -> None:
+    """``schedule.name=cosine`` on a StepLR recipe: the recipe's step_size/gamma belong to the old
+    kind, so they go. Keys the new kind also takes, and keys given as overrides, stay (and a
+    typo among them is still reported)."""
+    from harness import registry
+
+    overridden = {item.partition("=")[0].strip() for item in overrides}
+    for section, old_name in original_kinds.items():
+        new_name = raw[section].get("name")
+        if old_name is None or new_name is None or str(new_name).lower() == str(old_name).lower():
+            continue
+        try:
+            old_keys = {f.name for f in dataclasses.fields(registry.options_class(section, old_name))}
+            new_keys = {f.name for f in dataclasses.fields(registry.options_class(section, new_name))}
+        except ConfigError:
+            continue  # an unknown name is reported by validation
+        for key in list(raw[section]):
+            if key in old_keys and key not in new_keys and f"{section}.{key}" not in overridden:
+                del raw[section][key]
 
 
 def apply_override(raw: dict, item: str) -> None:

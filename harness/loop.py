@@ -22,7 +22,7 @@ import torch
 from harness import sampling
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.datasets import Split, TaskData, build_data
-from harness.distributed import all_reduce_sum, check_lrs_agree, make_accelerator, warn_if_ranks_lost
+from harness.distributed import all_reduce_sum, check_lrs_agree, make_accelerator, shutdown, warn_if_ranks_lost
 from harness.models import build_model
 from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric
 from harness.optimizers import build_optimizer
@@ -223,6 +223,8 @@ def train(cfg: Config) -> dict:
         summary = fit(trainer)
     finally:
         trainer.tb.close()
+    trainer.accelerator.wait_for_everyone()
+    shutdown(trainer.accelerator)
     return summary
 
 
