@@ -1,6 +1,6 @@
 """Command line: ``harness train RECIPE [key=value ...]`` (also ``python -m harness``).
 
-Exit codes: 0 done; 1 training failed; 2 bad recipe, override or arguments.
+Exit codes: 0 done; 1 training failed; 2 bad recipe, override or arguments; 3 unusable checkpoint.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import sys
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_CHECKPOINT = 3
 
 EPILOG = """examples:
   python -m harness train recipes/breast_cancer_mlp.yaml
   accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m harness train recipes/gcn_plateau.yaml optim.lr=0.005
   torchrun --standalone --nproc_per_node 2 -m harness train recipes/gnn_graphs.yaml train.epochs=5
 
-exit codes: 0 done, 1 training failed, 2 bad recipe/override/arguments
+exit codes: 0 done, 1 training failed, 2 bad recipe/override/arguments, 3 unusable checkpoint
 """
 
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    from harness.checkpoint import CheckpointError
     from harness.config import ConfigError, load_config
 
     try:
@@ -54,4 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"harness: config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    except CheckpointError as exc:
+        print(f"harness: checkpoint error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
     return EXIT_OK

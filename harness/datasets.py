@@ -179,6 +179,8 @@ def build_csv(o: CsvOptions, seed: int) -> TaskData:
     for name in features:
         if name not in header:
             raise ConfigError(f"{path}: no column {name!r} (data.features). Columns: {', '.join(header)}")
+    if len(rows) < 10:
+        raise ConfigError(f"{path}: only {len(rows)} rows; need at least 10 to split train/val/test")
     columns = [header.index(name) for name in features]
     target_column = header.index(o.target)
     x = np.empty((len(rows), len(columns)), dtype=np.float64)
@@ -204,8 +206,6 @@ def build_csv(o: CsvOptions, seed: int) -> TaskData:
         if o.task == "binary" and len(classes) != 2:
             raise ConfigError(f"{path}: column {o.target!r} has {len(classes)} classes {classes[:10]}; "
                               "task: binary needs exactly 2 (use task: multiclass)")
-    if len(rows) < 10:
-        raise ConfigError(f"{path}: only {len(rows)} rows; need at least 10 to split train/val/test")
     train, val, test = _standardised_splits(x, y, o.task, o.test_size, o.val_size, o.random_state, o.standardize)
     out_dim = len(classes) if o.task == "multiclass" else 1
     return TaskData(TaskSpec(o.task, len(columns), out_dim), train, val, test,
@@ -410,13 +410,14 @@ def build_molecules(o: MoleculesOptions, seed: int) -> TaskData:
 class TuFolderOptions:
     """A graph data set in the TU format (PyG's TUDataset raw files) from a local folder.
 
-    ``root/NAME_A.txt``, ``NAME_graph_indicator.txt``, ``NAME_graph_labels.txt`` and optionally
-    ``NAME_node_labels.txt`` / ``NAME_node_attributes.txt``. Read straight from the text files:
+    ``root/PREFIX_A.txt``, ``PREFIX_graph_indicator.txt``, ``PREFIX_graph_labels.txt`` and optionally
+    ``PREFIX_node_labels.txt`` / ``PREFIX_node_attributes.txt``. Read straight from the text files:
     no processed pickle is written or trusted.
     """
 
     root: str = ""
-    name: str = ""
+    # The files' common prefix (PyG calls it the data set's name; data.name is the data set kind).
+    prefix: str = ""
     task: TaskKind = "multiclass"
     train_fraction: float = 0.8
     val_fraction: float = 0.1
@@ -429,16 +430,16 @@ def build_tu_folder(o: TuFolderOptions, seed: int) -> TaskData:
     from torch_geometric.io import read_tu_data
 
     root = Path(o.root)
-    if not o.root or not o.name:
-        raise ConfigError("data.root and data.name: the tu_folder data set needs the folder and the file prefix")
-    required = [root / f"{o.name}_{part}.txt" for part in ("A", "graph_indicator", "graph_labels")]
+    if not o.root or not o.prefix:
+        raise ConfigError("data.root and data.prefix: the tu_folder data set needs the folder and the file prefix")
+    required = [root / f"{o.prefix}_{part}.txt" for part in ("A", "graph_indicator", "graph_labels")]
     missing = [str(p) for p in required if not p.is_file()]
     if missing:
         raise ConfigError(f"data.root: missing TU files: {', '.join(missing)}")
     try:
-        data, slices, _ = read_tu_data(str(root), o.name)
+        data, slices, _ = read_tu_data(str(root), o.prefix)
     except Exception as exc:  # malformed text files: name the folder, keep the cause
-        raise ConfigError(f"{root}: cannot read TU data set {o.name!r}: {exc}") from exc
+        raise ConfigError(f"{root}: cannot read TU data set {o.prefix!r}: {exc}") from exc
 
     class _Loaded(InMemoryDataset):
         def __init__(self):
@@ -447,7 +448,7 @@ def build_tu_folder(o: TuFolderOptions, seed: int) -> TaskData:
 
     dataset = _Loaded()
     if dataset.num_node_features == 0:
-        raise ConfigError(f"{root}: {o.name} has no node labels or attributes to learn from")
+        raise ConfigError(f"{root}: {o.prefix} has no node labels or attributes to learn from")
     graphs = [dataset[i] for i in range(len(dataset))]
     if o.task == "multiclass":
         labels = torch.cat([g.y.view(-1) for g in graphs]).long()
@@ -469,7 +470,7 @@ def build_tu_folder(o: TuFolderOptions, seed: int) -> TaskData:
     spec = TaskSpec(o.task, dataset.num_node_features, out_dim, graph="graph")
     return TaskData(spec, GraphSplit(train, o.num_workers), GraphSplit(val, o.num_workers),
                     GraphSplit(test, o.num_workers) if test else None,
-                    description=f"TU data set {o.name} from {root}: {len(graphs)} graphs")
+                    description=f"TU data set {o.prefix} from {root}: {len(graphs)} graphs")
 
 
 DATASETS: dict[str, Kind] = {

@@ -27,7 +27,14 @@ from harness.models import build_model
 from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
+from harness.checkpoint import CheckpointStore
 from harness.tracking import TensorBoardLog, flatten
+
+
+def save_checkpoint(trainer, store, reason):
+    from harness.resume import save_checkpoint as save
+
+    return save(trainer, store, reason)
 
 logger = logging.getLogger("harness")
 
@@ -62,6 +69,10 @@ class Trainer:
     group_names: list[str]
     horizon: Horizon
     tb: TensorBoardLog
+    store: Optional[CheckpointStore] = None
+    metric_name: str = "accuracy"
+    # The monitored value (checkpoint.monitor) of the latest validation, for keep_best.
+    last_monitored: Optional[float] = None
     state: TrainState = field(default_factory=TrainState)
     # LRs applied at steps not yet written/checked: [(step, [lr per group])]
     pending_lrs: list[tuple[int, list[float]]] = field(default_factory=list)
@@ -79,6 +90,11 @@ class Trainer:
     @property
     def run_dir(self) -> Path:
         return self.cfg.run_dir
+
+    def epoch_length(self) -> int:
+        """Samples an epoch consumes (the last partial batch is dropped with drop_last)."""
+        n, batch = len(self.task.train), self.cfg.data.batch_size
+        return n - n % batch if self.cfg.data.drop_last else n
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,10 +117,22 @@ def build_trainer(cfg: Config) -> Trainer:
     schedule = build_schedule(optimizer, cfg.schedule, horizon, group_names)
     # The scheduler is deliberately not prepared: Accelerate's wrapper would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    tb = TensorBoardLog(cfg.run_dir, enabled=accelerator.is_main_process)
-    trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon, tb)
+    store = CheckpointStore(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
+                            cfg.checkpoint.monitor_mode)
+    trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
+                      TensorBoardLog(cfg.run_dir, enabled=False), store=store,
+                      metric_name=METRIC_NAMES[task.spec.kind])
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed.
     torch.manual_seed(cfg.run.seed * 1000 + 17 + accelerator.process_index)
+    from harness.resume import choose_checkpoint, restore
+
+    folder = choose_checkpoint(trainer, store)
+    if folder is not None:
+        restore(trainer, folder)
+    # Opened only now, so a failed resume writes nothing. purge_step drops points the interrupted
+    # process logged after its last checkpoint: the resumed run logs them again.
+    trainer.tb = TensorBoardLog(cfg.run_dir, enabled=accelerator.is_main_process,
+                                purge_step=trainer.state.step + 1 if folder is not None else None)
     return trainer
 
 
@@ -124,7 +152,8 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
     acc, cfg = trainer.accelerator, trainer.cfg
     rank, world = acc.process_index, acc.num_processes
     global_count = len(global_indices)
-    trainer.pending_lrs.append((trainer.state.step, [g["lr"] for g in trainer.optimizer.param_groups]))
+    # TensorBoard's x axis is the optimizer step, counted from 1: this LR is applied in step state.step + 1.
+    trainer.pending_lrs.append((trainer.state.step + 1, [g["lr"] for g in trainer.optimizer.param_groups]))
     micro = sampling.micro_batches(global_indices, cfg.train.grad_accum_steps)
     for i, micro_indices in enumerate(micro):
         local = sampling.shard(micro_indices, rank, world)
@@ -241,13 +270,21 @@ def fit(trainer: Trainer) -> dict:
             train_step(trainer, global_indices)
             if state.step % cfg.train.log_every_steps == 0:
                 flush_step_logs(trainer, close_window=True)
+            epoch_done = state.samples_in_epoch >= trainer.epoch_length()
+            every = cfg.checkpoint.every_steps
+            if every and state.step % every == 0 and not epoch_done:
+                save_checkpoint(trainer, trainer.store, "every_steps")
             if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
                 stop = True
                 break
-        if stop and state.samples_in_epoch < len(trainer.task.train):
-            flush_step_logs(trainer, close_window=False)
+        if stop and state.samples_in_epoch < trainer.epoch_length():
+            save_checkpoint(trainer, trainer.store, "max_steps")
             break
         end_epoch(trainer, metric_name)
+        every = cfg.checkpoint.every_epochs
+        if (every and state.epoch % every == 0) or state.epoch == cfg.train.epochs or stop or (
+                cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
+            save_checkpoint(trainer, trainer.store, "epoch_end")
     return finish(trainer, metric_name)
 
 
@@ -268,11 +305,17 @@ def end_epoch(trainer: Trainer, metric_name: str) -> None:
         trainer.schedule.after_validation(val_loss, val_metric)
         scalars.update({"val/loss": val_loss, f"val/{metric_name}": val_metric})
         record.update({"val_loss": val_loss, f"val_{metric_name}": val_metric})
+        trainer.last_monitored = val_loss if cfg.checkpoint.monitor == "val_loss" else val_metric
+        better = (min if cfg.checkpoint.monitor_mode == "min" else max)
+        state.best_metric = trainer.last_monitored if state.best_metric is None else better(
+            state.best_metric, trainer.last_monitored)
     lrs = trainer.schedule.lrs()
     check_lrs_agree(trainer.accelerator, torch.tensor([list(lrs.values())]), trainer.group_names,
                     state.epoch, "end of epoch")
     scalars.update({f"lr_epoch/{name}": lr for name, lr in lrs.items()})
-    trainer.tb.scalars(state.epoch, scalars)
+    scalars["epoch"] = state.epoch
+    # Every series shares one x axis, the optimizer step, so a resume purges them all consistently.
+    trainer.tb.scalars(state.step, scalars)
     state.history.append(record)
     log_epoch(trainer, record, lrs)
 
@@ -291,7 +334,7 @@ def finish(trainer: Trainer, metric_name: str) -> dict:
     write_final_model(trainer)
     write_rank_report(trainer)
     trainer.tb.hparams(flatten(to_plain_dict(trainer.cfg)),
-                       {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)})
+                       {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)}, state.step)
     if trainer.is_main:
         (trainer.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)]

@@ -449,3 +449,32 @@ def preview_lrs(optimizer_factory: Callable[[], torch.optim.Optimizer], cfg: Sch
             if val_losses is not None and epoch < len(val_losses):
                 schedule.after_validation(val_losses[epoch], val_losses[epoch])
     return series
+
+
+def replay_lrs(cfg: ScheduleConfig, horizon: Horizon, group_names: list[str], make_optimizer: Callable,
+               steps_done: int, epochs_done: int, validations: list[tuple[Optional[float], Optional[float]]],
+               max_steps: int = 2_000_000) -> Optional[list[float]]:
+    """The LRs a fresh schedule reaches after ``steps_done`` steps and ``epochs_done`` epochs,
+    fed the recorded validation values: an independent recomputation to check a resume against.
+    None when the run is too long to replay cheaply."""
+    import warnings
+
+    if steps_done > max_steps:
+        return None
+    optimizer = make_optimizer()
+    schedule = LRSchedule(optimizer, cfg, horizon, group_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # no optimizer.step() in a replay
+        step = 0
+        for epoch in range(epochs_done):
+            for _ in range(horizon.steps_per_epoch):
+                schedule.after_optimizer_step()
+                step += 1
+            schedule.after_epoch()
+            val_loss, val_metric = validations[epoch] if epoch < len(validations) else (None, None)
+            if val_loss is not None:
+                schedule.after_validation(val_loss, val_metric)
+        while step < steps_done:
+            schedule.after_optimizer_step()
+            step += 1
+    return [g["lr"] for g in optimizer.param_groups]

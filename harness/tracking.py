@@ -37,7 +37,7 @@ class TensorBoardLog:
             for name, lr in zip(group_names, row):
                 self.writer.add_scalar(f"lr/{name}", lr, first_step + offset)
 
-    def hparams(self, flat_config: dict, metrics: dict[str, float]) -> None:
+    def hparams(self, flat_config: dict, metrics: dict[str, float], step: int) -> None:
         """The run's hyperparameters, in this same event file (add_hparams would make a new folder)."""
         if self.writer is None:
             return
@@ -50,7 +50,7 @@ class TensorBoardLog:
         for summary in (experiment, session_start, session_end):
             file_writer.add_summary(summary)
         for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, 0)
+            self.writer.add_scalar(tag, value, step)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -27,7 +27,7 @@ SMALL = ["data.batch_size=128", f"train.epochs={EPOCHS}", "train.log_every_steps
 
 def lr_series(run_dir, group="default") -> list[float]:
     points = read_scalars(run_dir)[f"lr/{group}"]
-    assert [step for step, _ in points] == list(range(len(points))), "one LR point per optimizer step"
+    assert [step for step, _ in points] == list(range(1, len(points) + 1)), "one LR point per optimizer step"
     return [value for _, value in points]
 
 

@@ -1,0 +1,333 @@
+"""Checkpoints: one folder per checkpoint, written atomically across ranks, verified on load.
+
+Layout of ``<run>/checkpoints/step-000120/``::
+
+    model.safetensors        unwrapped model weights (load with safetensors alone)
+    optimizer.safetensors    optimizer state tensors, keyed "<param index>/<name>"
+    optimizer.json           param groups (lr, initial_lr, betas, ...) and non-tensor state
+    scheduler.json           LRSchedule state: warmup counter + the torch scheduler's state_dict
+    trainer.json             counters, data position, best metric, LRs, config, world size, versions
+    rng-rank-<r>.json        python and numpy RNG of rank r
+    rng-rank-<r>.safetensors torch CPU (and CUDA) RNG of rank r
+    MANIFEST.json            every file above with size and sha256; written last
+
+Saving: every rank writes into ``.tmp-step-000120`` and fsyncs, a barrier, then rank 0 writes the
+manifest and renames the folder into place. A folder without a verified manifest never counts.
+Old checkpoints are pruned only after the new one is committed. Nothing here unpickles: tensors
+are safetensors, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("harness")
+
+MANIFEST = "MANIFEST.json"
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# Testing hook: SIGKILL this process right after it has written its k-th file of a save, to prove
+# that a crash at any point inside a save leaves a resumable run.
+KILL_AFTER_FILES_ENV = "HARNESS_TEST_KILL_AFTER_FILES"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+
+
+# --------------------------------------------------------------------------------------------
+# Files: write + fsync, hash, JSON
+# --------------------------------------------------------------------------------------------
+
+
+class _FileCounter:
+    def __init__(self) -> None:
+        self.count = 0
+        limit = os.environ.get(KILL_AFTER_FILES_ENV)
+        self.kill_after = int(limit) if limit else None
+
+    def wrote(self, path: Path) -> None:
+        _fsync_file(path)
+        self.count += 1
+        if self.kill_after is not None and self.count >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); it may be truncated, "
+                              "damaged or of another format (pickles are never loaded)") from None
+
+
+# --------------------------------------------------------------------------------------------
+# State <-> files
+# --------------------------------------------------------------------------------------------
+
+
+def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}/{name}"] = value
+            else:
+                scalars[f"{index}/{name}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalar_state": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalar_state"].items()):
+        index, _, name = key.partition("/")
+        state.setdefault(int(index), {})[name] = value
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if "betas" in group and isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def library_versions() -> dict:
+    import accelerate
+    import safetensors
+
+    return {"torch": torch.__version__, "accelerate": accelerate.__version__, "safetensors": safetensors.__version__,
+            "python": sys.version.split()[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointStore:
+    """The checkpoints of one run folder."""
+
+    def __init__(self, run_dir: Path, keep_last: int = 2, keep_best: int = 0, monitor_mode: str = "min"):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last, self.keep_best, self.monitor_mode = keep_last, keep_best, monitor_mode
+
+    # Finding
+
+    def committed(self) -> list[CheckpointInfo]:
+        """Committed checkpoint folders, newest first (not yet verified)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and path.is_dir():
+                found.append(CheckpointInfo(path, int(match.group(1))))
+        return sorted(found, key=lambda c: c.step, reverse=True)
+
+    def latest_complete(self) -> Optional[CheckpointInfo]:
+        """The newest checkpoint whose manifest verifies; damaged newer ones are skipped loudly."""
+        for info in self.committed():
+            try:
+                verify(info.path)
+                return info
+            except CheckpointError as exc:
+                logger.warning("WARNING: skipping damaged checkpoint %s: %s. Falling back to an older one.",
+                               info.path, exc)
+        return None
+
+    # Saving
+
+    def save(self, accelerator, step: int, write_main, write_rank, metric: Optional[float]) -> Path:
+        """All ranks call this. ``write_main(folder, counter)`` runs on rank 0 and
+        ``write_rank(folder, counter)`` on every rank; both call ``counter.wrote(path)`` per file."""
+        final = self.root / f"step-{step:06d}"
+        tmp = self.root / f".tmp-step-{step:06d}"
+        counter = _FileCounter()
+        already = final.is_dir() and (final / MANIFEST).is_file()
+        if accelerator.is_main_process and not already:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash during an earlier save of this same step
+            tmp.mkdir()
+        accelerator.wait_for_everyone()
+        if already:
+            return final
+        write_rank(tmp, counter)
+        if accelerator.is_main_process:
+            write_main(tmp, counter)
+        accelerator.wait_for_everyone()  # every rank's files are on disk
+        if accelerator.is_main_process:
+            files = sorted(p for p in tmp.iterdir() if p.is_file())
+            manifest = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "metric": metric,
+                "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files},
+            }
+            _write_json(tmp / MANIFEST, manifest)
+            counter.wrote(tmp / MANIFEST)
+            _fsync_dir(tmp)
+            os.replace(tmp, final)  # the commit point
+            _fsync_dir(self.root)
+            self.prune()
+        accelerator.wait_for_everyone()
+        return final
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last`` and the best ``keep_best``; delete others and stale temps."""
+        infos = self.committed()
+        keep = {c.path for c in infos[: self.keep_last]}
+        if self.keep_best:
+            scored = []
+            for c in infos:
+                try:
+                    metric = _read_json(c.path / MANIFEST).get("metric")
+                except CheckpointError:
+                    continue
+                if metric is not None:
+                    scored.append((metric if self.monitor_mode == "min" else -metric, c.path))
+            keep.update(path for _, path in sorted(scored)[: self.keep_best])
+        for c in infos:
+            if c.path not in keep:
+                shutil.rmtree(c.path, ignore_errors=True)
+        for path in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def verify(folder: Path) -> dict:
+    """Check the manifest against every file (size and sha256). Returns the manifest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing: the save did not complete")
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "files" not in manifest:
+        raise CheckpointError(f"{manifest_path}: not a harness checkpoint manifest (format {FORMAT_VERSION})")
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or changed)")
+        if sha256_of(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: sha256 does not match the manifest (damaged or changed)")
+    return manifest
+
+
+def read_trainer_json(folder: Path) -> dict:
+    return _read_json(Path(folder) / "trainer.json")
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    tensors = _load_tensors(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                              "(a checkpoint from another recipe?)")
+    for name, tensor in tensors.items():
+        if own[name].shape != tensor.shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, this model has "
+                                  f"{tuple(own[name].shape)} (a checkpoint from a recipe with other shapes?)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)  # copy into the existing tensors: no reallocation

@@ -1,0 +1,210 @@
+"""What the trainer puts into a checkpoint, and how a run comes back from one.
+
+Order on resume matters: weights, then the optimizer (it carries ``initial_lr``), then the
+schedule, then a check that the LR each param group will use next is what the schedule says it
+should be, recomputed independently by replaying the schedule from the start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harness import checkpoint as ckpt
+from harness.config import to_plain_dict
+from harness.schedules import replay_lrs
+
+logger = logging.getLogger("harness")
+
+
+def choose_checkpoint(trainer, store: ckpt.CheckpointStore) -> Optional[Path]:
+    """Rank 0 picks (and verifies) the checkpoint, every rank gets the same answer."""
+    from accelerate.utils import broadcast
+
+    resume = trainer.cfg.run.resume
+    chosen: Optional[Path] = None
+    code = -1  # -1 none, >= 0 a step under the store, -2 an explicit path
+    if trainer.accelerator.is_main_process:
+        if resume == "never":
+            if store.committed():
+                raise ckpt.CheckpointError(
+                    f"{store.root}: the run folder already holds checkpoints and run.resume is 'never'. "
+                    "Use another run.output_dir, or run.resume=auto to continue; nothing was changed.")
+        elif resume == "auto":
+            info = store.latest_complete()
+            if info is None and store.committed():
+                raise ckpt.CheckpointError(
+                    f"{store.root}: every checkpoint there is damaged (see warnings above); refusing to start "
+                    "over on top of them. Move them away or pass run.resume=never with another run.output_dir.")
+            if info is not None:
+                code = info.step
+        else:
+            path = Path(resume)
+            ckpt.verify(path)
+            code = -2
+    code_tensor = broadcast(torch.tensor([code], dtype=torch.long, device=trainer.accelerator.device)).item()
+    if code_tensor >= 0:
+        chosen = store.root / f"step-{code_tensor:06d}"
+    elif code_tensor == -2:
+        chosen = Path(resume)
+    return chosen
+
+
+def restore(trainer, folder: Path) -> None:
+    """Load everything from ``folder`` into the built trainer (all ranks)."""
+    acc, state = trainer.accelerator, trainer.state
+    meta = ckpt.read_trainer_json(folder)
+    model = acc.unwrap_model(trainer.model)
+    ckpt.load_model_weights(model, folder / "model.safetensors")
+    restore_optimizer(trainer, folder)
+    try:
+        trainer.schedule.load_state_dict(ckpt._read_json(folder / "scheduler.json"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ckpt.CheckpointError(f"{folder / 'scheduler.json'}: cannot restore the schedule: {exc}") from None
+    saved_state = meta["state"]
+    for f in dataclasses.fields(state):
+        if f.name in saved_state:
+            setattr(state, f.name, saved_state[f.name])
+    verify_lrs(trainer, meta, folder)
+    restore_rng(trainer, folder, meta)
+    if not acc.is_main_process:
+        # Partial log sums were reduced over ranks at save time; rank 0 carries them.
+        state.window_loss_sum = state.epoch_loss_sum = 0.0
+    saved_world = meta["world_size"]
+    if acc.is_main_process:
+        if saved_world != acc.num_processes:
+            logger.warning("World size changed: the checkpoint was written by %d rank(s), this run has %d. The "
+                           "schedule continues unchanged and the rest of epoch %d (from sample %d) is re-split "
+                           "across the new ranks.", saved_world, acc.num_processes, state.epoch + 1,
+                           state.samples_in_epoch)
+        logger.info("resumed from %s: epoch %d, step %d, %d samples into the epoch", folder, state.epoch, state.step,
+                    state.samples_in_epoch)
+
+
+def restore_optimizer(trainer, folder: Path) -> None:
+    tensors = ckpt._load_tensors(folder / "optimizer.safetensors")
+    meta = ckpt._read_json(folder / "optimizer.json")
+    state_dict = ckpt.optimizer_from_files(tensors, meta)
+    groups_now = trainer.optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups_now] != [len(g["params"]) for g in state_dict["param_groups"]]:
+        raise ckpt.CheckpointError(f"{folder / 'optimizer.json'}: param groups do not match this recipe's "
+                                   "(a checkpoint from another recipe or param_groups setting?)")
+    try:
+        trainer.optimizer.load_state_dict(state_dict)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ckpt.CheckpointError(f"{folder / 'optimizer.safetensors'}: cannot restore the optimizer: {exc}") from None
+
+
+def verify_lrs(trainer, meta: dict, folder: Path) -> None:
+    """The LRs after loading must equal the saved ones and an independent replay of the schedule."""
+    loaded = [g["lr"] for g in trainer.optimizer.param_groups]
+    saved = meta["lrs"]
+    problems = []
+    if loaded != saved:
+        problems.append(f"restored optimizer/scheduler give {loaded}, the checkpoint recorded {saved}")
+    val_history = [(r.get("val_loss"), r.get(f"val_{meta['metric_name']}")) for r in trainer.state.history]
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    recipe_lrs = {g.name: (g.lr if g.lr is not None else trainer.cfg.optim.lr) for g in trainer.cfg.optim.param_groups}
+
+    def scratch_optimizer():
+        params = [torch.nn.Parameter(torch.zeros(1)) for _ in trainer.group_names]
+        groups = [{"params": [p], "lr": recipe_lrs.get(name, trainer.cfg.optim.lr)}
+                  for p, name in zip(params, trainer.group_names)]
+        return type(inner)(groups, **{k: v for k, v in inner.defaults.items() if k != "lr"})
+
+    replayed = replay_lrs(trainer.cfg.schedule, trainer.horizon, trainer.group_names, scratch_optimizer,
+                          trainer.state.step, trainer.state.epoch, val_history)
+    if replayed is not None and any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30) for a, b in zip(replayed, saved)):
+        problems.append(f"replaying the schedule from the recipe gives {replayed}, the checkpoint recorded {saved}")
+    if problems:
+        raise ckpt.CheckpointError(f"{folder}: LR check after resume failed: {'; '.join(problems)}. "
+                                   "The recipe's schedule differs from the one that wrote this checkpoint.")
+
+
+def restore_rng(trainer, folder: Path, meta: dict) -> None:
+    acc = trainer.accelerator
+    rank = acc.process_index
+    json_path, tensor_path = folder / f"rng-rank-{rank}.json", folder / f"rng-rank-{rank}.safetensors"
+    if rank < meta["world_size"] and json_path.is_file():
+        ckpt.set_rng_state(ckpt._read_json(json_path), ckpt._load_tensors(tensor_path))
+    else:
+        # A rank that did not exist when the checkpoint was written: derive its stream from the
+        # seed and the step, so it does not replay the stream of the run's start.
+        torch.manual_seed(trainer.cfg.run.seed * 1000 + 17 + rank + 7919 * trainer.state.step)
+
+
+def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
+    """All ranks call this at the same point. Reduces partial log sums first so any world size can resume."""
+    from harness.distributed import all_reduce_sum
+    from harness.loop import flush_step_logs
+
+    started = time.perf_counter()
+    acc, state = trainer.accelerator, trainer.state
+    flush_step_logs(trainer, close_window=False)
+    local = [float(trainer.window_loss) if trainer.window_loss is not None else 0.0,
+             float(trainer.epoch_loss) if trainer.epoch_loss is not None else 0.0]
+    window, epoch = all_reduce_sum(acc, local).tolist()
+    trainer.window_loss = trainer.epoch_loss = None
+    if acc.is_main_process:
+        state.window_loss_sum += window
+        state.epoch_loss_sum += epoch
+    else:
+        state.window_loss_sum = state.epoch_loss_sum = 0.0
+    # Every rank must hold the same counters in the file: take rank 0's partial sums.
+    sums = all_reduce_sum(acc, [state.window_loss_sum, state.epoch_loss_sum]).tolist()
+    saved_state = dataclasses.asdict(state)
+    saved_state["window_loss_sum"], saved_state["epoch_loss_sum"] = sums
+
+    def write_rank(folder: Path, counter) -> None:
+        meta, tensors = ckpt.rng_state()
+        path = folder / f"rng-rank-{acc.process_index}.json"
+        ckpt._write_json(path, meta)
+        counter.wrote(path)
+        path = folder / f"rng-rank-{acc.process_index}.safetensors"
+        ckpt._save_tensors(tensors, path)
+        counter.wrote(path)
+
+    def write_main(folder: Path, counter) -> None:
+        from safetensors.torch import save_model
+
+        path = folder / "model.safetensors"
+        save_model(acc.unwrap_model(trainer.model), str(path))
+        counter.wrote(path)
+        tensors, meta = ckpt.optimizer_to_files(trainer.optimizer.state_dict())
+        path = folder / "optimizer.safetensors"
+        ckpt._save_tensors(tensors, path)
+        counter.wrote(path)
+        path = folder / "optimizer.json"
+        ckpt._write_json(path, meta)
+        counter.wrote(path)
+        path = folder / "scheduler.json"
+        ckpt._write_json(path, trainer.schedule.state_dict())
+        counter.wrote(path)
+        path = folder / "trainer.json"
+        ckpt._write_json(path, {
+            "state": saved_state,
+            "step": state.step,
+            "epoch": state.epoch,
+            "samples_in_epoch": state.samples_in_epoch,
+            "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
+            "group_names": trainer.group_names,
+            "metric_name": trainer.metric_name,
+            "world_size": acc.num_processes,
+            "reason": reason,
+            "config": to_plain_dict(trainer.cfg),
+            "versions": ckpt.library_versions(),
+            "saved_at": time.time(),
+        })
+        counter.wrote(path)
+
+    metric = trainer.last_monitored
+    folder = store.save(acc, state.step, write_main, write_rank, metric)
+    if acc.is_main_process:
+        logger.info("checkpoint %s (%s) in %.2f s", folder, reason, time.perf_counter() - started)
+    return folder
