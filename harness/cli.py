@@ -1,6 +1,7 @@
 """Command line: ``harness train RECIPE [key=value ...]`` (also ``python -m harness``).
 
-Exit codes: 0 done; 1 training failed; 2 bad recipe, override or arguments; 3 unusable checkpoint.
+Exit codes: 0 done; 1 training failed; 2 bad recipe, override or arguments; 3 unusable checkpoint;
+75 stopped on a preemption signal after saving a checkpoint (requeue to resume).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_CHECKPOINT = 3
+EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1: requeue to resume
 
 EPILOG = """examples:
   python -m harness train recipes/breast_cancer_mlp.yaml
   accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m harness train recipes/gcn_plateau.yaml optim.lr=0.005
   torchrun --standalone --nproc_per_node 2 -m harness train recipes/gnn_graphs.yaml train.epochs=5
 
-exit codes: 0 done, 1 training failed, 2 bad recipe/override/arguments, 3 unusable checkpoint
+exit codes: 0 done, 1 training failed, 2 bad recipe/override/arguments, 3 unusable checkpoint,
+            75 saved a checkpoint on a preemption signal (SIGTERM/SIGUSR1): requeue to resume
 """
 
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     from harness.checkpoint import CheckpointError
+    from harness.preemption import Preempted
     from harness.config import ConfigError, load_config
 
     try:
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"harness: config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    except Preempted:
+        from harness.distributed import shutdown_process_group
+
+        shutdown_process_group(exit_code=EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     except CheckpointError as exc:
         print(f"harness: checkpoint error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT

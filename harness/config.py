@@ -150,6 +150,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    # Signals that ask for a checkpoint-and-exit (code 75). torchrun forwards only TERM/INT/HUP/QUIT.
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Check (one tiny collective) every N optimizer steps; 1 reacts fastest.
+    check_every_steps: int = 1
+    # Inside validation, check every N batches.
+    check_every_val_batches: int = 20
+
+    def __post_init__(self) -> None:
+        from harness.preemption import parse_signal_names
+
+        self.signals = parse_signal_names(self.signals)
+        _require(self.check_every_steps >= 1, "preemption.check_every_steps", self.check_every_steps, "an integer >= 1")
+        _require(self.check_every_val_batches >= 1, "preemption.check_every_val_batches",
+                 self.check_every_val_batches, "an integer >= 1")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -158,6 +176,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -127,6 +127,10 @@ def check_lrs_agree(accelerator, lrs: torch.Tensor, group_names: list[str], firs
 
 
 def shutdown(accelerator, timeout_s: float = 30.0) -> None:
+    shutdown_process_group(timeout_s)
+
+
+def shutdown_process_group(timeout_s: float = 30.0, exit_code: int = 0) -> None:
     """Leave the process group without hanging: gloo's destroy has been seen to hang at exit."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
@@ -144,7 +148,7 @@ def shutdown(accelerator, timeout_s: float = 30.0) -> None:
         logger.warning("destroy_process_group did not return in %.0f s; exiting without it", timeout_s)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)
 
 
 def describe_launch() -> str:

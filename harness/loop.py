@@ -28,6 +28,7 @@ from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
 from harness.checkpoint import CheckpointStore
+from harness.preemption import Preempted, PreemptionWatcher, clear_marker, write_marker
 from harness.tracking import TensorBoardLog, flatten
 
 
@@ -73,6 +74,7 @@ class Trainer:
     metric_name: str = "accuracy"
     # The monitored value (checkpoint.monitor) of the latest validation, for keep_best.
     last_monitored: Optional[float] = None
+    preemption: Optional[PreemptionWatcher] = None
     state: TrainState = field(default_factory=TrainState)
     # LRs applied at steps not yet written/checked: [(step, [lr per group])]
     pending_lrs: list[tuple[int, list[float]]] = field(default_factory=list)
@@ -133,6 +135,8 @@ def build_trainer(cfg: Config) -> Trainer:
     # process logged after its last checkpoint: the resumed run logs them again.
     trainer.tb = TensorBoardLog(cfg.run_dir, enabled=accelerator.is_main_process,
                                 purge_step=trainer.state.step + 1 if folder is not None else None)
+    if accelerator.is_main_process:
+        clear_marker(cfg.run_dir)
     return trainer
 
 
@@ -215,22 +219,34 @@ def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate(trainer: Trainer, split: Split) -> tuple[float, float]:
+def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> tuple[float, float]:
+    """Global mean loss and metric over ``split``: each rank sums its contiguous shards, one all-reduce.
+
+    With ``interruptible``, the ranks check for a preemption request every few batches (every rank
+    walks the same global batches, some with an empty shard, so the collectives line up).
+    """
     acc = trainer.accelerator
     model = acc.unwrap_model(trainer.model)  # no DDP collectives inside a rank-local loop
     was_training = model.training
     model.eval()
     kind = trainer.task.spec.kind
     sums = torch.zeros(3, dtype=torch.float64)
-    shards = [s for s in sampling.validation_shards(len(split), trainer.cfg.data.val_batch_size,
-                                                    acc.process_index, acc.num_processes) if len(s)]
+    shards = list(sampling.validation_shards(len(split), trainer.cfg.data.val_batch_size,
+                                             acc.process_index, acc.num_processes))
+    every = trainer.cfg.preemption.check_every_val_batches
     with torch.no_grad(), acc.autocast():
-        for batch in split.batches(shards):
-            batch = batch.to(acc.device)
-            outputs = batch.predict(model).float()
-            sums[0] += per_sample_loss(kind, outputs, batch.targets).sum().item()
-            sums[1] += per_sample_metric(kind, outputs, batch.targets).sum().item()
-            sums[2] += len(batch.targets)
+        for start in range(0, len(shards), every):
+            chunk = [s for s in shards[start:start + every] if len(s)]
+            for batch in split.batches(chunk):
+                batch = batch.to(acc.device)
+                outputs = batch.predict(model).float()
+                sums[0] += per_sample_loss(kind, outputs, batch.targets).sum().item()
+                sums[1] += per_sample_metric(kind, outputs, batch.targets).sum().item()
+                sums[2] += len(batch.targets)
+            if interruptible and start + every < len(shards) and trainer.preemption is not None \
+                    and trainer.preemption.should_stop(acc):
+                model.train(was_training)
+                stop_for_preemption(trainer)
     if split is trainer.task.val:
         trainer.local_validations.append(sums.tolist())
     total = all_reduce_sum(acc, sums)
@@ -239,20 +255,36 @@ def evaluate(trainer: Trainer, split: Split) -> tuple[float, float]:
     return total[0].item() / count, total[1].item() / count
 
 
+def stop_for_preemption(trainer: Trainer) -> None:
+    """Save at this step boundary, leave a marker for batch scripts, unwind to the CLI."""
+    folder = save_checkpoint(trainer, trainer.store, "preempted")
+    name = trainer.preemption.requested or "a signal to another rank"
+    if trainer.is_main:
+        write_marker(trainer.run_dir, name, folder, trainer.state.step, trainer.preemption.received_at)
+        logger.warning("preempted by %s: saved %s; exiting with code 75 (requeue to resume)", name, folder)
+    raise Preempted(name, folder)
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
 
 def train(cfg: Config) -> dict:
-    trainer = build_trainer(cfg)
-    write_run_files(trainer)
-    log_start(trainer)
+    # Installed first, so a signal during start-up is not lost: it is acted on at the first step.
+    watcher = PreemptionWatcher(cfg.preemption).install()
     try:
-        summary = fit(trainer)
+        trainer = build_trainer(cfg)
+        trainer.preemption = watcher
+        write_run_files(trainer)
+        log_start(trainer)
+        try:
+            summary = fit(trainer)
+        finally:
+            trainer.tb.close()
+        trainer.accelerator.wait_for_everyone()
     finally:
-        trainer.tb.close()
-    trainer.accelerator.wait_for_everyone()
+        watcher.uninstall()
     shutdown(trainer.accelerator)
     return summary
 
@@ -268,6 +300,9 @@ def fit(trainer: Trainer) -> dict:
         for global_indices in sampling.global_batches(order, cfg.data.batch_size, cfg.data.drop_last,
                                                       state.samples_in_epoch):
             train_step(trainer, global_indices)
+            if trainer.preemption.due(state.step, cfg.preemption.check_every_steps) and \
+                    trainer.preemption.should_stop(trainer.accelerator):
+                stop_for_preemption(trainer)
             if state.step % cfg.train.log_every_steps == 0:
                 flush_step_logs(trainer, close_window=True)
             epoch_done = state.samples_in_epoch >= trainer.epoch_length()
@@ -290,18 +325,22 @@ def fit(trainer: Trainer) -> dict:
 
 def end_epoch(trainer: Trainer, metric_name: str) -> None:
     cfg, state = trainer.cfg, trainer.state
-    epoch = state.epoch
     flush_step_logs(trainer, close_window=False)
+    epoch_number = state.epoch + 1
+    validate = epoch_number % cfg.train.val_every_epochs == 0 or epoch_number == cfg.train.epochs
+    # Validation comes before any state changes: a preemption inside it saves the state of the
+    # last step boundary, and the resumed run redoes this validation.
+    if validate:
+        val_loss, val_metric = evaluate(trainer, trainer.task.val, interruptible=True)
     local = float(trainer.epoch_loss) if trainer.epoch_loss is not None else 0.0
     train_loss = (float(all_reduce_sum(trainer.accelerator, [local])[0]) + state.epoch_loss_sum) / max(state.epoch_count, 1)
-    state.epoch += 1
+    state.epoch = epoch_number
     state.samples_in_epoch = 0
     trainer.epoch_loss, state.epoch_loss_sum, state.epoch_count = None, 0.0, 0
     trainer.schedule.after_epoch()
     scalars = {"train/loss_epoch": train_loss}
     record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss}
-    if state.epoch % cfg.train.val_every_epochs == 0 or state.epoch == cfg.train.epochs:
-        val_loss, val_metric = evaluate(trainer, trainer.task.val)
+    if validate:
         trainer.schedule.after_validation(val_loss, val_metric)
         scalars.update({"val/loss": val_loss, f"val/{metric_name}": val_metric})
         record.update({"val_loss": val_loss, f"val_{metric_name}": val_metric})

@@ -116,7 +116,10 @@ def verify_lrs(trainer, meta: dict, folder: Path) -> None:
         params = [torch.nn.Parameter(torch.zeros(1)) for _ in trainer.group_names]
         groups = [{"params": [p], "lr": recipe_lrs.get(name, trainer.cfg.optim.lr)}
                   for p, name in zip(params, trainer.group_names)]
-        return type(inner)(groups, **{k: v for k, v in inner.defaults.items() if k != "lr"})
+        import inspect
+
+        accepted = inspect.signature(type(inner).__init__).parameters
+        return type(inner)(groups, **{k: v for k, v in inner.defaults.items() if k != "lr" and k in accepted})
 
     replayed = replay_lrs(trainer.cfg.schedule, trainer.horizon, trainer.group_names, scratch_optimizer,
                           trainer.state.step, trainer.state.epoch, val_history)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from harness.config import ConfigError
+from harness.config import ConfigError, load_config
 from harness.datasets import CsvOptions, TuFolderOptions, build_csv, build_tu_folder
 from tests.conftest import read_json, run_harness
 
@@ -314,6 +314,8 @@ def test_tu_folder_reads_labels_and_shapes_from_the_files(tmp_path):
 
 def test_tu_folder_data_prefix_is_its_own_key_beside_data_name(tmp_path):
     # data.name is the data set kind, so the TU files' prefix has a key of its own.
+    cfg = load_config(tu_recipe(tmp_path, tmp_path / "graphs", "TOY"), ["data.prefix=OTHER"])
+    assert cfg.data.name == "tu_folder" and cfg.data.options.prefix == "OTHER"
     with pytest.raises(ConfigError, match=r"data\.root and data\.prefix"):
         build_tu_folder(TuFolderOptions(root=str(tmp_path)), seed=0)
 
