@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,6 @@ logger = logging.getLogger("harness")
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-# Testing hook: SIGKILL this process right after it has written its k-th file of a save, to prove
-# that a crash at any point inside a save leaves a resumable run.
-KILL_AFTER_FILES_ENV = "HARNESS_TEST_KILL_AFTER_FILES"
 
 
 class CheckpointError(RuntimeError):
@@ -61,16 +57,21 @@ class CheckpointInfo:
 
 
 class _FileCounter:
+    """fsyncs each written file; counts them for the crash-inside-a-save test hook (faults.py)."""
+
     def __init__(self) -> None:
+        from harness import faults
+
         self.count = 0
-        limit = os.environ.get(KILL_AFTER_FILES_ENV)
-        self.kill_after = int(limit) if limit else None
+        self.kill_after = faults.save_started()
 
     def wrote(self, path: Path) -> None:
         _fsync_file(path)
         self.count += 1
         if self.kill_after is not None and self.count >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+            from harness import faults
+
+            faults.kill_now()
 
 
 def _fsync_file(path: Path) -> None:

@@ -165,7 +165,8 @@ def build_csv(o: CsvOptions, seed: int) -> TaskData:
         raise ConfigError("data.path: the csv data set needs a path to a CSV file with a header row")
     if not path.is_file():
         raise ConfigError(f"data.path: CSV file not found: {path}")
-    with path.open(newline="") as handle:
+    # utf-8-sig: a spreadsheet export's byte-order mark would otherwise glue onto the first column name.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         try:
             header = next(reader)
@@ -191,8 +192,10 @@ def build_csv(o: CsvOptions, seed: int) -> TaskData:
             try:
                 x[r, c] = float(row[column])
             except ValueError:
+                x[r, c] = math.nan
+            if not math.isfinite(x[r, c]):
                 raise ConfigError(f"{path}: line {r + 2}, column {header[column]!r}: "
-                                  f"{row[column]!r} is not a number") from None
+                                  f"{row[column]!r} is not a finite number") from None
     raw_targets = [row[target_column].strip() for row in rows]
     if o.task == "regression":
         try:

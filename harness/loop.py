@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from harness import sampling
+from harness import faults, sampling
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.datasets import Split, TaskData, build_data
 from harness.distributed import all_reduce_sum, check_lrs_agree, make_accelerator, shutdown, warn_if_ranks_lost
@@ -158,6 +158,7 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
     global_count = len(global_indices)
     # TensorBoard's x axis is the optimizer step, counted from 1: this LR is applied in step state.step + 1.
     trainer.pending_lrs.append((trainer.state.step + 1, [g["lr"] for g in trainer.optimizer.param_groups]))
+    faults.trace_samples(rank, trainer.state.step + 1, trainer.state.epoch, sampling.shard(global_indices, rank, world))
     micro = sampling.micro_batches(global_indices, cfg.train.grad_accum_steps)
     for i, micro_indices in enumerate(micro):
         local = sampling.shard(micro_indices, rank, world)
@@ -300,6 +301,7 @@ def fit(trainer: Trainer) -> dict:
         for global_indices in sampling.global_batches(order, cfg.data.batch_size, cfg.data.drop_last,
                                                       state.samples_in_epoch):
             train_step(trainer, global_indices)
+            faults.after_step(state.step)
             if trainer.preemption.due(state.step, cfg.preemption.check_every_steps) and \
                     trainer.preemption.should_stop(trainer.accelerator):
                 stop_for_preemption(trainer)

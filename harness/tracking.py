@@ -73,8 +73,10 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def read_scalars(run_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in ``<run>/tb`` as sorted (step, value) pairs, purges applied."""
+def read_scalars(run_dir: Path | str, keep_duplicates: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in ``<run>/tb`` as sorted (step, value) pairs, purges applied.
+
+    With ``keep_duplicates`` a step logged twice shows twice (to prove a resume does not)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb_dir = Path(run_dir) / TB_DIR
@@ -84,8 +86,9 @@ def read_scalars(run_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
     accumulator.Reload()
     series = {}
     for tag in accumulator.Tags()["scalars"]:
-        points = {}
-        for event in accumulator.Scalars(tag):
-            points[event.step] = event.value  # a later write of the same step wins
-        series[tag] = sorted(points.items())
+        events = [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        if keep_duplicates:
+            series[tag] = sorted(events, key=lambda e: e[0])
+        else:
+            series[tag] = sorted(dict(events).items())  # a later write of the same step wins
     return series
