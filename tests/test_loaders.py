@@ -240,7 +240,7 @@ CSV_ERRORS = {
                               ["'outcome'", "data.target", "Columns: x1, x2, x3, x4, x5, label"]),
     "missing_feature_column": (lambda p: write_csv(p, FEATURES + ["label"], _rows(40)), {"features": ["x1", "x9"]},
                                ["'x9'", "data.features", "Columns: x1, x2, x3, x4, x5, label"]),
-    "non_numeric_feature": (_bad_value_table, {}, ["line 7", "column 'x3'", "'n/a' is not a number"]),
+    "non_numeric_feature": (_bad_value_table, {}, ["line 7", "column 'x3'", "'n/a' is not a finite number"]),
     "binary_with_three_classes": (lambda p: write_csv(p, FEATURES + ["label"], _rows(40, ("a", "b", "c"))), {},
                                   ["column 'label'", "3 classes", "['a', 'b', 'c']", "task: multiclass"]),
     "too_few_rows": (lambda p: write_csv(p, FEATURES + ["label"], _rows(5)), {}, ["only 5 rows", "at least 10"]),
