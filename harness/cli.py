@@ -1,7 +1,10 @@
-"""Command line: ``harness train RECIPE [key=value ...]`` (also ``python -m harness``).
+"""Command line: ``harness COMMAND ...`` (also ``python -m harness``).
 
-Exit codes: 0 done; 1 training failed; 2 bad recipe, override or arguments; 3 unusable checkpoint;
-75 stopped on a preemption signal after saving a checkpoint (requeue to resume).
+  train          train a recipe
+  check          validate a recipe and preview its planned run and LR curve, without training
+  ckpt           list a run's checkpoints, or inspect one (verified against its manifest)
+  plot-lr        plot a run's logged LR per param group and its losses, marking resume points
+  verify-resume  run a recipe straight and killed+resumed, and compare the two bitwise
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 EXIT_OK = 0
-EXIT_FAILED = 1
+EXIT_FAILED = 1  # train: training failed; verify-resume: the runs differ
 EXIT_CONFIG = 2
 EXIT_CHECKPOINT = 3
 EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1: requeue to resume
@@ -21,9 +25,83 @@ EPILOG = """examples:
   python -m harness train recipes/breast_cancer_mlp.yaml
   accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m harness train recipes/gcn_plateau.yaml optim.lr=0.005
   torchrun --standalone --nproc_per_node 2 -m harness train recipes/gnn_graphs.yaml train.epochs=5
+  harness check recipes/gnn_graphs.yaml --world-size 4
+  harness ckpt list runs/breast_cancer_mlp
+  harness ckpt inspect runs/breast_cancer_mlp/checkpoints/step-000750
+  harness plot-lr runs/breast_cancer_mlp
+  harness verify-resume recipes/breast_cancer_mlp.yaml
+
+exit codes:
+  0   done (train), recipe valid (check), checkpoints verified (ckpt), plot written, PASS (verify-resume)
+  1   training failed (train); the runs differ or one failed: FAIL (verify-resume)
+  2   bad recipe, override, argument or path; an unusable schedule (check); warnings with check --strict
+  3   unusable checkpoint (train); a checkpoint that does not verify, or none found (ckpt)
+  75  saved a checkpoint on a preemption signal (SIGTERM/SIGUSR1): requeue to resume (train)
+"""
+
+TRAIN_EPILOG = """examples:
+  python -m harness train recipes/breast_cancer_mlp.yaml
+  accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m harness train recipes/gcn_plateau.yaml optim.lr=0.005
+  torchrun --standalone --nproc_per_node 2 -m harness train recipes/gnn_graphs.yaml train.epochs=5
 
 exit codes: 0 done, 1 training failed, 2 bad recipe/override/arguments, 3 unusable checkpoint,
             75 saved a checkpoint on a preemption signal (SIGTERM/SIGUSR1): requeue to resume
+"""
+
+CHECK_EPILOG = """Builds the data, the model and the optimizer as training would (no Accelerator, no
+processes, nothing written but the PNG) and prints: parameters per param group, samples per rank
+for --world-size ranks, steps per epoch, total steps, and the planned LR of every param group at
+the first steps, epoch starts and the last step. Warns when a schedule's own horizon (OneCycle
+total_steps, cosine T_max, polynomial total_iters, lambda total, ...) does not match the planned run.
+
+examples:
+  harness check recipes/breast_cancer_mlp.yaml
+  harness check recipes/gnn_graphs.yaml schedule.name=onecycle schedule.total_steps=400 --world-size 4
+  harness check recipes/gcn_plateau.yaml --png /tmp/plateau_lr.png
+
+exit codes: 0 valid, 2 bad recipe/override, a schedule that fails inside the planned run, or
+            (with --strict) any warning
+"""
+
+CKPT_EPILOG = """examples:
+  harness ckpt list runs/breast_cancer_mlp
+  harness ckpt inspect runs/breast_cancer_mlp/checkpoints/step-000750
+
+exit codes: 0 every checkpoint verified (list) / the checkpoint verified (inspect),
+            3 one does not verify against its MANIFEST.json, or none found, 2 no such folder
+"""
+
+PLOT_EPILOG = """Reads <RUN_DIR>/tb (what rank 0 logged): lr/<group> per optimizer step on the left,
+train/loss, train/loss_epoch and val/loss on the right. Dashed red lines mark resume points: each
+process writes its own event file, and a resumed one starts logging at the step after its checkpoint.
+
+examples:
+  harness plot-lr runs/breast_cancer_mlp
+  harness plot-lr runs/gcn_plateau --out gcn_lr.png --log-lr
+
+exit codes: 0 written, 2 no such run folder / nothing logged / matplotlib missing
+"""
+
+VERIFY_EPILOG = """Three runs in a work folder, each --steps optimizer steps long (train.max_steps), with
+checkpoint.every_steps set so a mid-epoch checkpoint exists before the kill:
+  1. uninterrupted;
+  2. the same command killed with SIGKILL (launcher and every rank) after step --kill-at;
+  3. the same command again in that folder: it resumes from the newest checkpoint.
+Then compares the final weights (final/model.safetensors, bitwise) and every logged series (LR,
+losses, metrics; read back from TensorBoard) and reports PASS or FAIL with the first difference.
+
+Self-test: --break KEY=VALUE adds an override to the resumed run only, so the runs really differ
+and verify-resume must say FAIL, e.g. --break run.seed=1 (a data order that is not reproducible
+across restarts) or --break train.max_grad_norm=0.001. An LR change such as --break optim.lr=0.5
+is refused by the resumed run itself (exit 3: its LR replay check), also reported as FAIL.
+
+examples:
+  harness verify-resume recipes/breast_cancer_mlp.yaml
+  harness verify-resume recipes/gnn_graphs.yaml --nproc 2 --steps 60
+  harness verify-resume recipes/gcn_plateau.yaml schedule.patience=1 --workdir /tmp/vr --keep
+  harness verify-resume recipes/breast_cancer_mlp.yaml --break run.seed=1     # must FAIL
+
+exit codes: 0 PASS, 1 FAIL (a difference, or a run failed), 2 bad recipe/override/arguments
 """
 
 
@@ -33,30 +111,108 @@ def _setup_logging() -> None:
                         level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout)
 
 
+def _command(sub, name: str, help_text: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/breast_cancer_mlp.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.005 schedule.name=cosine")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=EPILOG, description="Train RECIPE; key=value pairs override recipe keys.")
-    train.add_argument("recipe", help="YAML recipe, e.g. recipes/breast_cancer_mlp.yaml")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.005 schedule.name=cosine")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = _command(sub, "train", "train a recipe", "Train RECIPE; key=value pairs override recipe keys.",
+                     TRAIN_EPILOG)
+    _recipe_arguments(train)
+
+    check = _command(sub, "check", "validate a recipe, preview its planned run and LR curve (no training)",
+                     "Validate RECIPE and preview the planned run without training.", CHECK_EPILOG)
+    _recipe_arguments(check)
+    check.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                       help="ranks to split batches across (default: $WORLD_SIZE, else 1)")
+    check.add_argument("--png", type=Path, default=Path("lr_preview.png"),
+                       help="where to write the LR preview plot (default: lr_preview.png)")
+    check.add_argument("--no-png", action="store_true", help="do not write the plot")
+    check.add_argument("--strict", action="store_true", help="exit 2 when there are warnings")
+
+    ckpt = _command(sub, "ckpt", "list a run's checkpoints or inspect one",
+                    "List a run's checkpoints, or inspect one, verifying them against their manifests.", CKPT_EPILOG)
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{list,inspect}")
+    listing = _command(ckpt_sub, "list", "every checkpoint of a run: step, epoch, LRs, metric, verified",
+                       "Every checkpoint of RUN_DIR (and any interrupted save), oldest first.", CKPT_EPILOG)
+    listing.add_argument("run_dir", type=Path, help="a run folder (run.output_dir), or its checkpoints/ folder")
+    inspect = _command(ckpt_sub, "inspect", "one checkpoint in detail, verified against its manifest",
+                       "Files, counters, LRs per param group, metric, world size, versions and the manifest "
+                       "check of one checkpoint folder.", CKPT_EPILOG)
+    inspect.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/x/checkpoints/step-000120")
+
+    plot = _command(sub, "plot-lr", "plot a run's LR per param group and its losses (PNG)",
+                    "Plot the LR of every param group of RUN_DIR against the optimizer step, losses beside it.",
+                    PLOT_EPILOG)
+    plot.add_argument("run_dir", type=Path, help="a run folder (run.output_dir)")
+    plot.add_argument("--out", type=Path, help="PNG to write (default: <RUN_DIR>/lr.png)")
+    plot.add_argument("--log-lr", action="store_true", help="logarithmic LR axis")
+
+    verify = _command(sub, "verify-resume", "check that a SIGKILL + resume reproduces an uninterrupted run bitwise",
+                      "Run RECIPE briefly straight through, then killed with SIGKILL mid-epoch and resumed; "
+                      "compare final weights and every logged series.", VERIFY_EPILOG)
+    _recipe_arguments(verify)
+    verify.add_argument("--steps", type=int, help="optimizer steps per run (default: about 3 epochs, at least 20, "
+                                                  "at most the planned run)")
+    verify.add_argument("--checkpoint-every", type=int, help="checkpoint.every_steps (default: a third into the "
+                                                             "epoch holding the middle of the run)")
+    verify.add_argument("--kill-at", type=int, help="SIGKILL after this optimizer step (default: a few steps "
+                                                    "after the checkpoint, in the same epoch)")
+    verify.add_argument("--nproc", type=int, default=1,
+                        help="processes; >1 runs through accelerate launch --config_file LAUNCH_CONFIG")
+    verify.add_argument("--launch-config", type=Path, default=None,
+                        help="accelerate config for --nproc > 1 (default: recipes/accelerate/cpu_2proc.yaml)")
+    verify.add_argument("--workdir", type=Path, help="folder for the runs (new or empty; default: a temporary "
+                                                     "folder, deleted after a PASS)")
+    verify.add_argument("--keep", action="store_true", help="keep the temporary work folder after a PASS")
+    verify.add_argument("--break", dest="break_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="self-test: an override for the resumed run only; verify-resume must then FAIL")
+    verify.add_argument("--timeout", type=float, default=900.0, help="seconds per run (default 900)")
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may also follow the options
+    (``harness check RECIPE --world-size 4 optim.lr=0.01``): argparse alone stops the positional
+    list at the first option and would reject the rest."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     _setup_logging()
     from harness.checkpoint import CheckpointError
+    from harness.config import ConfigError
     from harness.preemption import Preempted
-    from harness.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.recipe, args.overrides)
         if args.command == "train":
-            from harness.loop import train
-
-            train(cfg)
+            return run_train(args)
+        if args.command == "check":
+            return run_check(args)
+        if args.command == "ckpt":
+            return run_ckpt(args)
+        if args.command == "plot-lr":
+            return run_plot_lr(args)
+        if args.command == "verify-resume":
+            return run_verify_resume(args)
     except ConfigError as exc:
         print(f"harness: config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
@@ -68,4 +224,90 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"harness: checkpoint error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def run_train(args) -> int:
+    from harness.config import load_config
+    from harness.loop import train
+
+    train(load_config(args.recipe, args.overrides))
     return EXIT_OK
+
+
+def run_check(args) -> int:
+    from harness.config import load_config
+    from harness.inspection import format_plan, plan_run
+
+    cfg = load_config(args.recipe, args.overrides)
+    plan = plan_run(args.recipe, cfg, args.world_size)
+    for line in format_plan(plan):
+        print(line)
+    if plan.lr_series and not args.no_png:
+        from harness.plots import PlotError, plot_lr_preview
+
+        title = f"{Path(args.recipe).name}: planned LR ({cfg.schedule.name}, per {cfg.schedule.interval})"
+        try:
+            path = plot_lr_preview(plan.lr_series, plan.steps_per_epoch, args.png, title,
+                                   cfg.schedule.warmup_steps, plan.stop_step)
+        except PlotError as exc:
+            print(f"harness: check: {exc}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        print(f"LR preview plot: {path}")
+    if plan.preview_error or (args.strict and plan.warnings):
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def run_ckpt(args) -> int:
+    from harness.inspection import format_checkpoint, format_checkpoint_list, list_checkpoints, read_checkpoint
+
+    if args.ckpt_command == "list":
+        try:
+            reports = list_checkpoints(args.run_dir)
+        except FileNotFoundError as exc:
+            print(f"harness: ckpt list: {exc}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        if not reports:
+            print(f"harness: ckpt list: no checkpoints in {args.run_dir}", file=sys.stderr, flush=True)
+            return EXIT_CHECKPOINT
+        for line in format_checkpoint_list(reports):
+            print(line)
+        return EXIT_OK if all(r.verified for r in reports) else EXIT_CHECKPOINT
+    folder = args.checkpoint
+    if not folder.is_dir():
+        print(f"harness: ckpt inspect: {folder}: no such checkpoint folder", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if (folder / "checkpoints").is_dir():
+        print(f"harness: ckpt inspect: {folder} is a run folder; inspect one of its checkpoints "
+              f"(harness ckpt list {folder})", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    report = read_checkpoint(folder)
+    for line in format_checkpoint(report):
+        print(line)
+    return EXIT_OK if report.verified else EXIT_CHECKPOINT
+
+
+def run_plot_lr(args) -> int:
+    from harness.plots import PlotError, plot_run
+
+    out = args.out if args.out is not None else args.run_dir / "lr.png"
+    try:
+        drawn = plot_run(args.run_dir, out, log_lr=args.log_lr)
+    except PlotError as exc:
+        print(f"harness: plot-lr: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    resumes = ", ".join(str(s) for s in drawn["resumes"]) or "none"
+    print(f"wrote {drawn['path']}: {', '.join(drawn['lr_tags'])} up to step {drawn['last_step']}; "
+          f"losses: {', '.join(drawn['loss_tags']) or 'none'}; resumed from steps: {resumes}")
+    return EXIT_OK
+
+
+def run_verify_resume(args) -> int:
+    from harness.verify import DEFAULT_LAUNCH_CONFIG, VerifyOptions, verify_resume
+
+    opts = VerifyOptions(args.recipe, args.overrides, steps=args.steps, checkpoint_every=args.checkpoint_every,
+                         kill_at=args.kill_at, nproc=args.nproc,
+                         launch_config=args.launch_config or DEFAULT_LAUNCH_CONFIG, workdir=args.workdir,
+                         keep=args.keep, break_overrides=args.break_overrides, timeout=args.timeout)
+    return EXIT_OK if verify_resume(opts) else EXIT_FAILED

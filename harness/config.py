@@ -120,6 +120,8 @@ class TrainConfig:
     # auto: CUDA when there is one, else CPU processes over gloo.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every_steps: int = 10
+    # Without a terminal (SLURM, CI), a plain progress line this often instead of a bar.
+    progress_every_s: float = 30.0
     val_every_epochs: int = 1
     # Stop after this many optimizer steps in total (null: train all epochs). For smoke runs.
     max_steps: Optional[int] = None

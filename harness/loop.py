@@ -28,6 +28,7 @@ from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
 from harness.checkpoint import CheckpointStore
+from harness.progress import Progress
 from harness.preemption import Preempted, PreemptionWatcher, clear_marker, write_marker
 from harness.tracking import TensorBoardLog, flatten
 
@@ -75,6 +76,8 @@ class Trainer:
     # The monitored value (checkpoint.monitor) of the latest validation, for keep_best.
     last_monitored: Optional[float] = None
     preemption: Optional[PreemptionWatcher] = None
+    progress: Optional[Progress] = None
+    last_logged: dict = field(default_factory=dict)  # latest train loss and samples/s, for progress
     state: TrainState = field(default_factory=TrainState)
     # LRs applied at steps not yet written/checked: [(step, [lr per group])]
     pending_lrs: list[tuple[int, list[float]]] = field(default_factory=list)
@@ -204,9 +207,11 @@ def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
         local = float(trainer.window_loss) if trainer.window_loss is not None else 0.0
         total = float(all_reduce_sum(trainer.accelerator, [local])[0]) + trainer.state.window_loss_sum
         elapsed = time.perf_counter() - trainer.window_started
+        trainer.last_logged = {"loss": total / trainer.state.window_count,
+                               "samples_per_s": trainer.window_samples / max(elapsed, 1e-9)}
         trainer.tb.scalars(trainer.state.step, {
-            "train/loss": total / trainer.state.window_count,
-            "perf/samples_per_s": trainer.window_samples / max(elapsed, 1e-9),
+            "train/loss": trainer.last_logged["loss"],
+            "perf/samples_per_s": trainer.last_logged["samples_per_s"],
         })
         trainer.window_loss = None
         trainer.state.window_loss_sum = 0.0
@@ -279,9 +284,12 @@ def train(cfg: Config) -> dict:
         trainer.preemption = watcher
         write_run_files(trainer)
         log_start(trainer)
+        trainer.progress = Progress(trainer.is_main, trainer.horizon.total_steps, trainer.state.step,
+                                    cfg.train.progress_every_s)
         try:
             summary = fit(trainer)
         finally:
+            trainer.progress.close()
             trainer.tb.close()
         trainer.accelerator.wait_for_everyone()
     finally:
@@ -307,6 +315,8 @@ def fit(trainer: Trainer) -> dict:
                 stop_for_preemption(trainer)
             if state.step % cfg.train.log_every_steps == 0:
                 flush_step_logs(trainer, close_window=True)
+            trainer.progress.update(state.step, state.epoch, trainer.last_logged.get("loss"),
+                                    trainer.optimizer.param_groups[0]["lr"], trainer.last_logged.get("samples_per_s"))
             epoch_done = state.samples_in_epoch >= trainer.epoch_length()
             every = cfg.checkpoint.every_steps
             if every and state.step % every == 0 and not epoch_done:

@@ -15,9 +15,9 @@ py="$venv/bin/python"
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
     "$py" -m pip install --quiet --disable-pip-version-check -r constraints/torch-cpu.txt
 fi
-# The project itself, editable, with test and plotting extras (pyproject.toml lists them).
+# The project itself, editable, with the test extra (pyproject.toml lists them).
 stamp="$venv/.harness-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    "$py" -m pip install --quiet --disable-pip-version-check -e ".[test,plot]"
+    "$py" -m pip install --quiet --disable-pip-version-check -e ".[test]"
     touch "$stamp"
 fi
