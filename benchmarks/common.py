@@ -70,12 +70,26 @@ class StepClock:
         self.perf.clear()
         self.wall.clear()
 
-    def steps_per_s(self, skip: int) -> float:
-        """Steps per second between the end of step ``skip`` and the end of the last step."""
-        if len(self.perf) < skip + 2:
-            raise RuntimeError(f"only {len(self.perf)} optimizer steps timed, need more than {skip + 1}")
-        steps = len(self.perf) - 1 - skip
-        return steps / (self.perf[-1] - self.perf[skip])
+    def rates(self, skip: int, chunk: int) -> dict:
+        """Steps/s after the first ``skip`` steps (warm-up, first epoch).
+
+        ``mean``: steps over the whole window. ``median``: ``chunk`` steps over the median duration of
+        consecutive ``chunk``-step windows; with ``chunk`` a multiple of the epoch and of the log
+        interval every window holds the same work, and the median shrugs off the stalls other
+        processes on a shared machine cause. ``median`` is the figure reported.
+        """
+        return rates(self.perf, skip, chunk)
+
+
+def rates(perf: list[float], skip: int, chunk: int) -> dict:
+    if len(perf) < skip + chunk + 1:
+        raise RuntimeError(f"only {len(perf)} optimizer steps timed, need at least {skip + chunk + 1}")
+    steps = len(perf) - 1 - skip
+    windows = sorted(perf[i + chunk] - perf[i] for i in range(skip, len(perf) - chunk, chunk))
+    middle = len(windows) // 2
+    median = windows[middle] if len(windows) % 2 else (windows[middle - 1] + windows[middle]) / 2
+    return {"mean": steps / (perf[-1] - perf[skip]), "median": chunk / median, "steps": steps,
+            "windows": len(windows), "chunk": chunk}
 
 
 def write_json(path: str | Path, data) -> None:

@@ -1,13 +1,13 @@
 """One-process step rates (figures 1, 2, 7 and the per-step overhead breakdown), measured in-process.
 
-    python -m benchmarks.inproc {mlp,gcn} --rounds 5 --variants a,b,... --out result.json
+    python -m benchmarks.inproc {mlp,gcn} --rounds 5 --epochs N --variants a,b,... --out result.json
 
 The harness side is the real entry point, ``harness.loop.train(cfg)``, as the CLI calls it (CLI
-logging set up; stdout goes to a file, as under SLURM or CI). The baseline is a
-hand-written loop on the same tensors. Both are timed by the same global optimizer-step hook, from
-the end of the first epoch(s) to the last optimizer step: start-up, the last epoch's validation,
-the final save and ``finish`` are outside the window. Variants alternate within each round, in an
-order rotated every round so none always runs first.
+logging set up; stdout goes to a file, as under SLURM or CI). The baseline is a hand-written loop
+on the same tensors (the data set is built by the harness's builder, untimed). Both are timed by
+the same global optimizer-step hook from the end of the first epoch(s) to the last optimizer step:
+start-up, the last epoch's validation, the final save and ``finish`` are outside the window.
+Variants alternate within each round, in an order rotated every round so none always runs first.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import math
 import pstats
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,84 +26,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import BREAST_CANCER, GCN, NO_CHECKPOINTS, StepClock, loadavg, write_json
+from benchmarks.tweaks import apply_all, patched_train
 
 CLOCK = StepClock()
 HUGE = 1_000_000_000
 
 
-# --------------------------------------------------------------------------------------------
-# Harness side
-# --------------------------------------------------------------------------------------------
-
-
 class HarnessRun:
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
+    """``harness.loop.train(cfg)`` on a recipe plus overrides, in a fresh run folder each time."""
+
+    def __init__(self, workdir: Path, recipe: Path, skip: int, chunk: int):
+        self.workdir, self.recipe, self.skip, self.chunk = workdir, recipe, skip, chunk
         self.count = 0
 
-    def fit(self, recipe: Path, overrides: list[str], skip: int, tweak=None, profile: bool = False):
-        """``harness.loop.train(cfg)`` as the CLI calls it; ``tweak(trainer)`` runs right after
-        ``build_trainer`` (patched in for this call only) and the profiler, if any, wraps ``fit``."""
+    def __call__(self, overrides: list[str], tweaks: tuple[str, ...] = (), profiler=None) -> dict:
         import harness.loop as loop
         from harness.config import load_config
 
         self.count += 1
         out = self.workdir / f"run-{self.count}"
-        cfg = load_config(recipe, [*overrides, f"run.output_dir={out}"])
-        profiler = cProfile.Profile() if profile else None
-        original_build, original_fit = loop.build_trainer, loop.fit
+        cfg = load_config(self.recipe, [*overrides, f"run.output_dir={out}"])
 
-        def build_trainer(cfg):
-            trainer = original_build(cfg)
-            if tweak is not None:
-                tweak(trainer)
-            return trainer
-
-        def fit(trainer):
+        def around_fit(fit, trainer):
             CLOCK.reset()
             if profiler is None:
-                return original_fit(trainer)
+                return fit(trainer)
             profiler.enable()
             try:
-                return original_fit(trainer)
+                return fit(trainer)
             finally:
                 profiler.disable()
 
-        loop.build_trainer, loop.fit = build_trainer, fit
-        try:
+        with patched_train(apply_all(tweaks), around_fit):
             loop.train(cfg)
-        finally:
-            loop.build_trainer, loop.fit = original_build, original_fit
         shutil.rmtree(out, ignore_errors=True)
-        rate = CLOCK.steps_per_s(skip)
-        return (rate, profiler) if profile else rate
-
-
-def no_logging(trainer) -> None:
-    """No TensorBoard writer at all (the log interval is raised by an override as well)."""
-    from harness.tracking import TensorBoardLog
-
-    trainer.tb.close()
-    trainer.tb = TensorBoardLog(trainer.run_dir, enabled=False)
-
-
-def inner_optimizer(trainer) -> None:
-    """Step and zero_grad the torch optimizer directly, not through accelerate's AcceleratedOptimizer
-    (which calls importlib find_spec twice per step() and inspect.signature per zero_grad())."""
-    trainer.optimizer = trainer.optimizer.optimizer
-
-
-def plain_backward(trainer) -> None:
-    """loss.backward() instead of Accelerator.backward (which divides by grad-accumulation steps, a
-    no-op division that still adds an autograd node)."""
-    trainer.accelerator.backward = lambda loss, **kwargs: loss.backward(**kwargs)
-
-
-def chain(*tweaks):
-    def run(trainer):
-        for t in tweaks:
-            t(trainer)
-    return run
+        return CLOCK.rates(self.skip, self.chunk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,13 +68,15 @@ def chain(*tweaks):
 # --------------------------------------------------------------------------------------------
 
 
-def baseline_mlp(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, skip: int) -> float:
-    """The seed article's loop: index tensors by a per-epoch permutation, BCE, Adam, StepLR per epoch."""
+def baseline_mlp(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, skip: int, chunk: int) -> dict:
+    """The seed article's loop: index tensors by a per-epoch permutation, BCE, Adam, StepLR per epoch,
+    one log line per epoch."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(x.size(1), 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.5)
     generator = torch.Generator()
+    steps_per_epoch = math.ceil(len(x) / batch_size)
     CLOCK.reset()
     for epoch in range(epochs):
         model.train()
@@ -133,9 +92,9 @@ def baseline_mlp(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int,
             detached = loss.detach()
             total = detached if total is None else total + detached
         scheduler.step()
-        print(f"epoch {epoch + 1}/{epochs} train_loss={float(total) / len(range(0, len(x), batch_size)):.4f} "
+        print(f"epoch {epoch + 1}/{epochs} train_loss={float(total) / steps_per_epoch:.4f} "
               f"lr={scheduler.get_last_lr()[0]:.3g}")
-    return CLOCK.steps_per_s(skip)
+    return CLOCK.rates(skip, chunk)
 
 
 class BaselineGcn(nn.Module):
@@ -150,7 +109,7 @@ class BaselineGcn(nn.Module):
         return self.conv2(x, edge_index)
 
 
-def baseline_gcn(graph, train_idx, val_idx, epochs: int, skip: int) -> float:
+def baseline_gcn(graph, train_idx, val_idx, epochs: int, skip: int) -> dict:
     """The seed's full-graph PyG loop: one step per epoch, validate, ReduceLROnPlateau on val loss."""
     torch.manual_seed(0)
     model = BaselineGcn(graph.x.size(1), 64, int(graph.y.max()) + 1, 0.5)
@@ -173,41 +132,41 @@ def baseline_gcn(graph, train_idx, val_idx, epochs: int, skip: int) -> float:
         scheduler.step(val_loss)
         print(f"epoch {epoch + 1}/{epochs} train_loss={loss.item():.4f} val_loss={val_loss:.4f} "
               f"val_accuracy={val_acc:.4f} lr={optimizer.param_groups[0]['lr']:.3g}")
-    return CLOCK.steps_per_s(skip)
+    return CLOCK.rates(skip, 1)
 
 
 # --------------------------------------------------------------------------------------------
-# Suites
+# Suites: name -> zero-argument callable returning the rates dict
 # --------------------------------------------------------------------------------------------
 
 
-def mlp_variants(epochs: int, workdir: Path):
-    """name -> zero-argument callable returning steps/s."""
+def mlp_suite(epochs: int, workdir: Path):
     from harness.config import load_config
     from harness.datasets import build_data
 
     cfg = load_config(BREAST_CANCER, [])
-    task = build_data(cfg.data, cfg.run.seed)  # the harness's own tensors: same data on both sides
+    task = build_data(cfg.data, cfg.run.seed)  # the harness's own tensors: the same data on both sides
     x, y = task.train.features, task.train.targets
-    skip = -(-len(x) // cfg.data.batch_size)  # one epoch of steps
+    steps_per_epoch = math.ceil(len(x) / cfg.data.batch_size)
+    skip = steps_per_epoch
+    chunk = math.lcm(steps_per_epoch, cfg.train.log_every_steps)  # same work in every window
+    # Validation only after the last epoch (outside the window): the baseline does not validate.
     base = [f"train.epochs={epochs}", f"train.val_every_epochs={epochs}", NO_CHECKPOINTS]
     no_log = [*base, f"train.log_every_steps={HUGE}"]
-    harness = HarnessRun(workdir)
+    run = HarnessRun(workdir, BREAST_CANCER, skip, chunk)
+    fixes = ("inner_optimizer", "plain_backward")
     variants = {
-        "harness": lambda: harness.fit(BREAST_CANCER, base, skip),
-        "baseline": lambda: baseline_mlp(x, y, epochs, cfg.data.batch_size, skip),
-        "harness_no_logging": lambda: harness.fit(BREAST_CANCER, no_log, skip, no_logging),
-        "harness_inner_optimizer": lambda: harness.fit(BREAST_CANCER, base, skip, inner_optimizer),
-        "harness_inner_optimizer_plain_backward": lambda: harness.fit(
-            BREAST_CANCER, base, skip, chain(inner_optimizer, plain_backward)),
-        "harness_inner_optimizer_plain_backward_no_logging": lambda: harness.fit(
-            BREAST_CANCER, no_log, skip, chain(inner_optimizer, plain_backward, no_logging)),
+        "harness": lambda: run(base),
+        "baseline": lambda: baseline_mlp(x, y, epochs, cfg.data.batch_size, skip, chunk),
+        "harness_no_logging": lambda: run(no_log, ("no_logging",)),
+        "harness_inner_optimizer": lambda: run(base, ("inner_optimizer",)),
+        "harness_inner_optimizer_plain_backward": lambda: run(base, fixes),
+        "harness_fixes_no_logging": lambda: run(no_log, (*fixes, "no_logging")),
     }
-    profile = lambda: harness.fit(BREAST_CANCER, base, skip, profile=True)  # noqa: E731
-    return variants, profile, skip
+    return variants, lambda profiler: run(base, (), profiler)
 
 
-def gcn_variants(epochs: int, workdir: Path):
+def gcn_suite(epochs: int, workdir: Path):
     from harness.config import load_config
     from harness.datasets import build_data
 
@@ -216,19 +175,18 @@ def gcn_variants(epochs: int, workdir: Path):
     graph = task.train.graph
     skip = 5
     base = [f"train.epochs={epochs}", NO_CHECKPOINTS]
-    harness = HarnessRun(workdir)
+    run = HarnessRun(workdir, GCN, skip, 1)
     variants = {
-        "harness": lambda: harness.fit(GCN, base, skip),
+        "harness": lambda: run(base),
         "baseline": lambda: baseline_gcn(graph, task.train.node_index, task.val.node_index, epochs, skip),
-        # The recipe's k-hop subgraph per batch, switched off: every batch is the whole graph.
-        "harness_full_graph": lambda: harness.fit(GCN, [*base, "data.subgraph_hops=null"], skip),
-        "harness_inner_optimizer": lambda: harness.fit(GCN, base, skip, inner_optimizer),
+        # The recipe's 3-hop subgraph per batch switched off: every batch is the whole graph.
+        "harness_full_graph": lambda: run([*base, "data.subgraph_hops=null"]),
+        "harness_inner_optimizer": lambda: run(base, ("inner_optimizer",)),
     }
-    profile = lambda: harness.fit(GCN, base, skip, profile=True)  # noqa: E731
-    return variants, profile, skip
+    return variants, lambda profiler: run(base, (), profiler)
 
 
-def profile_text(profiler: cProfile.Profile, limit: int = 35) -> str:
+def profile_text(profiler: cProfile.Profile, limit: int = 40) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("tottime").print_stats(limit)
@@ -249,12 +207,11 @@ def main() -> None:
     torch.set_num_threads(1)
     from harness.cli import _setup_logging
 
-    _setup_logging()  # the epoch log lines go to stdout as in a CLI run (the bench sends it to a file)
+    _setup_logging()  # epoch log lines go to stdout as in a CLI run (the bench sends it to a file)
     CLOCK.install()
     workdir = Path(tempfile.mkdtemp(prefix=f"harness-bench-{args.suite}-"))
     try:
-        build = mlp_variants if args.suite == "mlp" else gcn_variants
-        variants, profile, skip = build(args.epochs, workdir)
+        variants, profile = (mlp_suite if args.suite == "mlp" else gcn_suite)(args.epochs, workdir)
         names = args.variants.split(",")
         unknown = [n for n in names if n not in variants]
         if unknown:
@@ -268,11 +225,13 @@ def main() -> None:
             for name in order:
                 record[name] = variants[name]()
             rounds.append(record)
-            print(f"[bench] round {r + 1}: " + " ".join(f"{n}={record[n]:.1f}/s" for n in names), flush=True)
-        result = {"suite": args.suite, "unit": "steps/s", "epochs": args.epochs, "skipped_steps": skip,
+            print(f"[bench] round {r + 1}: " + " ".join(f"{n}={record[n]['median']:.1f}/s" for n in names),
+                  flush=True)
+        result = {"suite": args.suite, "unit": "steps/s", "epochs": args.epochs,
                   "threads": torch.get_num_threads(), "rounds": rounds}
         if args.profile:
-            _, profiler = profile()
+            profiler = cProfile.Profile()
+            profile(profiler)
             Path(args.profile).write_text(profile_text(profiler))
         write_json(args.out, result)
     finally:

@@ -109,6 +109,9 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(format=f"[harness{'' if rank == 0 else f' rank {rank}'}] %(message)s",
                         level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout)
+    # Their INFO notices (TensorBoard's event-file scan, matplotlib's font cache) would read as ours.
+    for library in ("tensorboard", "matplotlib"):
+        logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def _command(sub, name: str, help_text: str, description: str, epilog: str) -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ caller can rely on it.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +27,6 @@ def _new_figure(figsize: tuple[float, float]):
     except ImportError:
         raise PlotError("matplotlib is needed for PNG output: pip install 'matplotlib>=3.7' "
                         "(or the harness's 'plot' extra)") from None
-    # The CLI logs INFO to stdout; matplotlib's font-cache notices are not the user's business.
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     figure = Figure(figsize=figsize, dpi=DPI)
     FigureCanvasAgg(figure)
     return figure

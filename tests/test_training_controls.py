@@ -42,3 +42,12 @@ def test_gradient_clipping_changes_the_trajectory_and_keeps_the_schedule(tmp_pat
     assert read_scalars(free)["lr/default"] == read_scalars(clipped)["lr/default"]
     a, b = final_weights(free), final_weights(clipped)
     assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_output_without_a_terminal_has_plain_progress_lines_and_no_carriage_returns(tmp_path):
+    proc = run_harness(RECIPE, [f"run.output_dir={tmp_path / 'run'}", "train.epochs=2", "train.progress_every_s=0"],
+                       nproc=2)
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[harness] step ")]
+    assert len(lines) == 30 and lines[-1].startswith("[harness] step 30/30 | epoch 2")
+    assert "[harness rank 1]" not in proc.stdout, "other ranks stay quiet"
