@@ -124,8 +124,13 @@ def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.005 schedule.name=cosine")
 
 
+def _world_size_from_env() -> int:
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__,
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -136,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = _command(sub, "check", "validate a recipe, preview its planned run and LR curve (no training)",
                      "Validate RECIPE and preview the planned run without training.", CHECK_EPILOG)
     _recipe_arguments(check)
-    check.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+    check.add_argument("--world-size", type=int, default=_world_size_from_env(),
                        help="ranks to split batches across (default: $WORLD_SIZE, else 1)")
     check.add_argument("--png", type=Path, default=Path("lr_preview.png"),
                        help="where to write the LR preview plot (default: lr_preview.png)")

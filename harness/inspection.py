@@ -74,9 +74,9 @@ class Plan:
         return self.cfg.schedule
 
 
-def plan_run(recipe: str, cfg: Config, world_size: int) -> Plan:
-    """Build the data, the model and the optimizer as training would (no Accelerator), and preview
-    the LR of every param group over the planned run."""
+def plan_run(recipe: str, cfg: Config, world_size: int, preview: bool = True) -> Plan:
+    """Build the data, the model and the optimizer as training would (no Accelerator), and (with
+    ``preview``) step a scratch schedule through the planned run for the LR of every param group."""
     from harness.datasets import build_data
     from harness.models import build_model
     from harness.optimizers import build_optimizer
@@ -103,6 +103,8 @@ def plan_run(recipe: str, cfg: Config, world_size: int) -> Plan:
                 sum(p.numel() for p in model.parameters()), groups,
                 rank_shares(n_train, len(task.val), cfg, world_size), spe, cfg.train.epochs,
                 horizon.total_steps, stop)
+    if not preview:
+        return plan
     try:
         plan.lr_series = preview_lrs(lambda: build_optimizer(model, cfg.optim)[0], cfg.schedule, horizon, group_names)
     except (ValueError, TypeError, ZeroDivisionError) as exc:
@@ -423,6 +425,23 @@ def format_checkpoint(report: CheckpointReport) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Resume points: each process writes its own TensorBoard event file
 # --------------------------------------------------------------------------------------------
+
+
+def read_run_scalars(run_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
+    """``tracking.read_scalars`` without TensorBoard's "out of order event.step ... purging" warning:
+    for a run resumed from a checkpoint, dropping the points the stopped process logged past that
+    checkpoint is the intended behaviour (the resumed run logs them again), not news for the user."""
+    import logging
+
+    from harness.tracking import read_scalars
+
+    tb_logger = logging.getLogger("tensorboard")
+    level = tb_logger.level
+    tb_logger.setLevel(logging.ERROR)
+    try:
+        return read_scalars(run_dir)
+    finally:
+        tb_logger.setLevel(level)
 
 
 def resume_points(run_dir: Path | str) -> list[int]:

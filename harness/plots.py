@@ -69,12 +69,11 @@ def plot_lr_preview(series: dict[str, list[float]], steps_per_epoch: int, path: 
 def plot_run(run_dir: Path | str, out: Path | str, log_lr: bool = False) -> dict:
     """LR of every param group (left) and train/val loss (right) against the optimizer step, from
     the run's TensorBoard files, with a dashed line at every resume point. Returns what was drawn."""
-    from harness.inspection import resume_points
-    from harness.tracking import read_scalars
+    from harness.inspection import read_run_scalars, resume_points
 
     run_dir = Path(run_dir)
     try:
-        scalars = read_scalars(run_dir)
+        scalars = read_run_scalars(run_dir)
     except FileNotFoundError as exc:
         raise PlotError(f"{exc} (is {run_dir} a run folder?)") from None
     lr_tags = sorted(tag for tag in scalars if tag.startswith("lr/"))

@@ -18,7 +18,7 @@ import torch
 
 from harness import checkpoint as ckpt
 from harness.config import to_plain_dict
-from harness.schedules import replay_lrs
+from harness.schedules import lrs_rebuilt_from_last_epoch, replay_lrs
 
 logger = logging.getLogger("harness")
 
@@ -125,6 +125,17 @@ def verify_lrs(trainer, meta: dict, folder: Path) -> None:
                           trainer.state.step, trainer.state.epoch, val_history)
     if replayed is not None and any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30) for a, b in zip(replayed, saved)):
         problems.append(f"replaying the schedule from the recipe gives {replayed}, the checkpoint recorded {saved}")
+    # The other restore path torch offers, built with last_epoch on the restored optimizer's groups.
+    groups = trainer.optimizer.state_dict()["param_groups"]
+    try:
+        rebuilt = lrs_rebuilt_from_last_epoch(trainer.cfg.schedule, trainer.horizon, groups,
+                                              trainer.schedule.main.last_epoch, trainer.schedule.steps_done)
+    except KeyError as exc:
+        rebuilt = None
+        problems.append(f"the restored optimizer lacks {exc} needed to build the scheduler with last_epoch")
+    if rebuilt is not None and any(abs(a - b) > 1e-9 * max(abs(a), abs(b), 1e-30) for a, b in zip(rebuilt, loaded)):
+        problems.append(f"building the scheduler with last_epoch={trainer.schedule.main.last_epoch} gives {rebuilt}, "
+                        f"loading its state gives {loaded}")
     if problems:
         raise ckpt.CheckpointError(f"{folder}: LR check after resume failed: {'; '.join(problems)}. "
                                    "The recipe's schedule differs from the one that wrote this checkpoint.")

@@ -478,3 +478,87 @@ def replay_lrs(cfg: ScheduleConfig, horizon: Horizon, group_names: list[str], ma
             schedule.after_optimizer_step()
             step += 1
     return [g["lr"] for g in optimizer.param_groups]
+
+
+# Kinds whose LR torch can compute from last_epoch alone (closed form, or get_lr a pure function of it).
+_REBUILDABLE = {"none", "step", "multistep", "exponential", "cosine", "linear", "polynomial", "lambda", "onecycle",
+                "cyclic"}
+
+
+def lrs_rebuilt_from_last_epoch(cfg: ScheduleConfig, horizon: Horizon, restored_groups: list[dict],
+                                last_epoch: int, steps_done: int) -> Optional[list[float]]:
+    """The other way torch restores a scheduler: construct it with ``last_epoch``.
+
+    That constructor needs ``initial_lr`` in every param group, which only the restored optimizer
+    has (so the optimizer is restored first). Chainable schedulers would then apply their last
+    step a second time (the classic off-by-one after resume), so the LR is read from the closed
+    form at ``last_epoch``. Returns None for kinds torch cannot rebuild this way (plateau, restarts).
+    """
+    import warnings
+
+    from harness.registry import lookup
+
+    if cfg.name not in _REBUILDABLE:
+        return None
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in restored_groups]
+    groups = []
+    for p, g in zip(params, restored_groups):
+        if "initial_lr" not in g:
+            raise KeyError("initial_lr")
+        # Everything the restored group carries (initial_lr, OneCycle's max_lr/min_lr, betas, ...).
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [p]})
+    optimizer = _ScratchOptimizer.with_groups(groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler = _build_with_last_epoch(lookup("schedule", cfg.name), optimizer, cfg,
+                                           main_schedule_length(cfg, horizon), last_epoch - 1)
+        scheduler.last_epoch = last_epoch
+        closed = getattr(scheduler, "_get_closed_form_lr", None)
+        scheduler._get_lr_called_within_step = True
+        lrs = list(closed() if closed is not None else scheduler.get_lr())
+    warm = LRSchedule.__new__(LRSchedule)
+    warm.steps_done, warm.warmup_steps, warm.warmup_start_factor = steps_done, cfg.warmup_steps, cfg.warmup_start_factor
+    factor = warm.warmup_factor() if cfg.warmup_steps else 1.0
+    return [float(lr) * factor for lr in lrs]
+
+
+def _build_with_last_epoch(kind, optimizer, cfg: ScheduleConfig, horizon: int, last_epoch: int):
+    """Build the kind as usual, then again with last_epoch (torch has no setter for it)."""
+    import inspect
+
+    template = kind.build(_ScratchOptimizer.like(optimizer), cfg.options, horizon)
+    cls = type(template)
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in vars(template).items() if k in accepted and k not in ("optimizer", "last_epoch")}
+    if cls is torch_sched.OneCycleLR:
+        kwargs = {"max_lr": [g["max_lr"] for g in optimizer.param_groups] if "max_lr" in optimizer.param_groups[0]
+                  else [g["initial_lr"] * cfg.options.div_factor for g in optimizer.param_groups],
+                  "total_steps": template.total_steps, "pct_start": cfg.options.pct_start,
+                  "anneal_strategy": cfg.options.anneal_strategy, "cycle_momentum": cfg.options.cycle_momentum,
+                  "base_momentum": cfg.options.base_momentum, "max_momentum": cfg.options.max_momentum,
+                  "div_factor": cfg.options.div_factor, "final_div_factor": cfg.options.final_div_factor,
+                  "three_phase": cfg.options.three_phase}
+    if cls is torch_sched.CyclicLR:
+        o = cfg.options
+        base = o.base_lr if o.base_lr is not None else [g["initial_lr"] for g in optimizer.param_groups]
+        return cls(optimizer, base_lr=base, max_lr=o.max_lr, step_size_up=o.step_size_up,
+                   step_size_down=o.step_size_down, mode=o.mode, gamma=o.gamma, cycle_momentum=o.cycle_momentum,
+                   last_epoch=last_epoch)
+    if cls is torch_sched.LambdaLR:
+        kwargs = {"lr_lambda": template.lr_lambdas}
+    return cls(optimizer, last_epoch=last_epoch, **kwargs)
+
+
+class _ScratchOptimizer:
+    @staticmethod
+    def with_groups(groups):
+        # Optimizer hyperparameters ride along in the groups; the class only needs to accept them.
+        cls = torch.optim.Adam if "betas" in groups[0] else torch.optim.SGD
+        accepted = {"params", "lr", "initial_lr", "max_lr", "min_lr", "betas", "momentum", "max_momentum",
+                    "base_momentum", "weight_decay", "eps", "dampening", "nesterov"}
+        return cls([{k: v for k, v in g.items() if k in accepted} for g in groups], lr=groups[0]["lr"])
+
+    @staticmethod
+    def like(optimizer):
+        params = [torch.nn.Parameter(torch.zeros(1)) for _ in optimizer.param_groups]
+        return torch.optim.Adam([{"params": [p], "lr": g["initial_lr"]} for p, g in zip(params, optimizer.param_groups)])

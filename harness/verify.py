@@ -45,6 +45,8 @@ from harness.config import ConfigError
 
 # Series that are not a function of the training itself.
 IGNORED_TAG_PREFIXES = ("perf/",)
+PAUSE_LIMIT_S = 600
+EXIT_NEVER_KILLED = 70  # a paused run that no parent killed (EX_SOFTWARE)
 DEFAULT_LAUNCH_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_2proc.yaml"
 
 
@@ -144,12 +146,19 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def run_to_end(command: list[str], log: Path, timeout: float) -> int:
+    """Run to completion; on a timeout or Ctrl-C, kill the whole tree (ranks included). -1: timed out."""
     with log.open("w") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_child_env(),
+                                start_new_session=True)
         try:
-            return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=_child_env(),
-                                  timeout=timeout, start_new_session=True).returncode
+            return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            handle.write(f"\n[verify-resume] killed after the --timeout of {timeout:g} s\n")
             return -1
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait()
 
 
 def process_tree(root: int) -> list[int]:
@@ -219,6 +228,7 @@ class Comparison:
     what: str
     checked: str  # what was compared, for the report
     difference: Optional[str] = None  # the first difference, None when equal
+    step: Optional[int] = None  # the optimizer step of a series' first difference
 
 
 def compare_weights(reference: Path, other: Path) -> Comparison:
@@ -263,13 +273,13 @@ def compare_series(what: str, tags: list[str], reference: dict, other: dict) -> 
                 first = (step, tag, detail)
             break
     checked = f"{', '.join(tags)}: {points} points, equal" if tags else "nothing logged"
-    return Comparison(what, checked, first[2] if first else None)
+    return Comparison(what, checked, first[2] if first else None, first[0] if first else None)
 
 
 def compare_runs(reference_dir: Path, resumed_dir: Path) -> list[Comparison]:
-    from harness.tracking import read_scalars
+    from harness.inspection import read_run_scalars
 
-    a, b = read_scalars(reference_dir), read_scalars(resumed_dir)
+    a, b = read_run_scalars(reference_dir), read_run_scalars(resumed_dir)
     tags = sorted(t for t in a.keys() | b.keys() if not t.startswith(IGNORED_TAG_PREFIXES))
     lr_tags = [t for t in tags if t.startswith(("lr/", "lr_epoch/"))]
     loss_tags = [t for t in tags if t.endswith(("/loss", "/loss_epoch"))]
@@ -314,8 +324,11 @@ def verify_resume(opts: VerifyOptions) -> bool:
     if opts.nproc > 1 and not Path(opts.launch_config).is_file():
         raise ConfigError(f"--launch-config: {opts.launch_config}: no such accelerate config file")
     cfg = load_config(opts.recipe, opts.overrides)
-    load_config(opts.recipe, [*opts.overrides, *opts.break_overrides])  # a typo in --break fails now
-    plan = plan_run(opts.recipe, cfg, opts.nproc)
+    try:
+        load_config(opts.recipe, [*opts.overrides, *opts.break_overrides])  # a typo in --break fails now
+    except ConfigError as exc:
+        raise ConfigError(f"--break {' '.join(opts.break_overrides)}: {exc}") from None
+    plan = plan_run(opts.recipe, cfg, opts.nproc, preview=False)
     planned = plan.stop_step
     interruption = plan_interruption(plan.steps_per_epoch, planned, opts.steps, opts.checkpoint_every, opts.kill_at)
 
@@ -364,12 +377,12 @@ def verify_resume(opts: VerifyOptions) -> bool:
     code = run_to_end([*train, *shared, f"run.output_dir={interrupted}", *opts.break_overrides], log, opts.timeout)
     resumed_line = next((line for line in log.read_text(errors="replace").splitlines() if "resumed from" in line), None)
     if code != 0:
-        _say(f"FAIL: first difference: the resumed run exited with {code}; log {log}:\n{_tail(log)}")
+        _say(f"FAIL: the resumed run exited with {code}; log {log}:\n{_tail(log)}")
         return False
     if resumed_line is None:
-        _say(f"FAIL: first difference: the second run did not resume from a checkpoint; log {log}")
+        _say(f"FAIL: the second run did not resume from a checkpoint; log {log}")
         return False
-    _say(f"      {resumed_line.strip()} ({time.perf_counter() - started:.1f} s)")
+    _say(f"      {resumed_line.strip().removeprefix('[harness] ')} ({time.perf_counter() - started:.1f} s)")
 
     results = compare_runs(straight, interrupted)
     for result in results:
@@ -379,8 +392,11 @@ def verify_resume(opts: VerifyOptions) -> bool:
             _say(f"{result.what}: first difference: {result.difference}")
     failed = [r for r in results if r.difference is not None]
     if failed:
+        # The earliest logged difference says where the runs parted; the weights only that they did.
+        series = sorted((r for r in failed if r.step is not None), key=lambda r: r.step)
+        first = series[0] if series else failed[0]
         _say(f"FAIL: the killed-and-resumed run differs from the uninterrupted one; first difference: "
-             f"{failed[0].what}: {failed[0].difference}. Runs kept in {work}")
+             f"{first.what}: {first.difference}. Runs kept in {work}")
         return False
     _say("PASS: the killed-and-resumed run matches the uninterrupted one (weights bitwise, every series)")
     if temporary and not opts.keep:
@@ -408,8 +424,12 @@ def install_pause_hook(step: int, ready_dir: Path) -> None:
             trainer.tb.flush()
             rank = trainer.accelerator.process_index
             (Path(ready_dir) / f"rank-{rank}").write_text(f"{os.getpid()} {step}\n")
-            while True:  # until the parent's SIGKILL
-                time.sleep(3600)
+            # Wait for the parent's SIGKILL; give up after a while, so a parent that died itself
+            # does not leave ranks sleeping forever.
+            deadline = time.monotonic() + PAUSE_LIMIT_S
+            while time.monotonic() < deadline:
+                time.sleep(1)
+            os._exit(EXIT_NEVER_KILLED)
 
     loop.train_step = train_step_then_maybe_pause
 

@@ -219,3 +219,17 @@ def test_resume_on_another_world_size_continues_the_schedule_and_sees_each_sampl
     final = read_json(changed / "metrics.json")
     assert final["world_size"] == after and final["steps"] == 32
     assert final["val_loss"] == pytest.approx(read_json(straight / "metrics.json")["val_loss"], rel=1e-3)
+
+
+def test_a_schedule_state_that_disagrees_with_the_recipe_stops_the_resume(trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    newest = run_dir / "checkpoints" / "step-000016"
+    scheduler = json.loads((newest / "scheduler.json").read_text())
+    scheduler["main"]["_last_lr"] = [0.5]
+    (newest / "scheduler.json").write_text(json.dumps(scheduler))
+    rewrite_manifest_entry(newest, "scheduler.json")
+    before = snapshot(run_dir)
+    proc = run(run_dir, ["train.epochs=3"], check=False)
+    assert proc.returncode == 3 and "LR check after resume failed" in proc.stderr
+    assert "[0.5]" in proc.stderr and "0.001" in proc.stderr
+    assert snapshot(run_dir) == before

@@ -138,3 +138,36 @@ def test_a_missing_user_factor_is_a_config_error():
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ConfigError, match="cannot import module 'nowhere.mod'"):
         LRSchedule(opt, cfg, Horizon(4, 4), ["default"])
+
+
+@pytest.mark.parametrize("kind", [k for k in CASES if k not in ("cosine_restarts",)])
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_building_with_last_epoch_agrees_with_loading_the_state_dict(kind, warmup):
+    """Both ways torch restores a scheduler give the LR the run had, at every point of the run."""
+    from harness.schedules import lrs_rebuilt_from_last_epoch
+
+    overrides, _, _ = CASES[kind]
+    cfg = schedule_cfg(*overrides, f"warmup_steps={warmup}")
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in BASE]
+    optimizer = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in zip(params, BASE)])
+    schedule = LRSchedule(optimizer, cfg, Horizon(SPE, EPOCHS), ["a", "b"])
+    import warnings
+
+    warnings.simplefilter("ignore", UserWarning)
+    for epoch in range(EPOCHS):
+        for _ in range(SPE):
+            schedule.after_optimizer_step()
+            restored_groups = json.loads(json.dumps(optimizer.state_dict()["param_groups"]))
+            rebuilt = lrs_rebuilt_from_last_epoch(cfg, Horizon(SPE, EPOCHS), restored_groups,
+                                                  schedule.main.last_epoch, schedule.steps_done)
+            assert rebuilt == pytest.approx([g["lr"] for g in optimizer.param_groups], rel=1e-9), \
+                f"step {schedule.steps_done}"
+        schedule.after_epoch()
+
+
+def test_building_with_last_epoch_needs_the_restored_optimizer():
+    from harness.schedules import lrs_rebuilt_from_last_epoch
+
+    cfg = schedule_cfg("name=step", "step_size=2")
+    with pytest.raises(KeyError, match="initial_lr"):
+        lrs_rebuilt_from_last_epoch(cfg, Horizon(SPE, EPOCHS), [{"lr": 0.1}], 3, 12)

@@ -73,6 +73,26 @@ harness_slurm_expand() {
     printf '%s\n' "$s"
 }
 
+# harness_slurm_args "$@": set `recipe` and the array `overrides` from the batch script's arguments
+# (RECIPE [key=value ...]), else from HARNESS_RECIPE and HARNESS_OVERRIDES (split on spaces), with
+# %j/%A/%a expanded in the overrides.
+harness_slurm_args() {
+    local raw=() item
+    if (($# > 0)); then
+        recipe=$1
+        shift
+        raw=("$@")
+    elif [[ -n "${HARNESS_RECIPE:-}" ]]; then
+        recipe=$HARNESS_RECIPE
+        read -r -a raw <<<"${HARNESS_OVERRIDES:-}"
+    else
+        hs_log "usage: sbatch SCRIPT RECIPE [key=value ...], or set HARNESS_RECIPE (and HARNESS_OVERRIDES)"
+        exit 2
+    fi
+    overrides=()
+    for item in "${raw[@]}"; do overrides+=("$(harness_slurm_expand "$item")"); done
+}
+
 # Log where we are and install the traps. Call it first: a signal that arrives before the launcher
 # starts is remembered (and the job requeued without running).
 harness_slurm_start() {

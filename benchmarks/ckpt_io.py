@@ -1,0 +1,269 @@
+"""Checkpoint save and resume load of a ~100M-parameter model (figures 4, 5, 8), in one process.
+
+    python -m benchmarks.ckpt_io --rounds 5 --hidden 4096x7 --out result.json
+
+The trainer is the harness's own (``harness.loop.build_trainer`` on the breast-cancer recipe with
+``model.hidden`` widened), with Adam's state initialised by one ``harness.loop.train_step``.
+
+* save (4): ``harness.resume.save_checkpoint`` (model, optimizer, scheduler, trainer state, RNG;
+  every file fsynced; sha256 manifest; atomic rename; directory fsyncs) vs writing the same
+  number of bytes straight from the tensors' memory into one file, then fsync of the file and its
+  folder. ``checkpoint.keep_last`` is raised so pruning never deletes inside the timed window;
+  folders are deleted, and the disk synced, between timings.
+* load (5): ``harness.resume.restore`` into the built model and optimizer, then every page of the
+  optimizer state touched with a write (see ``materialise``: safetensors maps the file lazily, so
+  without this the reading would be deferred into the first optimizer step), vs ``readinto`` of
+  every file of the same checkpoint folder into a buffer allocated (and touched) beforehand: the
+  raw lower bound, what loading straight into the existing parameter/state memory would cost.
+  Cold: page cache dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``) before each timing; warm:
+  the folder read once beforehand. Also timed, for information: ``restore`` alone (lazy);
+  ``restore`` with safetensors' ``pread`` backend (a suggested fix); and the resume path
+  ``build_trainer`` takes, which first verifies the manifest (sha256 of every file).
+* overlap (8): the harness saves synchronously; the stall is the whole save. For comparison, the
+  in-memory snapshot (clone of every tensor) an overlapped save would stall for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import functools
+import io
+import os
+import pstats
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import BREAST_CANCER, loadavg, write_json
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def state_tensors(trainer) -> list[torch.Tensor]:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    tensors = [t for t in model.state_dict().values()]
+    for entries in trainer.optimizer.state_dict()["state"].values():
+        tensors += [v for v in entries.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def raw_write(path: Path, tensors: list[torch.Tensor], total: int) -> float:
+    """``total`` bytes, the tensors' own memory first (no copy), padded to the checkpoint's size."""
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = 0
+        for t in tensors:
+            view = memoryview(t.detach().contiguous().numpy()).cast("B")
+            while view:
+                n = os.write(fd, view)
+                view, written = view[n:], written + n
+        if written < total:
+            os.write(fd, b"\0" * (total - written))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return time.perf_counter() - started
+
+
+def raw_read(folder: Path, buffer: memoryview) -> float:
+    started = time.perf_counter()
+    for p in sorted(folder.iterdir()):
+        if not p.is_file():
+            continue
+        with open(p, "rb", buffering=0) as handle:
+            offset = 0
+            while True:
+                n = handle.readinto(buffer[offset:])
+                if not n:
+                    break
+                offset += n
+    return time.perf_counter() - started
+
+
+def warm(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+
+
+@contextlib.contextmanager
+def pread_backend(enabled: bool):
+    """The suggested fix for the lazy load: safetensors' ``pread`` backend reads each tensor into
+    ordinary memory (safetensors >= 0.8); patched in for one ``restore``."""
+    import safetensors.torch as st
+
+    original = st.load_file
+    if enabled:
+        st.load_file = functools.partial(original, backend="pread")
+    try:
+        yield
+    finally:
+        st.load_file = original
+
+
+def materialise(trainer) -> None:
+    """Write one byte in every page of every optimizer state tensor, as the first Adam step would.
+
+    ``safetensors.torch.load_file`` returns tensors backed by a private mmap of the file, so after
+    ``restore`` the optimizer state has not been read yet: the first step faults every page in
+    (a disk read when cold) and copies it (copy-on-write). A load is only done when that is.
+    """
+    for entries in trainer.optimizer.state_dict()["state"].values():
+        for value in entries.values():
+            if isinstance(value, torch.Tensor) and value.numel() * value.element_size() >= 4096:
+                value.view(-1).view(torch.uint8)[::4096].add_(0)
+
+
+def profile_text(profiler: cProfile.Profile, limit: int = 25) -> str:
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(limit)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--hidden", default="4096x7", help="WIDTHxLAYERS of the MLP's hidden layers")
+    parser.add_argument("--figures", default="save,load_cold,load_warm,overlap")
+    parser.add_argument("--profile", help="write cProfiles of one save and one restore here")
+    parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    figures = set(args.figures.split(","))
+
+    from harness.config import load_config
+    from harness.loop import build_trainer, train_step
+    from harness.preemption import PreemptionWatcher
+    from harness.resume import restore, save_checkpoint
+
+    width, layers = (int(v) for v in args.hidden.split("x"))
+    workdir = Path(tempfile.mkdtemp(prefix="harness-bench-ckpt-", dir=args.workdir))
+    result = {"rounds": [], "hidden": [width] * layers, "figures": sorted(figures)}
+    try:
+        cfg = load_config(BREAST_CANCER, [f"run.output_dir={workdir / 'run'}", f"model.hidden={[width] * layers}",
+                                          "checkpoint.keep_last=1000", "train.epochs=1"])
+        trainer = build_trainer(cfg)
+        trainer.preemption = PreemptionWatcher(cfg.preemption)
+        train_step(trainer, torch.arange(cfg.data.batch_size))  # Adam's state exists from here on
+        store = trainer.store
+        params = sum(p.numel() for p in trainer.model.parameters())
+        tensors = state_tensors(trainer)
+        result.update(parameters=params, state_bytes=sum(t.numel() * t.element_size() for t in tensors))
+        print(f"[bench] model: {params / 1e6:.1f}M parameters, {result['state_bytes'] / 1e9:.2f} GB of "
+              "model + optimizer tensors", flush=True)
+
+        def harness_save() -> tuple[float, Path]:
+            started = time.perf_counter()
+            folder = save_checkpoint(trainer, store, "bench")
+            return time.perf_counter() - started, folder
+
+        # The checkpoint every load reads: also the first save's warm-up.
+        _, folder = harness_save()
+        total = folder_bytes(folder)
+        result.update(checkpoint_bytes=total, checkpoint_files=sorted(p.name for p in folder.iterdir()))
+        raw_path = workdir / "raw.bin"
+        raw_write(raw_path, tensors, total)  # warm-up
+        raw_path.unlink()
+        buffer = memoryview(bytearray(total + (1 << 20)))  # allocated and touched before any timing
+        can_drop = drop_caches()
+        result["drop_caches"] = can_drop
+        spare = store.root / "spare"
+
+        for r in range(args.rounds):
+            record = {"loadavg": loadavg()}
+            harness_first = r % 2 == 0
+            if "save" in figures or "overlap" in figures:
+                # The committed folder is moved aside so the same step is saved again, not skipped.
+                os.replace(folder, spare)
+                os.sync()
+                for side in (["harness", "raw"] if harness_first else ["raw", "harness"]):
+                    if side == "harness":
+                        record["save_harness"], _ = harness_save()
+                    else:
+                        record["save_raw"] = raw_write(raw_path, tensors, total)
+                        raw_path.unlink()
+                    os.sync()
+                shutil.rmtree(spare)
+                os.sync()
+            if "overlap" in figures:
+                started = time.perf_counter()
+                snapshot = [t.clone() for t in tensors]
+                record["snapshot"] = time.perf_counter() - started
+                del snapshot
+            for temperature in ("cold", "warm"):
+                if f"load_{temperature}" not in figures or (temperature == "cold" and not can_drop):
+                    continue
+                sides = ["harness", "raw", "harness_lazy", "harness_pread", "resume"]
+                sides = sides if harness_first else sides[1::-1] + sides[2:]
+                for side in sides:
+                    drop_caches() if temperature == "cold" else warm(folder)
+                    if side == "raw":
+                        started = time.perf_counter()
+                        raw_read(folder, buffer)
+                        materialise(trainer)  # already resident here: costs next to nothing
+                    else:
+                        started = time.perf_counter()
+                        target = store.latest_complete().path if side == "resume" else folder
+                        with pread_backend(side == "harness_pread"):
+                            restore(trainer, target)
+                        if side != "harness_lazy":
+                            materialise(trainer)
+                    record[f"load_{temperature}_{side}"] = time.perf_counter() - started
+                    materialise(trainer)  # untimed: the next timing starts from resident state
+            tensors = state_tensors(trainer)  # restore() replaced the optimizer's state tensors
+            result["rounds"].append(record)
+            print(f"[bench] round {r + 1}: " + " ".join(f"{k}={v:.3f}s" for k, v in record.items()
+                                                       if isinstance(v, float)), flush=True)
+
+        if args.profile:
+            texts = []
+            os.replace(folder, spare)
+            os.sync()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            save_checkpoint(trainer, store, "bench")
+            profiler.disable()
+            texts.append("=== harness.resume.save_checkpoint (one save) ===\n" + profile_text(profiler))
+            shutil.rmtree(spare)
+            drop_caches()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            restore(trainer, store.latest_complete().path)
+            profiler.disable()
+            texts.append("=== verify + harness.resume.restore, cold cache ===\n" + profile_text(profiler))
+            Path(args.profile).write_text("\n".join(texts))
+        trainer.tb.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        subprocess.run(["sync"], check=False)
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

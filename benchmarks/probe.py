@@ -1,0 +1,65 @@
+"""The harness CLI with a step clock: ``python -m benchmarks.probe train RECIPE [key=value ...]``.
+
+Launched exactly like ``python -m harness`` (``accelerate launch ... -m benchmarks.probe train ...``).
+Before handing over to ``harness.cli.main`` it registers torch's global optimizer-step hook; each
+rank writes ``rank-<r>.json`` into ``$BENCH_PROBE_DIR`` with the wall-clock time of its first
+optimizer step (written at once, so a later hang does not lose it), every step's perf_counter,
+and a few start-up milestones. ``$BENCH_TWEAKS`` (comma-separated names from benchmarks.tweaks)
+applies ablations to the built trainer. The ``import torch`` here only moves the import the
+harness does anyway before its first step.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.time()
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+
+def main() -> int:
+    out_dir = os.environ.get("BENCH_PROBE_DIR")
+    rank = os.environ.get("RANK", "0")
+    from benchmarks.common import StepClock, write_json
+
+    milestones = {"probe_started": STARTED}
+    clock = StepClock()
+
+    def first_step_written(optimizer, args, kwargs):
+        if len(clock.perf) == 1 and out_dir:
+            write_json(os.path.join(out_dir, f"first-step-rank-{rank}.json"), {"first_step": clock.wall[0]})
+
+    clock.install()
+    milestones["torch_imported"] = time.time()
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(first_step_written)  # runs after the clock's hook
+    import harness.loop  # noqa: F401  (what train() needs, imported here to time it)
+    from benchmarks.tweaks import apply_all, patched_train
+    from harness.cli import main as harness_main
+
+    milestones["harness_imported"] = time.time()
+    tweak = apply_all(os.environ.get("BENCH_TWEAKS", "").split(","))
+
+    def after_build(trainer):
+        milestones["trainer_built"] = time.time()
+        tweak(trainer)
+
+    def around_fit(fit, trainer):
+        milestones["fit_started"] = time.time()
+        return fit(trainer)
+
+    with patched_train(after_build, around_fit):
+        rc = harness_main(sys.argv[1:])
+    milestones["finished"] = time.time()
+    if out_dir:
+        write_json(os.path.join(out_dir, f"rank-{rank}.json"),
+                   {"rank": int(rank), "rc": rc, "milestones": milestones, "perf": clock.perf,
+                    "first_step": clock.wall[0] if clock.wall else None})
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

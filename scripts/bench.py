@@ -1,0 +1,513 @@
+#!/usr/bin/env python
+"""Benchmarks: the harness against hand-written baselines, each figure a ratio measured in one run.
+
+    .venv/bin/python scripts/bench.py                 # every figure, 5 rounds
+    .venv/bin/python scripts/bench.py --quick         # every figure, 2 rounds, shorter runs
+    .venv/bin/python scripts/bench.py --only mlp_ddp2 # one figure (or a comma-separated list)
+    .venv/bin/python scripts/bench.py --soak 50       # 50 clean starts and exits of a 2-rank run
+
+Harness and baseline alternate within every round (the order flips or rotates from round to
+round), so a noisy shared machine slows both; the table gives the median of the per-round
+ratios and their min-max. Results go to bench-results/ (markdown and JSON; raw worker output,
+logs and profiles beside them) and the markdown is printed. BENCHMARKS.md explains each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import BREAST_CANCER, NO_CHECKPOINTS, loadavg, rates, subprocess_env, write_json  # noqa: E402
+from benchmarks.launch import baseline_command, harness_command, launch  # noqa: E402
+
+RESULTS = ROOT / "bench-results"
+HUGE = 1_000_000_000
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    group: str
+    harness: str  # key of the harness value in a round record
+    baseline: str  # key of the baseline value
+    kind: str  # "rate": higher is better, ratio = harness / baseline; "time": ratio = harness / baseline, lower is better
+    target: Optional[float]
+    unit: str
+    info: bool = False  # an ablation or extra measurement, not one of the eight figures
+    note: str = ""
+    rounds: list = field(default_factory=list)  # [(harness value, baseline value)]
+    cpu_rounds: list = field(default_factory=list)  # the same from CPU time (in-process figures only)
+
+
+def figures() -> list[Figure]:
+    F = Figure
+    return [
+        F("mlp_1proc", "1. steps/s, breast-cancer MLP, 1 process, 1 thread", "mlp", "harness", "baseline",
+          "rate", 0.95, "steps/s"),
+        F("gcn_1proc", "2. steps/s, GCN recipe (gcn_plateau), 1 process", "gcn", "harness", "baseline",
+          "rate", 0.99, "steps/s"),
+        F("mlp_ddp2", "3. steps/s, breast-cancer MLP, 2 ranks gloo", "ddp", "harness", "baseline",
+          "rate", 0.97, "steps/s"),
+        F("ckpt_save", "4. checkpoint save, 100.8M-param MLP + Adam (1.21 GB)", "ckpt", "save_harness",
+          "save_raw", "time", 1.2, "s"),
+        F("ckpt_load_cold", "5a. resume load (restore + state paged in), cold cache", "ckpt",
+          "load_cold_harness", "load_cold_raw", "time", 1.5, "s"),
+        F("ckpt_load_warm", "5b. resume load (restore + state paged in), warm cache", "ckpt",
+          "load_warm_harness", "load_warm_raw", "time", 1.2, "s"),
+        F("launch_first_step", "6. launch to first optimizer step, 2 ranks", "launch", "harness", "baseline",
+          "time", 1.1, "s"),
+        F("tb_logging", "7. steps/s with TensorBoard logging (every 10 steps) vs none", "mlp", "harness",
+          "harness_no_logging", "rate", 0.99, "steps/s"),
+        F("overlap_save", "8. training stall while saving, overlapped vs synchronous", "ckpt", "save_harness",
+          "snapshot", "time", None, "s",
+          note="not implemented: the harness saves synchronously; 'harness' is the stall of a synchronous save, "
+               "'baseline' the in-memory snapshot an overlapped save would stall for"),
+        # Ablations and extra measurements (each against the same baseline as its figure).
+        F("mlp_1proc_inner_optimizer", "1a. harness stepping the torch optimizer directly (no AcceleratedOptimizer)",
+          "mlp", "harness_inner_optimizer", "baseline", "rate", None, "steps/s", info=True),
+        F("mlp_1proc_inner_optimizer_plain_backward", "1b. 1a + loss.backward() instead of Accelerator.backward",
+          "mlp", "harness_inner_optimizer_plain_backward", "baseline", "rate", None, "steps/s", info=True),
+        F("mlp_1proc_fixes_no_logging", "1c. 1b + no TensorBoard logging", "mlp", "harness_fixes_no_logging",
+          "baseline", "rate", None, "steps/s", info=True),
+        F("gcn_1proc_full_graph", "2a. GCN harness with data.subgraph_hops=null (no k-hop subgraph per batch)",
+          "gcn", "harness_full_graph", "baseline", "rate", None, "steps/s", info=True),
+        F("gcn_1proc_inner_optimizer", "2b. GCN harness stepping the torch optimizer directly", "gcn",
+          "harness_inner_optimizer", "baseline", "rate", None, "steps/s", info=True),
+        F("mlp_ddp2_check_every_100", "3a. 2 ranks, preemption.check_every_steps=100 (default 1)", "ddp",
+          "harness_check_every_100", "baseline", "rate", None, "steps/s", info=True),
+        F("mlp_ddp2_fixed", "3b. 3a + torch optimizer directly + loss.backward()", "ddp", "harness_fixed",
+          "baseline", "rate", None, "steps/s", info=True),
+        F("ckpt_load_cold_lazy", "5c. restore() alone, cold (optimizer state left mmapped, read at first step)",
+          "ckpt", "load_cold_harness_lazy", "load_cold_raw", "time", None, "s", info=True),
+        F("ckpt_load_cold_pread", "5d. restore() with safetensors backend='pread' + paged in, cold", "ckpt",
+          "load_cold_harness_pread", "load_cold_raw", "time", None, "s", info=True),
+        F("ckpt_load_warm_pread", "5e. restore() with safetensors backend='pread' + paged in, warm", "ckpt",
+          "load_warm_harness_pread", "load_warm_raw", "time", None, "s", info=True),
+        F("ckpt_resume_cold", "5f. resume as build_trainer does it: verify sha256 manifest + restore, cold",
+          "ckpt", "load_cold_resume", "load_cold_raw", "time", None, "s", info=True),
+        F("ckpt_resume_warm", "5g. verify sha256 manifest + restore, warm", "ckpt", "load_warm_resume",
+          "load_warm_raw", "time", None, "s", info=True),
+        F("launch_exit", "6a. launch to exit of a 1-step run, 2 ranks (harness also saves, tests, writes files)",
+          "launch", "harness_exit", "baseline_exit", "time", None, "s", info=True),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Groups: each runs its rounds and fills the figures of its group
+# --------------------------------------------------------------------------------------------
+
+
+class Context:
+    def __init__(self, args):
+        self.args = args
+        self.rounds = args.rounds or (2 if args.quick else 5)
+        self.quick = args.quick
+        self.raw = RESULTS / "raw"
+        self.logs = RESULTS / "logs"
+        self.work = Path(tempfile.mkdtemp(prefix="harness-bench-"))
+        self.extra: dict = {}
+
+    def python(self, module_args: list[str], log_name: str, timeout_s: float = 3600) -> None:
+        log = self.logs / f"{log_name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", *module_args]
+        with open(log, "w") as handle:
+            handle.write("$ " + shlex.join(cmd) + "\n")
+            handle.flush()
+            proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), stdout=handle, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s)
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}; log {log}:\n{tail}")
+
+
+def variants_for(selected: list[Figure], group: str, always: tuple[str, ...]) -> list[str]:
+    names = list(always)
+    for f in selected:
+        if f.group == group:
+            for key in (f.harness, f.baseline):
+                if key not in names:
+                    names.append(key)
+    return names
+
+
+def run_inproc(ctx: Context, suite: str, selected: list[Figure]) -> list[dict]:
+    names = variants_for(selected, suite, ("harness", "baseline"))
+    epochs = {"mlp": 60 if ctx.quick else 200, "gcn": 60 if ctx.quick else 200}[suite]
+    out = ctx.raw / f"{suite}.json"
+    ctx.python(["benchmarks.inproc", suite, "--rounds", str(ctx.rounds), "--epochs", str(epochs),
+                "--variants", ",".join(names), "--out", str(out), "--profile", str(RESULTS / f"profile_{suite}.txt")],
+               f"{suite}")
+    data = json.loads(out.read_text())
+    ctx.extra[suite] = {"epochs": epochs, "threads": data["threads"],
+                        "profile": f"bench-results/profile_{suite}.txt"}
+    rounds = []
+    for r in data["rounds"]:
+        record = {k: (v["median"] if isinstance(v, dict) else v) for k, v in r.items()}
+        record.update({f"{k}@cpu": v["cpu_median"] for k, v in r.items() if isinstance(v, dict)})
+        rounds.append(record)
+    return rounds
+
+
+def run_ckpt(ctx: Context, selected: list[Figure]) -> list[dict]:
+    out = ctx.raw / "ckpt.json"
+    wanted = set()
+    for f in selected:
+        if f.group != "ckpt":
+            continue
+        if f.name == "overlap_save":
+            wanted |= {"save", "overlap"}
+        elif f.harness.startswith("save"):
+            wanted.add("save")
+        else:
+            wanted.add("load_cold" if "cold" in f.harness else "load_warm")
+    ctx.python(["benchmarks.ckpt_io", "--rounds", str(ctx.rounds), "--figures", ",".join(sorted(wanted)),
+                "--profile", str(RESULTS / "profile_ckpt.txt"), "--out", str(out)], "ckpt")
+    data = json.loads(out.read_text())
+    ctx.extra["ckpt"] = {k: data[k] for k in ("parameters", "state_bytes", "checkpoint_bytes", "checkpoint_files",
+                                              "drop_caches", "hidden")}
+    ctx.extra["ckpt"]["profile"] = "bench-results/profile_ckpt.txt"
+    return data["rounds"]
+
+
+def run_ddp(ctx: Context, selected: list[Figure]) -> list[dict]:
+    epochs = 40 if ctx.quick else 100
+    steps_per_epoch = 15
+    base = [f"train.epochs={epochs}", f"train.val_every_epochs={epochs}", NO_CHECKPOINTS]
+    check = ["preemption.check_every_steps=100"]
+    fixes = {"BENCH_TWEAKS": "inner_optimizer,plain_backward"}
+    known = {
+        "harness": (base, {}),
+        "harness_check_every_100": (base + check, {}),
+        "harness_fixed": (base + check, fixes),
+    }
+    names = variants_for(selected, "ddp", ("harness", "baseline"))
+    rounds = []
+    for r in range(ctx.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        record = {"order": order, "loadavg": loadavg()}
+        for name in order:
+            log = ctx.logs / f"ddp-{name}-{r + 1}.log"
+            if name == "baseline":
+                result = launch(baseline_command(["--epochs", str(epochs)]), 600, log)
+            else:
+                overrides, env = known[name]
+                result = launch(harness_command(BREAST_CANCER, [f"run.output_dir={ctx.work / f'ddp-{name}-{r}'}",
+                                                                *overrides]), 600, log, extra_env=env)
+            check_launch(result, name)
+            record[name] = rates(result["ranks"][0]["perf"], steps_per_epoch, 30)["median"]
+        rounds.append(record)
+        print(f"[bench] ddp round {r + 1}: " + " ".join(f"{n}={record[n]:.1f}/s" for n in names), flush=True)
+    ctx.extra["ddp"] = {"epochs": epochs}
+    write_json(ctx.raw / "ddp.json", rounds)
+    return rounds
+
+
+def run_launch(ctx: Context, selected: list[Figure]) -> list[dict]:
+    rounds, phases = [], {"harness": [], "baseline": []}
+    # One untimed launch of each first: the page cache then holds the libraries for both.
+    launch(harness_command(BREAST_CANCER, [f"run.output_dir={ctx.work / 'launch-warmup'}", "train.max_steps=1"]),
+           600, ctx.logs / "launch-warmup-harness.log")
+    launch(baseline_command(["--max-steps", "1"]), 600, ctx.logs / "launch-warmup-baseline.log")
+    for r in range(ctx.rounds):
+        record = {"loadavg": loadavg()}
+        for side in (["harness", "baseline"] if r % 2 == 0 else ["baseline", "harness"]):
+            log = ctx.logs / f"launch-{side}-{r + 1}.log"
+            if side == "harness":
+                result = launch(harness_command(BREAST_CANCER, [f"run.output_dir={ctx.work / f'launch-{r}'}",
+                                                                "train.max_steps=1"]), 600, log)
+            else:
+                result = launch(baseline_command(["--max-steps", "1"]), 600, log)
+            check_launch(result, side)
+            record[side] = result["first_step_s"]
+            record[f"{side}_exit"] = result["wall_s"]
+            rank0 = result["ranks"][0]["milestones"]
+            phases[side].append({k: v - result["started"] for k, v in rank0.items()})
+        rounds.append(record)
+        print(f"[bench] launch round {r + 1}: harness={record['harness']:.2f}s baseline={record['baseline']:.2f}s",
+              flush=True)
+    ctx.extra["launch"] = {"phases_median_s": {side: {k: statistics.median(p[k] for p in ps) for k in ps[0]}
+                                               for side, ps in phases.items()}}
+    write_json(ctx.raw / "launch.json", {"rounds": rounds, "phases": phases})
+    return rounds
+
+
+def check_launch(result: dict, name: str) -> None:
+    if result["rc"] != 0 or result["hung"] or result.get("first_step_s") is None:
+        tail = Path(result["log"]).read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{name}: launch failed (rc {result['rc']}, hung {result['hung']}); log "
+                           f"{result['log']}:\n{tail}")
+
+
+GROUPS: dict[str, Callable] = {
+    "mlp": lambda ctx, sel: run_inproc(ctx, "mlp", sel),
+    "gcn": lambda ctx, sel: run_inproc(ctx, "gcn", sel),
+    "ddp": run_ddp,
+    "ckpt": run_ckpt,
+    "launch": run_launch,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and reports
+# --------------------------------------------------------------------------------------------
+
+
+def summarise(f: Figure) -> dict:
+    pairs = [(h, b) for h, b in f.rounds if h is not None and b is not None]
+    out = {"name": f.name, "title": f.title, "kind": f.kind, "unit": f.unit, "target": f.target, "info": f.info,
+           "note": f.note, "rounds": [{"harness": h, "baseline": b} for h, b in pairs]}
+    if not pairs:
+        out["status"] = "not measured"
+        return out
+    ratios = [h / b for h, b in pairs]
+    out.update(harness_median=statistics.median(h for h, _ in pairs),
+               baseline_median=statistics.median(b for _, b in pairs),
+               ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+               ratios=ratios)
+    if f.kind == "rate":
+        out["added_us_per_step"] = statistics.median(1e6 / h - 1e6 / b for h, b in pairs)
+    cpu_pairs = [(h, b) for h, b in f.cpu_rounds if h is not None and b is not None]
+    if cpu_pairs:
+        cpu_ratios = [h / b for h, b in cpu_pairs]
+        out.update(cpu_ratio_median=statistics.median(cpu_ratios), cpu_ratio_min=min(cpu_ratios),
+                   cpu_ratio_max=max(cpu_ratios),
+                   cpu_added_us_per_step=statistics.median(1e6 / h - 1e6 / b for h, b in cpu_pairs))
+    if f.name == "overlap_save":
+        out["status"] = "not implemented"
+    elif f.target is None:
+        out["status"] = "info"
+    else:
+        met = out["ratio_median"] >= f.target if f.kind == "rate" else out["ratio_median"] <= f.target
+        out["status"] = "met" if met else "NOT met"
+    return out
+
+
+def fmt_value(value: float, unit: str) -> str:
+    if unit == "steps/s":
+        return f"{value:,.1f} steps/s"
+    return f"{value:.3f} s" if value < 10 else f"{value:.2f} s"
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# Benchmark results ({summary['mode']}, {summary['rounds']} rounds)", "",
+             f"- when: {summary['when']}",
+             f"- command: `{summary['command']}`",
+             f"- machine: {summary['machine']['nproc']} CPUs ({summary['machine']['cpu']}), "
+             f"{summary['machine']['memory_gb']:.0f} GB RAM, torch {summary['machine']['torch']}, accelerate "
+             f"{summary['machine']['accelerate']}, safetensors {summary['machine']['safetensors']}, Python "
+             f"{summary['machine']['python']}; gloo on CPU",
+             f"- load average at start / end: {summary['loadavg_start']} / {summary['loadavg_end']}",
+             "",
+             "Ratio = harness / baseline per round (steps/s: higher is better; seconds: lower is better); "
+             "median and min-max over the rounds. Per step: median added microseconds per optimizer step. "
+             "By CPU time: the same ratio from the process's CPU time instead of wall time (in-process "
+             "figures only; a cross-check that other processes on the machine hardly disturb).", ""]
+
+    def table(rows: list[dict], with_target: bool) -> list[str]:
+        head = "| Figure | Harness | Baseline | Ratio (median) | Spread (min-max) | Per step | By CPU time |"
+        sep = "|---|---|---|---|---|---|---|"
+        if with_target:
+            head += " Target | Status |"
+            sep += "---|---|"
+        out = [head, sep]
+        for row in rows:
+            if "ratio_median" not in row:
+                out.append(f"| {row['title']} | - | - | - | - | - | - |" + (" - | not measured |" if with_target else ""))
+                continue
+            per_step = f"{row['added_us_per_step']:+.0f} µs" if "added_us_per_step" in row else ""
+            by_cpu = ""
+            if "cpu_ratio_median" in row:
+                by_cpu = (f"{row['cpu_ratio_median']:.3f}x ({row['cpu_ratio_min']:.3f}-{row['cpu_ratio_max']:.3f}), "
+                          f"{row['cpu_added_us_per_step']:+.0f} µs")
+            target = ""
+            if row["target"] is not None:
+                target = (">= " if row["kind"] == "rate" else "<= ") + f"{row['target']:.2f}x"
+            line = (f"| {row['title']} | {fmt_value(row['harness_median'], row['unit'])} | "
+                    f"{fmt_value(row['baseline_median'], row['unit'])} | {row['ratio_median']:.3f}x | "
+                    f"{row['ratio_min']:.3f}-{row['ratio_max']:.3f} | {per_step} | {by_cpu} |")
+            if with_target:
+                status = row["status"]
+                line += f" {target or '-'} | {'**' + status + '**' if status == 'NOT met' else status} |"
+            out.append(line)
+        return out
+
+    main = [r for r in summary["figures"] if not r["info"]]
+    info = [r for r in summary["figures"] if r["info"]]
+    if main:
+        lines += table(main, True) + [""]
+    if info:
+        lines += ["Ablations and extra measurements (same baseline as the figure they belong to):", ""]
+        lines += table(info, False) + [""]
+    notes = [r for r in summary["figures"] if r.get("note")]
+    for r in notes:
+        lines.append(f"- {r['title'].split('.')[0]}: {r['note']}")
+    extra = summary.get("extra", {})
+    if "launch" in extra:
+        lines += ["", "Start-up milestones of rank 0, seconds after the launcher started (medians):", ""]
+        for side, phases in extra["launch"]["phases_median_s"].items():
+            lines.append(f"- {side}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items(),
+                                                                                      key=lambda kv: kv[1])))
+    if "ckpt" in extra:
+        c = extra["ckpt"]
+        lines += ["", f"Checkpoint model: MLP hidden {c['hidden'][0]}x{len(c['hidden'])}, {c['parameters']:,} "
+                      f"parameters; {c['checkpoint_bytes']:,} bytes on disk in {len(c['checkpoint_files'])} files; "
+                      f"page cache dropped for cold loads: {c['drop_caches']}."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import accelerate
+    import safetensors
+    import torch
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory = 0.0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal"):
+            memory = int(line.split()[1]) / 1e6
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gb": memory, "torch": torch.__version__,
+            "accelerate": accelerate.__version__, "safetensors": safetensors.__version__,
+            "python": platform.python_version(), "kernel": platform.release()}
+
+
+# --------------------------------------------------------------------------------------------
+# Soak
+# --------------------------------------------------------------------------------------------
+
+
+def soak(ctx: Context, runs: int, timeout_s: float) -> dict:
+    results = []
+    for i in range(runs):
+        log = ctx.logs / f"soak-{i + 1:03d}.log"
+        cmd = harness_command(BREAST_CANCER, [f"run.output_dir={ctx.work / f'soak-{i}'}", "train.epochs=1"],
+                              module="harness")
+        result = launch(cmd, timeout_s, log, probe=False)
+        ok = result["rc"] == 0 and not result["hung"] and not result["leftover_pids"]
+        results.append({k: result[k] for k in ("rc", "hung", "wall_s", "leftover_pids", "teardown_warning")} |
+                       {"run": i + 1, "ok": ok, "log": str(log.relative_to(ROOT))})
+        if ok and not result["teardown_warning"]:
+            log.unlink()  # keep the logs of the runs worth reading
+        print(f"[soak] run {i + 1}/{runs}: rc={result['rc']} {result['wall_s']:.1f}s"
+              + (" HUNG (killed)" if result["hung"] else "")
+              + (f" leftover {result['leftover_pids']}" if result["leftover_pids"] else "")
+              + (" teardown-timeout" if result["teardown_warning"] else ""), flush=True)
+    walls = [r["wall_s"] for r in results]
+    return {"runs": runs, "timeout_s": timeout_s, "ok": sum(r["ok"] for r in results),
+            "hung": sum(r["hung"] for r in results), "nonzero_rc": sum(r["rc"] not in (0, None) for r in results),
+            "leftovers": sum(bool(r["leftover_pids"]) for r in results),
+            "teardown_warnings": sum(r["teardown_warning"] for r in results),
+            "wall_median_s": statistics.median(walls), "wall_max_s": max(walls), "wall_min_s": min(walls),
+            "results": results}
+
+
+def soak_markdown(s: dict, command: str, when: str) -> str:
+    bad = [r for r in s["results"] if not r["ok"] or r["teardown_warning"]]
+    lines = [f"# Soak: {s['runs']} starts and exits of a 2-rank run", "", f"- when: {when}", f"- command: `{command}`",
+             "- each run: `accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m harness train "
+             "recipes/breast_cancer_mlp.yaml train.epochs=1` (15 steps, validation, a checkpoint, test, exit), "
+             f"timeout {s['timeout_s']:.0f} s, in its own process group", "",
+             "| Runs | Clean exits | Hung (killed at timeout) | Non-zero exit | Ranks left behind | "
+             "Teardown timeouts hit | Wall median (min-max) |", "|---|---|---|---|---|---|---|",
+             f"| {s['runs']} | {s['ok']} | {s['hung']} | {s['nonzero_rc']} | {s['leftovers']} | "
+             f"{s['teardown_warnings']} | {s['wall_median_s']:.1f} s ({s['wall_min_s']:.1f}-{s['wall_max_s']:.1f}) |", ""]
+    for r in bad:
+        lines.append(f"- run {r['run']}: rc={r['rc']} hung={r['hung']} leftovers={r['leftover_pids']} "
+                     f"teardown_warning={r['teardown_warning']} log {r['log']}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds and shorter runs")
+    parser.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
+    parser.add_argument("--only", default=None, help="figure names or groups (mlp, gcn, ddp, ckpt, launch), "
+                                                     "comma-separated")
+    parser.add_argument("--soak", type=int, default=None, metavar="N", help="start and exit a 2-rank run N times")
+    parser.add_argument("--soak-timeout", type=float, default=180.0, help="seconds per soak run")
+    parser.add_argument("--list", action="store_true", help="list figure names and exit")
+    args = parser.parse_args()
+    all_figures = figures()
+    if args.list:
+        for f in all_figures:
+            print(f"{f.name:45s} [{f.group}] {f.title}")
+        return 0
+    command = shlex.join(["python", "scripts/bench.py", *sys.argv[1:]])
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    ctx = Context(args)
+    RESULTS.mkdir(exist_ok=True)
+
+    if args.soak is not None:
+        s = soak(ctx, args.soak, args.soak_timeout)
+        s.update(command=command, when=when, machine=machine())
+        write_json(RESULTS / "soak.json", s)
+        text = soak_markdown(s, command, when)
+        (RESULTS / "soak.md").write_text(text)
+        print(text)
+        return 0 if s["ok"] == s["runs"] else 1
+
+    selected = all_figures
+    if args.only:
+        wanted = set(args.only.split(","))
+        known = {f.name for f in all_figures} | set(GROUPS)
+        if wanted - known:
+            parser.error(f"unknown --only {sorted(wanted - known)}; see --list")
+        selected = [f for f in all_figures if f.name in wanted or f.group in wanted]
+    start_load = loadavg()
+    failures = {}
+    for group, run in GROUPS.items():
+        members = [f for f in selected if f.group == group]
+        if not members:
+            continue
+        print(f"[bench] {group}: {', '.join(f.name for f in members)}", flush=True)
+        try:
+            rounds = run(ctx, members)
+        except Exception as exc:  # a failed group is reported, the others still run
+            failures[group] = str(exc)
+            print(f"[bench] {group} FAILED: {exc}", file=sys.stderr, flush=True)
+            continue
+        for f in members:
+            f.rounds = [(r.get(f.harness), r.get(f.baseline)) for r in rounds]
+            f.cpu_rounds = [(r.get(f.harness + "@cpu"), r.get(f.baseline + "@cpu")) for r in rounds]
+    summary = {"mode": "quick" if args.quick else "full", "rounds": ctx.rounds, "command": command, "when": when,
+               "machine": machine(), "loadavg_start": start_load, "loadavg_end": loadavg(),
+               "figures": [summarise(f) for f in selected], "extra": ctx.extra, "failures": failures}
+    stem = "results" + ("-quick" if args.quick else "") + (f"-{args.only.replace(',', '+')}" if args.only else "")
+    write_json(RESULTS / f"{stem}.json", summary)
+    text = markdown(summary)
+    if failures:
+        text += "\nFailed groups:\n" + "\n".join(f"- {g}: {e.splitlines()[0]}" for g, e in failures.items()) + "\n"
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
+    import shutil
+
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
