@@ -45,7 +45,7 @@ class StepClock:
 
     def __init__(self) -> None:
         self.perf: list[float] = []
-        self.cpu: list[float] = []  # this process's CPU time (all threads) at each step
+        self.cpu: list[float] = []  # CPU time of the thread that steps (the training thread)
         self.wall: list[float] = []
         self._handle = None
 
@@ -56,7 +56,7 @@ class StepClock:
 
         def hook(optimizer, args, kwargs):
             perf.append(time.perf_counter())
-            cpu.append(time.process_time())
+            cpu.append(time.thread_time())
             if not wall:
                 wall.append(time.time())
 
@@ -80,7 +80,8 @@ class StepClock:
         consecutive ``chunk``-step windows; with ``chunk`` a multiple of the epoch and of the log
         interval every window holds the same work, and the median shrugs off the stalls other
         processes on a shared machine cause. ``median`` is the figure reported. ``cpu_median``:
-        the same from this process's CPU time, which other processes hardly disturb (a cross-check).
+        the same from the training thread's CPU time, which other processes hardly disturb (a
+        cross-check; it leaves out time spent blocked, and work done by other threads).
         """
         out = rates(self.perf, skip, chunk)
         out["cpu_median"] = rates(self.cpu, skip, chunk)["median"]

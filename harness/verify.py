@@ -70,7 +70,7 @@ class Interruption:
     def describe(self) -> str:
         position = self.resume_step % self.steps_per_epoch
         where = (f"{position} steps into epoch {self.resume_step // self.steps_per_epoch + 1}" if position
-                 else f"an epoch end")
+                 else "an epoch end")
         return (f"{self.steps} steps ({self.steps_per_epoch} per epoch), checkpoint every {self.checkpoint_every} "
                 f"steps, SIGKILL after step {self.kill_at}: resumes from step {self.resume_step} ({where})")
 

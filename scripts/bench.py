@@ -294,8 +294,14 @@ def summarise(f: Figure) -> dict:
     elif f.target is None:
         out["status"] = "info"
     else:
-        met = out["ratio_median"] >= f.target if f.kind == "rate" else out["ratio_median"] <= f.target
-        out["status"] = "met" if met else "NOT met"
+        def meets(ratio):
+            return ratio >= f.target if f.kind == "rate" else ratio <= f.target
+
+        out["status"] = "met" if meets(out["ratio_median"]) else "NOT met"
+        if meets(out["ratio_min"]) != meets(out["ratio_max"]):
+            out["status"] += ", noisy (spread crosses the target)"
+        if "cpu_ratio_median" in out and meets(out["cpu_ratio_median"]) != meets(out["ratio_median"]):
+            out["status"] += f"; by CPU time {'met' if meets(out['cpu_ratio_median']) else 'NOT met'}"
     return out
 
 
@@ -317,8 +323,9 @@ def markdown(summary: dict) -> str:
              "",
              "Ratio = harness / baseline per round (steps/s: higher is better; seconds: lower is better); "
              "median and min-max over the rounds. Per step: median added microseconds per optimizer step. "
-             "By CPU time: the same ratio from the process's CPU time instead of wall time (in-process "
-             "figures only; a cross-check that other processes on the machine hardly disturb).", ""]
+             "By CPU time: the same ratio and added time per step from the training thread's CPU time "
+             "instead of wall time (in-process figures only): a cross-check that other processes on the "
+             "machine hardly disturb, though it leaves out time spent blocked and work on other threads.", ""]
 
     def table(rows: list[dict], with_target: bool) -> list[str]:
         head = "| Figure | Harness | Baseline | Ratio (median) | Spread (min-max) | Per step | By CPU time |"
@@ -344,7 +351,7 @@ def markdown(summary: dict) -> str:
                     f"{row['ratio_min']:.3f}-{row['ratio_max']:.3f} | {per_step} | {by_cpu} |")
             if with_target:
                 status = row["status"]
-                line += f" {target or '-'} | {'**' + status + '**' if status == 'NOT met' else status} |"
+                line += f" {target or '-'} | {'**' + status + '**' if status.startswith('NOT') else status} |"
             out.append(line)
         return out
 
