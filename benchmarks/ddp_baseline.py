@@ -35,6 +35,7 @@ def main() -> int:
 
     import torch
     import torch.distributed as dist
+    milestones["imports_done"] = time.time()
     import torch.nn.functional as F
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -46,8 +47,10 @@ def main() -> int:
     x_train, _, y_train, _ = train_test_split(bunch.data, 1 - bunch.target, test_size=0.2, random_state=2)
     x = torch.as_tensor(StandardScaler().fit(x_train).transform(x_train), dtype=torch.float32)
     y = torch.as_tensor(y_train, dtype=torch.float32).view(-1, 1)
+    milestones["data_ready"] = time.time()
 
     dist.init_process_group("gloo")
+    milestones["process_group_ready"] = time.time()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     layers, width = [], x.size(1)
