@@ -35,13 +35,14 @@ def main() -> int:
 
     import torch
     import torch.distributed as dist
-    milestones["imports_done"] = time.time()
     import torch.nn.functional as F
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
     from sklearn.datasets import load_breast_cancer
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
+
+    milestones["imports_done"] = time.time()
 
     bunch = load_breast_cancer()
     x_train, _, y_train, _ = train_test_split(bunch.data, 1 - bunch.target, test_size=0.2, random_state=2)

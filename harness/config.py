@@ -39,6 +39,8 @@ class RunConfig:
     seed: int = 0
     # auto: the newest complete checkpoint in the run folder; never: start fresh; or a path.
     resume: str = "auto"
+    # torch.use_deterministic_algorithms: bitwise-repeatable kernels where torch has them (slower on GPU).
+    deterministic: bool = False
 
 
 @dataclass
@@ -125,6 +127,10 @@ class TrainConfig:
     val_every_epochs: int = 1
     # Stop after this many optimizer steps in total (null: train all epochs). For smoke runs.
     max_steps: Optional[int] = None
+    # Stop when checkpoint.monitor has not improved for this many validations (null: never).
+    # Decided on values reduced over all ranks, so every rank stops at the same epoch.
+    early_stopping_patience: Optional[int] = None
+    early_stopping_min_delta: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

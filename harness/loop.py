@@ -56,6 +56,8 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_count: int = 0
     history: list[dict] = field(default_factory=list)  # per-epoch validation results
+    validations_without_improvement: int = 0  # for early stopping
+    early_stopped: bool = False
 
 
 @dataclass
@@ -110,6 +112,12 @@ class Trainer:
 def build_trainer(cfg: Config) -> Trainer:
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
     warn_if_ranks_lost(accelerator.num_processes)
+    if cfg.run.deterministic:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     task = build_data(cfg.data, cfg.run.seed)
     if cfg.data.batch_size > len(task.train) and cfg.data.drop_last:
@@ -301,7 +309,7 @@ def train(cfg: Config) -> dict:
 def fit(trainer: Trainer) -> dict:
     cfg, state = trainer.cfg, trainer.state
     metric_name = METRIC_NAMES[trainer.task.spec.kind]
-    stop = False
+    stop = state.early_stopped
     while state.epoch < cfg.train.epochs and not stop:
         epoch = state.epoch
         trainer.model.train()
@@ -328,6 +336,7 @@ def fit(trainer: Trainer) -> dict:
             save_checkpoint(trainer, trainer.store, "max_steps")
             break
         end_epoch(trainer, metric_name)
+        stop = stop or state.early_stopped
         every = cfg.checkpoint.every_epochs
         if (every and state.epoch % every == 0) or state.epoch == cfg.train.epochs or stop or (
                 cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
@@ -357,9 +366,7 @@ def end_epoch(trainer: Trainer, metric_name: str) -> None:
         scalars.update({"val/loss": val_loss, f"val/{metric_name}": val_metric})
         record.update({"val_loss": val_loss, f"val_{metric_name}": val_metric})
         trainer.last_monitored = val_loss if cfg.checkpoint.monitor == "val_loss" else val_metric
-        better = (min if cfg.checkpoint.monitor_mode == "min" else max)
-        state.best_metric = trainer.last_monitored if state.best_metric is None else better(
-            state.best_metric, trainer.last_monitored)
+        update_best(trainer, trainer.last_monitored)
     lrs = trainer.schedule.lrs()
     check_lrs_agree(trainer.accelerator, torch.tensor([list(lrs.values())]), trainer.group_names,
                     state.epoch, "end of epoch")
@@ -371,9 +378,28 @@ def end_epoch(trainer: Trainer, metric_name: str) -> None:
     log_epoch(trainer, record, lrs)
 
 
+def update_best(trainer: Trainer, value: float) -> None:
+    """Best monitored value and the early-stopping count; ``value`` is the same on every rank."""
+    cfg, state = trainer.cfg, trainer.state
+    sign = 1.0 if cfg.checkpoint.monitor_mode == "min" else -1.0
+    improved = state.best_metric is None or sign * (state.best_metric - value) > cfg.train.early_stopping_min_delta
+    if improved:
+        state.best_metric = value
+        state.validations_without_improvement = 0
+    else:
+        state.validations_without_improvement += 1
+    patience = cfg.train.early_stopping_patience
+    if patience is not None and state.validations_without_improvement > patience:
+        state.early_stopped = True
+        if trainer.is_main:
+            logger.info("early stopping: %s has not improved for %d validations (best %.6g)", cfg.checkpoint.monitor,
+                        state.validations_without_improvement, state.best_metric)
+
+
 def finish(trainer: Trainer, metric_name: str) -> dict:
     state = trainer.state
-    summary = {"epochs": state.epoch, "steps": state.step, "world_size": trainer.accelerator.num_processes}
+    summary = {"epochs": state.epoch, "steps": state.step, "world_size": trainer.accelerator.num_processes,
+               "early_stopped": state.early_stopped, "best_monitored": state.best_metric}
     if state.history and "val_loss" in state.history[-1]:
         summary["val_loss"] = state.history[-1]["val_loss"]
         summary[f"val_{metric_name}"] = state.history[-1][f"val_{metric_name}"]

@@ -71,6 +71,9 @@ def restore(trainer, folder: Path) -> None:
     for f in dataclasses.fields(state):
         if f.name in saved_state:
             setattr(state, f.name, saved_state[f.name])
+    scaler = getattr(acc, "scaler", None)
+    if scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
     verify_lrs(trainer, meta, folder)
     restore_rng(trainer, folder, meta)
     if not acc.is_main_process:
@@ -209,6 +212,8 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
             "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
             "group_names": trainer.group_names,
             "metric_name": trainer.metric_name,
+            # fp16 on GPU: the loss scale and its growth tracker, so the resumed run scales identically.
+            "grad_scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
             "world_size": acc.num_processes,
             "reason": reason,
             "config": to_plain_dict(trainer.cfg),

@@ -12,7 +12,8 @@ What the cluster tests prove, on slurm/cpu.sbatch (2 CPU ranks under accelerate 
   * SIGUSR1 to the job steps instead (`scancel -s USR1 JOB`, what `--signal=USR1@N` sends) ends the
     same way, for an array task that requeues only itself (ARRAYJOB_TASK);
   * past HARNESS_MAX_REQUEUES the job stops requeueing, says so, and exits 75 with its checkpoint
-    kept; running the same command again resumes from it.
+    kept; running the same command again resumes from it;
+  * a plain `scancel JOBID` (SIGTERM to everything) is not undone by a requeue.
 The job's output file is checked line by line, not only its state: a misconfigured SLURM reports
 COMPLETED for a job that never ran.
 
@@ -359,6 +360,23 @@ def test_requeue_cap_reached_stops_requeueing_says_so_and_the_checkpoint_resumes
     assert_same_weights(run_dir, reference())
 
 
+def test_plain_scancel_ends_the_job_and_no_requeue_brings_it_back(cluster, tmp_path):
+    # `scancel JOBID` SIGTERMs the batch shell and every process of the job. The ranks catch
+    # SIGTERM and may manage to save before srun SIGKILLs them, but the job must stay cancelled.
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.sbatch(out, [RECIPE, f"run.output_dir={run_dir}", *OVERRIDES])
+    wait_for("the first checkpoint", lambda: first_checkpoint(run_dir), START_TIMEOUT_S, out, cluster, job)
+    cluster.cmd("scancel", job)
+    info = wait_for_end(cluster, job, out, FINISH_TIMEOUT_S)
+    text = _read(out)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info}\n--- job output\n{text[-6000:]}"
+    assert banners(text) == ["unset (first run)"], text[-8000:]
+    assert re.search(r"^\[slurm-harness .*\] got SIGTERM: forwarding", text, re.M), text[-6000:]
+    assert "requeueing: scontrol requeue" not in text
+    ending = [line for line in text.splitlines() if "NOT requeueing" in line or "checkpoint saved" in line]
+    print(f"\n[test_slurm] job {job} after plain scancel: {ending or 'batch shell killed before deciding'}")
+
+
 # --------------------------------------------------------------------------------------------
 # Without SLURM: the scripts' key lines, and the shared library against a fake scontrol
 # --------------------------------------------------------------------------------------------
@@ -465,13 +483,17 @@ FAKE_LAUNCHER = textwrap.dedent("""\
 """)
 
 
-def run_library(tmp_path: Path, mode: str, slurm_env: dict, send_usr1: bool = False, stale_marker: bool = False):
+def run_library(tmp_path: Path, mode: str, slurm_env: dict, send: signal.Signals | None = None,
+                stale_marker: bool = False):
     """Source the library in bash with a fake scontrol on PATH and SLURM_* set by hand."""
     bin_dir, run_dir = tmp_path / "bin", tmp_path / "run"
     bin_dir.mkdir()
     run_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" >> {calls}\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\necho "$*" >> {calls}\n'
+        '[[ $1 == show ]] && echo "JobId=$4 JobName=x JobState=${FAKE_JOB_STATE:-RUNNING} Reason=None"\n'
+        'exit 0\n')
     (bin_dir / "scontrol").chmod(0o755)
     (tmp_path / "launcher.py").write_text(FAKE_LAUNCHER)
     if stale_marker:
@@ -482,18 +504,19 @@ def run_library(tmp_path: Path, mode: str, slurm_env: dict, send_usr1: bool = Fa
     env.update(slurm_env, FAKE_MODE=mode, PATH=f"{bin_dir}:{os.environ['PATH']}")
     proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    if send_usr1:
+    if send is not None:
         deadline = time.monotonic() + 30
         while not (run_dir / "ready").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGUSR1)
+        os.kill(proc.pid, send)
     out, _ = proc.communicate(timeout=60)
-    return proc.returncode, out, calls.read_text().split("\n")[:-1] if calls.exists() else []
+    calls = calls.read_text().splitlines() if calls.exists() else []
+    return proc.returncode, out, [c for c in calls if c.startswith("requeue")]
 
 
 def test_library_requeues_only_the_array_task_after_the_save(tmp_path):
     rc, out, calls = run_library(tmp_path, "save", {"SLURM_JOB_ID": "42", "SLURM_ARRAY_JOB_ID": "41",
-                                                   "SLURM_ARRAY_TASK_ID": "3"}, send_usr1=True)
+                                                   "SLURM_ARRAY_TASK_ID": "3"}, send=signal.SIGUSR1)
     assert rc == 0, out
     assert calls == ["requeue 41_3"], (calls, out)
     lines_in_order(out, [
@@ -509,7 +532,7 @@ def test_library_requeues_only_the_array_task_after_the_save(tmp_path):
 
 def test_library_stops_at_the_requeue_cap_with_exit_75(tmp_path):
     rc, out, calls = run_library(tmp_path, "save", {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2",
-                                                   "HARNESS_MAX_REQUEUES": "2"}, send_usr1=True)
+                                                   "HARNESS_MAX_REQUEUES": "2"}, send=signal.SIGUSR1)
     assert rc == 75, out
     assert calls == [], out
     assert "SLURM_RESTART_COUNT=2, at most 2 requeues" in out
@@ -528,3 +551,23 @@ def test_library_exits_0_when_training_finishes(tmp_path):
     rc, out, calls = run_library(tmp_path, "finish", {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"})
     assert rc == 0 and calls == [], out
     assert "training finished (exit 0)" in out
+
+
+def test_library_does_not_requeue_after_sigterm_to_the_batch_shell(tmp_path):
+    # `scancel JOBID`, the time limit and preemption all SIGTERM the batch shell: the ranks save,
+    # but the job must not come back.
+    rc, out, calls = run_library(tmp_path, "save", {"SLURM_JOB_ID": "42"}, send=signal.SIGTERM)
+    assert rc == 75, out
+    assert calls == [], out
+    lines_in_order(out, [
+        r"got SIGTERM: forwarding SIGUSR1 to the launcher",
+        r"checkpoint saved on a preemption signal: signal=SIGUSR1 step=12",
+        r"NOT requeueing: this batch shell got SIGTERM, i.e. SLURM is ending the job",
+    ])
+
+
+def test_library_does_not_requeue_a_job_slurm_is_ending(tmp_path):
+    rc, out, calls = run_library(tmp_path, "save", {"SLURM_JOB_ID": "42", "FAKE_JOB_STATE": "COMPLETING"},
+                                 send=signal.SIGUSR1)
+    assert rc == 75 and calls == [], out
+    assert "NOT requeueing: the job is COMPLETING (SLURM is ending it" in out

@@ -51,3 +51,19 @@ def test_output_without_a_terminal_has_plain_progress_lines_and_no_carriage_retu
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[harness] step ")]
     assert len(lines) == 30 and lines[-1].startswith("[harness] step 30/30 | epoch 2")
     assert "[harness rank 1]" not in proc.stdout, "other ranks stay quiet"
+
+
+def test_early_stopping_stops_every_rank_at_the_same_epoch_and_survives_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    # min_delta 10 (in loss units): nothing after the first validation counts as an improvement.
+    overrides = [f"run.output_dir={run_dir}", "train.epochs=10", "train.early_stopping_patience=2",
+                 "train.early_stopping_min_delta=10"]
+    run_harness(RECIPE, overrides, nproc=2)
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["early_stopped"] is True and metrics["epochs"] == 4 and metrics["steps"] == 60
+    ranks = [read_json(run_dir / "ranks" / f"rank-{r}.json") for r in (0, 1)]
+    assert len(ranks[0]["local_validations"]) == len(ranks[1]["local_validations"]) == 4
+    # Running the command again resumes from the final checkpoint and does not train further.
+    again = run_harness(RECIPE, overrides, nproc=2)
+    assert "resumed from" in again.stdout
+    assert read_json(run_dir / "metrics.json")["steps"] == 60

@@ -9,8 +9,9 @@
 # What happens on a preemption warning (all of it is in this file; the .sbatch files only say what
 # to launch):
 #   1. SLURM sends SIGUSR1 to the batch shell: `#SBATCH --signal=B:USR1@SECONDS` before the time
-#      limit, or by hand `scancel -s USR1 -b JOBID`. (SIGTERM to the batch shell alone is handled
-#      the same way.)
+#      limit, or by hand `scancel -s USR1 -b JOBID`. SIGTERM is forwarded the same way, so the
+#      ranks save, but it is what SLURM sends when it ends the job (`scancel JOBID`, time limit,
+#      preemption), so after a SIGTERM the job is never requeued by this script (see step 3).
 #   2. The trap forwards SIGUSR1 to `srun`, the launcher this script started as `cmd & wait $!`.
 #      srun passes it to every process of the job step on every node. The per-node launchers
 #      (accelerate launch / torchrun) are started with SIGUSR1 ignored (`trap "" USR1; exec ...`),
@@ -21,6 +22,8 @@
 #   3. When srun has returned, PREEMPTED.json present (or exit code 75) means "saved": then
 #      `scontrol requeue` (for an array, only this task: ARRAYJOB_TASK), and exit at once (SLURM
 #      SIGTERMs the job ~10 ms after the requeue). No marker means no checkpoint: never requeued.
+#      Nor when the batch shell got SIGTERM or the job is no longer RUNNING (being cancelled or
+#      timed out): the checkpoint is kept, the job ends with exit code 75.
 #      A signal sent to the job steps instead (`scancel -s USR1 JOBID`, `--signal=USR1@N` without
 #      B:) ends the same way: the ranks save and the marker is found.
 #   4. The requeued job runs this same script again (SLURM_RESTART_COUNT=1, 2, ...); the harness
@@ -29,9 +32,12 @@
 #      and says so; the checkpoint is kept, and submitting the same command again resumes it.
 #
 # Exit codes of the batch script: 0 training finished (or requeued); 75 saved but not requeued
-# (cap reached, or scontrol requeue failed); otherwise the launcher's exit code (failed, not
-# requeued). A job killed outright (plain `scancel`, hard time limit, node failure) saves nothing
-# here: only a signal with lead time leads to a checkpoint.
+# (cap reached, SIGTERM, job being ended, or scontrol requeue failed); otherwise the launcher's
+# exit code (failed, not requeued).
+# Why a warning with lead time (--signal=B:USR1@N) and not SLURM's final SIGTERM: on `scancel`,
+# the time limit or a preemption SLURM sends SIGTERM to every process of the job, srun included,
+# and srun answers SIGTERM by SIGKILLing its step; the ranks (which get SIGTERM too) then save
+# only if they are quick enough, and KillWait later everything is SIGKILLed anyway.
 #
 # Environment (set at submission, e.g. `sbatch --export=ALL,HARNESS_MAX_REQUEUES=5 ...`; SLURM
 # keeps it for the requeued runs):
@@ -43,6 +49,7 @@ HARNESS_SLURM_EXIT_PREEMPTED=75
 
 _hs_signal=""       # name of the first signal that reached this batch shell (USR1, TERM)
 _hs_signal_at=""    # $SECONDS when it arrived
+_hs_got_term=""     # set once SIGTERM reached this batch shell, first or not
 _hs_launcher_pid=""
 _hs_forwarded=""
 
@@ -107,6 +114,7 @@ harness_slurm_start() {
 
 _hs_on_signal() {
     local sig=$1
+    [[ "$sig" == TERM ]] && _hs_got_term=1
     if [[ -z "$_hs_signal" ]]; then
         _hs_signal=$sig
         _hs_signal_at=$SECONDS
@@ -141,9 +149,30 @@ except ConfigError as exc:
 EOF
 }
 
+# This job's state as slurmctld sees it (RUNNING; COMPLETING once SLURM is ending it), or nothing.
+harness_slurm_job_state() {
+    scontrol show job -o "${SLURM_JOB_ID:-}" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' | head -n1
+}
+
 # Requeue this job (or array task) if under the cap, then exit; otherwise say why not and exit 75.
 harness_slurm_requeue_or_stop() {
-    local restarts=${SLURM_RESTART_COUNT:-0} max=${HARNESS_MAX_REQUEUES:-3} target
+    local restarts=${SLURM_RESTART_COUNT:-0} max=${HARNESS_MAX_REQUEUES:-3} target state
+    # SIGTERM to the batch shell is how SLURM ends a job: `scancel JOBID`, the time limit, a
+    # preemption. The ranks may well have saved (they catch SIGTERM too), but requeueing here would
+    # bring back a job its owner just cancelled: say so and stop. (A preemption with
+    # PreemptMode=REQUEUE is requeued by SLURM itself and resumes from this checkpoint.)
+    if [[ -n "$_hs_got_term" ]]; then
+        hs_log "NOT requeueing: this batch shell got SIGTERM, i.e. SLURM is ending the job (scancel," \
+            "time limit or preemption). The checkpoint is kept: submit the same command again to" \
+            "resume. (Requeue-on-warning needs SIGUSR1: --signal=B:USR1@SECONDS or scancel -s USR1 -b.)"
+        exit "$HARNESS_SLURM_EXIT_PREEMPTED"
+    fi
+    state=$(harness_slurm_job_state)
+    if [[ -n "$state" && "$state" != RUNNING ]]; then
+        hs_log "NOT requeueing: the job is $state (SLURM is ending it: scancel, time limit or" \
+            "preemption). The checkpoint is kept: submit the same command again to resume."
+        exit "$HARNESS_SLURM_EXIT_PREEMPTED"
+    fi
     if ! [[ "$max" =~ ^[0-9]+$ ]]; then
         hs_log "HARNESS_MAX_REQUEUES='$max' is not a whole number: using 3"
         max=3
