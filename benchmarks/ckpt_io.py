@@ -13,12 +13,13 @@ The trainer is the harness's own (``harness.loop.build_trainer`` on the breast-c
 * load (5): ``harness.resume.restore`` into the built model and optimizer, then every page of the
   optimizer state touched with a write (see ``materialise``: safetensors maps the file lazily, so
   without this the reading would be deferred into the first optimizer step), vs ``readinto`` of
-  every file of the same checkpoint folder into a buffer allocated (and touched) beforehand: the
-  raw lower bound, what loading straight into the existing parameter/state memory would cost.
+  every file of the same checkpoint folder into one newly allocated buffer (a resumed process has
+  no optimizer state memory yet, so both sides pay for fresh pages).
   Cold: page cache dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``) before each timing; warm:
-  the folder read once beforehand. Also timed, for information: ``restore`` alone (lazy);
-  ``restore`` with safetensors' ``pread`` backend (a suggested fix); and the resume path
-  ``build_trainer`` takes, which first verifies the manifest (sha256 of every file).
+  the folder read once beforehand. Also timed, for information: ``restore`` alone (lazy), and the
+  resume path ``build_trainer`` takes, which first verifies the manifest (sha256 of every file).
+  And a save with the manifest's sha256 pass stubbed out (into a separate store), to size what
+  hashing costs a save.
 * overlap (8): the harness saves synchronously; the stall is the whole save. For comparison, the
   in-memory snapshot (clone of every tensor) an overlapped save would stall for.
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import functools
 import io
 import os
 import pstats
@@ -89,19 +89,22 @@ def raw_write(path: Path, tensors: list[torch.Tensor], total: int) -> float:
     return time.perf_counter() - started
 
 
-def raw_read(folder: Path, buffer: memoryview) -> float:
-    started = time.perf_counter()
+def raw_read(folder: Path, total: int) -> torch.Tensor:
+    """Every file of ``folder`` into one newly allocated buffer (as a resume must: the optimizer
+    state does not exist before it), ``readinto`` straight from the file."""
+    data = torch.empty(total, dtype=torch.uint8)
+    buffer = memoryview(data.numpy())
+    offset = 0
     for p in sorted(folder.iterdir()):
         if not p.is_file():
             continue
         with open(p, "rb", buffering=0) as handle:
-            offset = 0
             while True:
                 n = handle.readinto(buffer[offset:])
                 if not n:
                     break
                 offset += n
-    return time.perf_counter() - started
+    return data
 
 
 def warm(folder: Path) -> None:
@@ -113,18 +116,16 @@ def warm(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def pread_backend(enabled: bool):
-    """The suggested fix for the lazy load: safetensors' ``pread`` backend reads each tensor into
-    ordinary memory (safetensors >= 0.8); patched in for one ``restore``."""
-    import safetensors.torch as st
+def no_hashing():
+    """The manifest's sha256 stubbed out (an ablation: the folder it writes is not verifiable)."""
+    import harness.checkpoint as ckpt
 
-    original = st.load_file
-    if enabled:
-        st.load_file = functools.partial(original, backend="pread")
+    original = ckpt.sha256_of
+    ckpt.sha256_of = lambda path: "0" * 64
     try:
         yield
     finally:
-        st.load_file = original
+        ckpt.sha256_of = original
 
 
 def materialise(trainer) -> None:
@@ -160,6 +161,7 @@ def main() -> None:
     from harness.config import load_config
     from harness.loop import build_trainer, train_step
     from harness.preemption import PreemptionWatcher
+    from harness.checkpoint import CheckpointStore
     from harness.resume import restore, save_checkpoint
 
     width, layers = (int(v) for v in args.hidden.split("x"))
@@ -190,10 +192,10 @@ def main() -> None:
         raw_path = workdir / "raw.bin"
         raw_write(raw_path, tensors, total)  # warm-up
         raw_path.unlink()
-        buffer = memoryview(bytearray(total + (1 << 20)))  # allocated and touched before any timing
         can_drop = drop_caches()
         result["drop_caches"] = can_drop
         spare = store.root / "spare"
+        nohash_store = CheckpointStore(workdir / "nohash", keep_last=1000)
 
         for r in range(args.rounds):
             record = {"loadavg": loadavg()}
@@ -202,12 +204,19 @@ def main() -> None:
                 # The committed folder is moved aside so the same step is saved again, not skipped.
                 os.replace(folder, spare)
                 os.sync()
-                for side in (["harness", "raw"] if harness_first else ["raw", "harness"]):
+                sides = ["harness", "raw", "harness_nohash"]
+                for side in sides[r % 3:] + sides[:r % 3]:
                     if side == "harness":
                         record["save_harness"], _ = harness_save()
-                    else:
+                    elif side == "raw":
                         record["save_raw"] = raw_write(raw_path, tensors, total)
                         raw_path.unlink()
+                    else:
+                        with no_hashing():
+                            started = time.perf_counter()
+                            junk = save_checkpoint(trainer, nohash_store, "bench")
+                            record["save_harness_nohash"] = time.perf_counter() - started
+                        shutil.rmtree(junk)
                     os.sync()
                 shutil.rmtree(spare)
                 os.sync()
@@ -219,19 +228,18 @@ def main() -> None:
             for temperature in ("cold", "warm"):
                 if f"load_{temperature}" not in figures or (temperature == "cold" and not can_drop):
                     continue
-                sides = ["harness", "raw", "harness_lazy", "harness_pread", "resume"]
+                sides = ["harness", "raw", "harness_lazy", "resume"]
                 sides = sides if harness_first else sides[1::-1] + sides[2:]
                 for side in sides:
                     drop_caches() if temperature == "cold" else warm(folder)
                     if side == "raw":
                         started = time.perf_counter()
-                        raw_read(folder, buffer)
+                        raw_read(folder, total)
                         materialise(trainer)  # already resident here: costs next to nothing
                     else:
                         started = time.perf_counter()
                         target = store.latest_complete().path if side == "resume" else folder
-                        with pread_backend(side == "harness_pread"):
-                            restore(trainer, target)
+                        restore(trainer, target)
                         if side != "harness_lazy":
                             materialise(trainer)
                     record[f"load_{temperature}_{side}"] = time.perf_counter() - started

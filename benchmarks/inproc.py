@@ -57,10 +57,13 @@ class HarnessRun:
             finally:
                 profiler.disable()
 
-        with patched_train(apply_all(tweaks), around_fit):
+        tweak = apply_all(tweaks)
+        with patched_train(tweak, around_fit):
             loop.train(cfg)
         shutil.rmtree(out, ignore_errors=True)
-        return CLOCK.rates(self.skip, self.chunk)
+        result = CLOCK.rates(self.skip, self.chunk)
+        result["tweaks_requested"], result["tweaks_applied"] = list(tweaks), tweak.applied
+        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +185,7 @@ def gcn_suite(epochs: int, workdir: Path):
         # The recipe's 3-hop subgraph per batch switched off: every batch is the whole graph.
         "harness_full_graph": lambda: run([*base, "data.subgraph_hops=null"]),
         "harness_inner_optimizer": lambda: run(base, ("inner_optimizer",)),
+        "harness_no_logging": lambda: run([*base, f"train.log_every_steps={HUGE}"], ("no_logging",)),
     }
     return variants, lambda profiler: run(base, (), profiler)
 

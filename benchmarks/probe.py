@@ -57,6 +57,7 @@ def main() -> int:
     if out_dir:
         write_json(os.path.join(out_dir, f"rank-{rank}.json"),
                    {"rank": int(rank), "rc": rc, "milestones": milestones, "perf": clock.perf,
+                    "tweaks_applied": tweak.applied,
                     "first_step": clock.wall[0] if clock.wall else None})
     return rc
 

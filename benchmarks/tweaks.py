@@ -4,7 +4,7 @@ They are applied from the outside (``harness.loop.build_trainer`` is wrapped for
 ``harness.loop.train``); the harness source is not touched. Each one mimics a concrete fix:
 
 * ``inner_optimizer``: step and zero_grad the torch optimizer itself, not accelerate's
-  AcceleratedOptimizer wrapper. In accelerate 1.15 ``AcceleratedOptimizer.step`` calls
+  AcceleratedOptimizer wrapper (a no-op on a harness that no longer wraps it). In accelerate 1.15 ``AcceleratedOptimizer.step`` calls
   ``is_lomo_available()`` twice per step, an uncached ``importlib.util.find_spec`` that stats
   every sys.path entry, and ``zero_grad`` calls ``inspect.signature`` each time.
 * ``plain_backward``: ``loss.backward()`` instead of ``Accelerator.backward`` (a division by
@@ -17,32 +17,39 @@ from __future__ import annotations
 import contextlib
 
 
-def no_logging(trainer) -> None:
+def no_logging(trainer) -> bool:
     from harness.tracking import TensorBoardLog
 
     trainer.tb.close()
     trainer.tb = TensorBoardLog(trainer.run_dir, enabled=False)
+    return True
 
 
-def inner_optimizer(trainer) -> None:
-    if trainer.accelerator.scaler is None:  # fp16 needs the wrapper's GradScaler
-        trainer.optimizer = trainer.optimizer.optimizer
+def inner_optimizer(trainer) -> bool:
+    """A no-op (returns False) where the harness already steps the torch optimizer itself."""
+    inner = getattr(trainer.optimizer, "optimizer", None)
+    if inner is None or getattr(trainer.accelerator, "scaler", None) is not None:  # fp16 needs the scaler
+        return False
+    trainer.optimizer = inner
+    return True
 
 
-def plain_backward(trainer) -> None:
+def plain_backward(trainer) -> bool:
     trainer.accelerator.backward = lambda loss, **kwargs: loss.backward(**kwargs)
+    return True
 
 
 TWEAKS = {"no_logging": no_logging, "inner_optimizer": inner_optimizer, "plain_backward": plain_backward}
 
 
 def apply_all(names):
-    tweaks = [TWEAKS[n] for n in names if n]
+    """One callable applying the named tweaks; its ``applied`` list says which changed anything."""
+    names = [n for n in names if n]
 
     def run(trainer) -> None:
-        for tweak in tweaks:
-            tweak(trainer)
+        run.applied = [n for n in names if TWEAKS[n](trainer)]
 
+    run.applied = []
     return run
 
 

@@ -92,9 +92,11 @@ def warn_if_ranks_lost(world_size: int) -> Optional[str]:
 
 def all_reduce_sum(accelerator, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """One packed all-reduce of float64 sums (sum, count, ...), identical on every rank."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).to(accelerator.device)
+    if accelerator.num_processes == 1:
+        return torch.as_tensor(values, dtype=torch.float64).clone()
+    tensor = torch.as_tensor(values, dtype=torch.float64).to(accelerator.device, copy=True)
     if accelerator.num_processes > 1:
-        tensor = accelerator.reduce(tensor, reduction="sum")
+        torch.distributed.all_reduce(tensor)  # in place; accelerator.reduce adds copies and checks
     return tensor.cpu()
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 _KILL_AT_STEP = os.environ.get("HARNESS_TEST_KILL_AT_STEP")
 _KILL_AFTER_FILES = os.environ.get("HARNESS_TEST_KILL_AFTER_FILES")
 _TRACE = os.environ.get("HARNESS_TRACE_SAMPLES")
+TRACE_SAMPLES = _TRACE is not None
 _saves_started = 0
 
 

@@ -128,8 +128,11 @@ def build_trainer(cfg: Config) -> Trainer:
     horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last),
                       cfg.train.epochs)
     schedule = build_schedule(optimizer, cfg.schedule, horizon, group_names)
-    # The scheduler is deliberately not prepared: Accelerate's wrapper would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # Only the model is prepared (DDP, device, autocast). The scheduler is not: Accelerate's wrapper
+    # steps it once per process. Nor the optimizer: AcceleratedOptimizer re-checks installed packages
+    # and inspects signatures on every step()/zero_grad(), ~1 ms a step; we do its one job (fp16
+    # loss scaling) ourselves in optimizer_step().
+    model = accelerator.prepare(model)
     store = CheckpointStore(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                             cfg.checkpoint.monitor_mode)
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
@@ -169,7 +172,8 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
     global_count = len(global_indices)
     # TensorBoard's x axis is the optimizer step, counted from 1: this LR is applied in step state.step + 1.
     trainer.pending_lrs.append((trainer.state.step + 1, [g["lr"] for g in trainer.optimizer.param_groups]))
-    faults.trace_samples(rank, trainer.state.step + 1, trainer.state.epoch, sampling.shard(global_indices, rank, world))
+    if faults.TRACE_SAMPLES:
+        faults.trace_samples(rank, trainer.state.step + 1, trainer.state.epoch, sampling.shard(global_indices, rank, world))
     micro = sampling.micro_batches(global_indices, cfg.train.grad_accum_steps)
     for i, micro_indices in enumerate(micro):
         local = sampling.shard(micro_indices, rank, world)
@@ -186,18 +190,31 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
             loss_sum = per_sample_loss(trainer.task.spec.kind, outputs.float(), batch.targets).sum() * weight
             acc.backward(loss_sum * (world / global_count))
         detached = loss_sum.detach()
-        trainer.window_loss = detached if trainer.window_loss is None else trainer.window_loss + detached
-        trainer.epoch_loss = detached if trainer.epoch_loss is None else trainer.epoch_loss + detached
-    if cfg.train.max_grad_norm is not None:
-        acc.clip_grad_norm_(trainer.model.parameters(), cfg.train.max_grad_norm)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.window_loss = detached.clone() if trainer.window_loss is None else trainer.window_loss.add_(detached)
+        trainer.epoch_loss = detached.clone() if trainer.epoch_loss is None else trainer.epoch_loss.add_(detached)
+    optimizer_step(trainer)
     trainer.schedule.after_optimizer_step()
     trainer.state.step += 1
     trainer.state.samples_in_epoch += global_count
     trainer.state.window_count += global_count
     trainer.state.epoch_count += global_count
     trainer.window_samples += global_count
+
+
+def optimizer_step(trainer: Trainer) -> None:
+    """Clip, step, zero. With fp16 the grad scaler unscales first and may skip a step on inf/nan."""
+    acc, max_norm = trainer.accelerator, trainer.cfg.train.max_grad_norm
+    scaler = getattr(acc, "scaler", None)
+    if scaler is not None:
+        scaler.unscale_(trainer.optimizer)
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), max_norm)
+    if scaler is not None:
+        scaler.step(trainer.optimizer)
+        scaler.update()
+    else:
+        trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
 
 
 def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
@@ -207,10 +224,12 @@ def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
     """
     if trainer.pending_lrs:
         first = trainer.pending_lrs[0][0]
-        block = torch.tensor([lrs for _, lrs in trainer.pending_lrs], dtype=torch.float64)
-        check_lrs_agree(trainer.accelerator, block, trainer.group_names, first, "optimizer step")
-        trainer.tb.lr_series(first, trainer.group_names, block.tolist())
-        trainer.pending_lrs.clear()
+        rows = [lrs for _, lrs in trainer.pending_lrs]
+        if trainer.accelerator.num_processes > 1:
+            block = torch.tensor(rows, dtype=torch.float64)
+            check_lrs_agree(trainer.accelerator, block, trainer.group_names, first, "optimizer step")
+        trainer.tb.lr_series(first, trainer.group_names, rows)
+        trainer.pending_lrs = []
     if close_window and trainer.state.window_count > 0:
         local = float(trainer.window_loss) if trainer.window_loss is not None else 0.0
         total = float(all_reduce_sum(trainer.accelerator, [local])[0]) + trainer.state.window_loss_sum
@@ -271,6 +290,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> tup
 
 def stop_for_preemption(trainer: Trainer) -> None:
     """Save at this step boundary, leave a marker for batch scripts, unwind to the CLI."""
+    trainer.preemption.drain()
     folder = save_checkpoint(trainer, trainer.store, "preempted")
     name = trainer.preemption.requested or "a signal to another rank"
     if trainer.is_main:
@@ -319,7 +339,7 @@ def fit(trainer: Trainer) -> dict:
             train_step(trainer, global_indices)
             faults.after_step(state.step)
             if trainer.preemption.due(state.step, cfg.preemption.check_every_steps) and \
-                    trainer.preemption.should_stop(trainer.accelerator):
+                    trainer.preemption.poll(trainer.accelerator):
                 stop_for_preemption(trainer)
             if state.step % cfg.train.log_every_steps == 0:
                 flush_step_logs(trainer, close_window=True)

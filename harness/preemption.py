@@ -39,6 +39,7 @@ class PreemptionWatcher:
         self.requested: Optional[str] = None
         self.received_at: Optional[float] = None
         self._previous = {}
+        self._pending = None  # (work, tensor) of the in-flight non-blocking agreement
 
     def install(self) -> "PreemptionWatcher":
         for name in self.cfg.signals:
@@ -59,6 +60,30 @@ class PreemptionWatcher:
 
     def due(self, counter: int, every: int) -> bool:
         return counter % every == 0
+
+    def poll(self, accelerator) -> bool:
+        """Non-blocking agreement, for every optimizer step: starts an all-reduce of this rank's
+        flag and reads the one started at the previous call. Every rank gets the same answer at
+        the same step, one step late, without waiting on a collective in the hot loop."""
+        if accelerator.num_processes == 1:
+            return self.requested is not None
+        import torch
+        import torch.distributed as dist
+
+        agreed = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            agreed = bool(flag.item() > 0)
+        flag = torch.tensor([1.0 if self.requested is not None else 0.0], device=accelerator.device)
+        self._pending = (dist.all_reduce(flag, async_op=True), flag)
+        return agreed
+
+    def drain(self) -> None:
+        """Finish the in-flight agreement before other collectives (all ranks call this together)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     def should_stop(self, accelerator) -> bool:
         """All ranks call this at the same point; True everywhere if any rank got a signal."""

@@ -95,10 +95,8 @@ def figures() -> list[Figure]:
           "baseline", "rate", None, "steps/s", info=True),
         F("ckpt_load_cold_lazy", "5c. restore() alone, cold (optimizer state left mmapped, read at first step)",
           "ckpt", "load_cold_harness_lazy", "load_cold_raw", "time", None, "s", info=True),
-        F("ckpt_load_cold_pread", "5d. restore() with safetensors backend='pread' + paged in, cold", "ckpt",
-          "load_cold_harness_pread", "load_cold_raw", "time", None, "s", info=True),
-        F("ckpt_load_warm_pread", "5e. restore() with safetensors backend='pread' + paged in, warm", "ckpt",
-          "load_warm_harness_pread", "load_warm_raw", "time", None, "s", info=True),
+        F("ckpt_save_nohash", "4a. harness save with the manifest's sha256 pass stubbed out", "ckpt",
+          "save_harness_nohash", "save_raw", "time", None, "s", info=True),
         F("ckpt_resume_cold", "5f. resume as build_trainer does it: verify sha256 manifest + restore, cold",
           "ckpt", "load_cold_resume", "load_cold_raw", "time", None, "s", info=True),
         F("ckpt_resume_warm", "5g. verify sha256 manifest + restore, warm", "ckpt", "load_warm_resume",
@@ -122,6 +120,7 @@ class Context:
         self.logs = RESULTS / "logs"
         self.work = Path(tempfile.mkdtemp(prefix="harness-bench-"))
         self.extra: dict = {}
+        self.not_applied: dict = {}  # variant -> tweaks that were no-ops on this tree
 
     def python(self, module_args: list[str], log_name: str, timeout_s: float = 3600) -> None:
         log = self.logs / f"{log_name}.log"
@@ -159,6 +158,9 @@ def run_inproc(ctx: Context, suite: str, selected: list[Figure]) -> list[dict]:
                         "profile": f"bench-results/profile_{suite}.txt"}
     rounds = []
     for r in data["rounds"]:
+        for k, v in r.items():
+            if isinstance(v, dict) and set(v.get("tweaks_requested", [])) - set(v.get("tweaks_applied", [])):
+                ctx.not_applied[k] = sorted(set(v["tweaks_requested"]) - set(v["tweaks_applied"]))
         record = {k: (v["median"] if isinstance(v, dict) else v) for k, v in r.items()}
         record.update({f"{k}@cpu": v["cpu_median"] for k, v in r.items() if isinstance(v, dict)})
         rounds.append(record)
@@ -204,6 +206,7 @@ def run_ddp(ctx: Context, selected: list[Figure]) -> list[dict]:
         record = {"order": order, "loadavg": loadavg()}
         for name in order:
             log = ctx.logs / f"ddp-{name}-{r + 1}.log"
+            env = None
             if name == "baseline":
                 result = launch(baseline_command(["--epochs", str(epochs)]), 600, log)
             else:
@@ -212,6 +215,10 @@ def run_ddp(ctx: Context, selected: list[Figure]) -> list[dict]:
                                                                 *overrides]), 600, log, extra_env=env)
             check_launch(result, name)
             record[name] = rates(result["ranks"][0]["perf"], steps_per_epoch, 30)["median"]
+            requested = [t for t in (env or {}).get("BENCH_TWEAKS", "").split(",") if t] if name != "baseline" else []
+            missing = set(requested) - set(result["ranks"][0].get("tweaks_applied", []))
+            if missing:
+                ctx.not_applied[name] = sorted(missing)
         rounds.append(record)
         print(f"[bench] ddp round {r + 1}: " + " ".join(f"{n}={record[n]:.1f}/s" for n in names), flush=True)
     ctx.extra["ddp"] = {"epochs": epochs}
@@ -253,6 +260,12 @@ def check_launch(result: dict, name: str) -> None:
         tail = Path(result["log"]).read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{name}: launch failed (rc {result['rc']}, hung {result['hung']}); log "
                            f"{result['log']}:\n{tail}")
+
+
+def run_overhead(ctx: Context) -> None:
+    out = ctx.raw / "overhead.json"
+    ctx.python(["benchmarks.overhead", "--out", str(out)], "overhead")
+    ctx.extra["overhead"] = json.loads(out.read_text())["rows"]
 
 
 GROUPS: dict[str, Callable] = {
@@ -320,6 +333,9 @@ def markdown(summary: dict) -> str:
              f"{summary['machine']['accelerate']}, safetensors {summary['machine']['safetensors']}, Python "
              f"{summary['machine']['python']}; gloo on CPU",
              f"- load average at start / end: {summary['loadavg_start']} / {summary['loadavg_end']}",
+             f"- harness measured: commit {summary['tree']['commit']}"
+             + (f" plus uncommitted changes to {', '.join(summary['tree']['harness_uncommitted'])} (diff sha256 "
+                f"{summary['tree']['harness_diff_sha256']})" if summary['tree']['harness_uncommitted'] else ""),
              "",
              "Ratio = harness / baseline per round (steps/s: higher is better; seconds: lower is better); "
              "median and min-max over the rounds. Per step: median added microseconds per optimizer step. "
@@ -371,6 +387,16 @@ def markdown(summary: dict) -> str:
         for side, phases in extra["launch"]["phases_median_s"].items():
             lines.append(f"- {side}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items(),
                                                                                       key=lambda kv: kv[1])))
+    if "overhead" in extra:
+        lines += ["", "Per-step components of the harness loop, timed in isolation (best of 7 repeats, µs per call; "
+                      "1 process, 1 thread, breast-cancer MLP):", "",
+                  "| Component | Runs | Harness | Hand-written | Added |", "|---|---|---|---|---|"]
+        for r in extra["overhead"]:
+            if "error" in r:
+                lines.append(f"| {r['name']} | {r['per']} | error: {r['error']} | | |")
+                continue
+            base = f"{r['baseline_us']:.1f}" if r["baseline_us"] else "-"
+            lines.append(f"| {r['name']} | {r['per']} | {r['harness_us']:.1f} | {base} | {r['added_us']:+.1f} |")
     if "ckpt" in extra:
         c = extra["ckpt"]
         lines += ["", f"Checkpoint model: MLP hidden {c['hidden'][0]}x{len(c['hidden'])}, {c['parameters']:,} "
@@ -378,6 +404,20 @@ def markdown(summary: dict) -> str:
                       f"page cache dropped for cold loads: {c['drop_caches']}."]
     lines.append("")
     return "\n".join(lines)
+
+
+def tree() -> dict:
+    """Which harness was measured: the commit and any uncommitted changes under harness/."""
+    def git(*args):
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "harness").splitlines()]
+    diff = git("diff", "HEAD", "--", "harness")
+    import hashlib
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "harness_uncommitted": changed,
+            "harness_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else None}
 
 
 def machine() -> dict:
@@ -422,7 +462,8 @@ def soak(ctx: Context, runs: int, timeout_s: float) -> dict:
               + (" teardown-timeout" if result["teardown_warning"] else ""), flush=True)
     walls = [r["wall_s"] for r in results]
     return {"runs": runs, "timeout_s": timeout_s, "ok": sum(r["ok"] for r in results),
-            "hung": sum(r["hung"] for r in results), "nonzero_rc": sum(r["rc"] not in (0, None) for r in results),
+            "hung": sum(r["hung"] for r in results),
+            "nonzero_rc": sum(r["rc"] != 0 and not r["hung"] for r in results),
             "leftovers": sum(bool(r["leftover_pids"]) for r in results),
             "teardown_warnings": sum(r["teardown_warning"] for r in results),
             "wall_median_s": statistics.median(walls), "wall_max_s": max(walls), "wall_min_s": min(walls),
@@ -452,8 +493,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds and shorter runs")
     parser.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
-    parser.add_argument("--only", default=None, help="figure names or groups (mlp, gcn, ddp, ckpt, launch), "
-                                                     "comma-separated")
+    parser.add_argument("--only", default=None, help="figure names or groups (mlp, gcn, ddp, ckpt, launch, "
+                                                     "overhead), comma-separated; see --list")
     parser.add_argument("--soak", type=int, default=None, metavar="N", help="start and exit a 2-rank run N times")
     parser.add_argument("--soak-timeout", type=float, default=180.0, help="seconds per soak run")
     parser.add_argument("--list", action="store_true", help="list figure names and exit")
@@ -480,7 +521,7 @@ def main() -> int:
     selected = all_figures
     if args.only:
         wanted = set(args.only.split(","))
-        known = {f.name for f in all_figures} | set(GROUPS)
+        known = {f.name for f in all_figures} | set(GROUPS) | {"overhead"}
         if wanted - known:
             parser.error(f"unknown --only {sorted(wanted - known)}; see --list")
         selected = [f for f in all_figures if f.name in wanted or f.group in wanted]
@@ -499,9 +540,19 @@ def main() -> int:
             continue
         for f in members:
             f.rounds = [(r.get(f.harness), r.get(f.baseline)) for r in rounds]
+            if f.harness in ctx.not_applied:
+                f.note = (f"tweak {', '.join(ctx.not_applied[f.harness])} was a no-op on this tree (the harness "
+                          "already does that), so this row measures the harness as it is")
             f.cpu_rounds = [(r.get(f.harness + "@cpu"), r.get(f.baseline + "@cpu")) for r in rounds]
+    if not args.only or "overhead" in args.only.split(","):
+        print("[bench] overhead: per-step components", flush=True)
+        try:
+            run_overhead(ctx)
+        except Exception as exc:
+            failures["overhead"] = str(exc)
+            print(f"[bench] overhead FAILED: {exc}", file=sys.stderr, flush=True)
     summary = {"mode": "quick" if args.quick else "full", "rounds": ctx.rounds, "command": command, "when": when,
-               "machine": machine(), "loadavg_start": start_load, "loadavg_end": loadavg(),
+               "machine": machine(), "tree": tree(), "loadavg_start": start_load, "loadavg_end": loadavg(),
                "figures": [summarise(f) for f in selected], "extra": ctx.extra, "failures": failures}
     stem = "results" + ("-quick" if args.quick else "") + (f"-{args.only.replace(',', '+')}" if args.only else "")
     write_json(RESULTS / f"{stem}.json", summary)

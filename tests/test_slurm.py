@@ -51,10 +51,10 @@ LIB = SLURM_DIR / "lib" / "preempt.sh"
 SCRIPTS = ["cpu.sbatch", "single_node.sbatch", "multi_node.sbatch", "multi_node_per_task.sbatch"]
 GPU_SCRIPTS = ["single_node.sbatch", "multi_node.sbatch", "multi_node_per_task.sbatch"]
 
-# 40 epochs x 15 steps of the breast-cancer MLP: long enough (~10 s of training on 2 loaded cores)
+# 60 epochs x 15 steps of the breast-cancer MLP: long enough (~10 s of training on 2 loaded cores)
 # to be preempted right after the first epoch's checkpoint, short enough for the suite.
 RECIPE = "recipes/breast_cancer_mlp.yaml"
-EPOCHS = 40
+EPOCHS = 60
 STEPS = EPOCHS * 15
 OVERRIDES = [f"train.epochs={EPOCHS}", "train.log_every_steps=15"]
 
@@ -571,3 +571,21 @@ def test_library_does_not_requeue_a_job_slurm_is_ending(tmp_path):
                                  send=signal.SIGUSR1)
     assert rc == 75 and calls == [], out
     assert "NOT requeueing: the job is COMPLETING (SLURM is ending it" in out
+
+
+def test_library_takes_recipe_and_overrides_from_arguments_or_environment(tmp_path):
+    show = 'harness_slurm_args "$@"; printf "<%s>" "$recipe" "${overrides[@]}"'
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HARNESS_"))}
+    env.update(SLURM_JOB_ID="42", SLURM_ARRAY_JOB_ID="41", SLURM_ARRAY_TASK_ID="3")
+
+    def run(*args, **extra):
+        return subprocess.run(["bash", "-c", f"source {LIB}; {show}", "job", *args], env=dict(env, **extra),
+                              capture_output=True, text=True, timeout=30)
+
+    # %a, %A, %j are expanded inside the job, so each array task gets its own run folder and seed.
+    proc = run("r.yaml", "run.output_dir=runs/s-%A_%a", "run.seed=%a", "x.y=%j")
+    assert proc.stdout == "<r.yaml><run.output_dir=runs/s-41_3><run.seed=3><x.y=42>", proc
+    proc = run(HARNESS_RECIPE="e.yaml", HARNESS_OVERRIDES="a=1  b=%a")
+    assert proc.stdout == "<e.yaml><a=1><b=3>", proc
+    proc = run()
+    assert proc.returncode == 2 and "usage: sbatch SCRIPT RECIPE" in proc.stdout, proc

@@ -142,7 +142,11 @@ harness_slurm_run_dir() {
 import sys
 from harness.config import ConfigError, load_config
 try:
-    print(load_config(sys.argv[1], sys.argv[2:]).run_dir)
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    print(cfg.run_dir)
+    if cfg.run.resume != "auto":
+        print(f"[slurm-harness] WARNING: run.resume={cfg.run.resume}: a requeued run will not resume from "
+              "its newest checkpoint (run.resume=auto, the default, does)", file=sys.stderr)
 except ConfigError as exc:
     print(f"harness: config error: {exc}", file=sys.stderr)
     sys.exit(2)
@@ -215,6 +219,10 @@ harness_slurm_launch() {
     # A marker left by an earlier run that was killed before it could resume must not be taken
     # for "saved just now" (the harness deletes it at start too, but only once it gets that far).
     rm -f "$marker"
+    if [[ -n "$_hs_got_term" ]]; then
+        hs_log "SIGTERM arrived before training started: not starting it (nothing was saved)"
+        exit 143
+    fi
     if [[ -n "$_hs_signal" ]]; then
         hs_log "SIG$_hs_signal arrived before training started: nothing to save"
         harness_slurm_requeue_or_stop
