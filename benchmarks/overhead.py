@@ -67,18 +67,7 @@ def main() -> None:
         wrapped = type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
         result_meta["optimizer_wrapped"] = wrapped
 
-        # A hand-written twin: same architecture and optimizer, its own parameters.
-        twin = copy.deepcopy(acc.unwrap_model(model))
-        twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
-
-        def hand_step():
-            loss = F.binary_cross_entropy_with_logits(twin(split.features[idx]), split.targets[idx])
-            twin_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            twin_opt.step()
-
-        row("one optimizer step: harness.loop.train_step vs hand-written (index, forward, BCE, backward, "
-            "Adam)", "per step", lambda: loop.train_step(trainer, idx), hand_step, number=500)
+        twin = copy.deepcopy(acc.unwrap_model(model))  # for the AcceleratedOptimizer rows
 
         from accelerate.optimizer import AcceleratedOptimizer
         from accelerate.utils.imports import is_lomo_available
