@@ -67,3 +67,14 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch_and_survives_resume(t
     again = run_harness(RECIPE, overrides, nproc=2)
     assert "resumed from" in again.stdout
     assert read_json(run_dir / "metrics.json")["steps"] == 60
+
+
+def test_bf16_mixed_precision_trains_on_two_cpu_ranks_with_the_same_schedule(tmp_path):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    run_harness(RECIPE, [f"run.output_dir={fp32}", *COMMON], nproc=2)
+    proc = run_harness(RECIPE, [f"run.output_dir={bf16}", *COMMON, "train.mixed_precision=bf16"], nproc=2)
+    assert "mixed precision bf16" in proc.stdout
+    assert read_scalars(fp32)["lr/default"] == read_scalars(bf16)["lr/default"]
+    a, b = read_json(fp32 / "metrics.json"), read_json(bf16 / "metrics.json")
+    assert a["val_loss"] != b["val_loss"], "bf16 autocast really ran"
+    assert b["test_accuracy"] > 0.9
