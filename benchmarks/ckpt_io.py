@@ -10,6 +10,12 @@ The trainer is the harness's own (``harness.loop.build_trainer`` on the breast-c
   number of bytes straight from the tensors' memory into one file, then fsync of the file and its
   folder. ``checkpoint.keep_last`` is raised so pruning never deletes inside the timed window;
   folders are deleted, and the disk synced, between timings.
+
+Timing order: within a round the sides run in a rotated order and back (A B C C B A) and each side
+keeps the best of its two timings (all timings are in the JSON). The save block starts with an
+untimed write of the same size: this VM's disk is several times slower on the first large write
+after a pause (1.2 GB: ~3 s vs ~0.8 s back to back), which otherwise lands on whichever side
+happens to go first.
 * load (5): ``harness.resume.restore`` into the built model and optimizer, then every page of the
   optimizer state touched with a write (see ``materialise``: safetensors maps the file lazily, so
   without this the reading would be deferred into the first optimizer step), vs ``readinto`` of
@@ -194,56 +200,73 @@ def main() -> None:
         raw_path.unlink()
         can_drop = drop_caches()
         result["drop_caches"] = can_drop
-        spare = store.root / "spare"
         nohash_store = CheckpointStore(workdir / "nohash", keep_last=1000)
+
+        def clear(path: Path) -> None:
+            if path.exists():
+                junk = path.with_name(".junk")
+                os.replace(path, junk)
+                shutil.rmtree(junk)
+
+        def timed_save(side: str) -> float:
+            if side == "harness":
+                clear(folder)  # the same step is saved again, not skipped as already there
+                os.sync()
+                return harness_save()[0]
+            if side == "raw":
+                elapsed = raw_write(raw_path, tensors, total)
+                raw_path.unlink()
+                return elapsed
+            with no_hashing():
+                started = time.perf_counter()
+                junk = save_checkpoint(trainer, nohash_store, "bench")
+                elapsed = time.perf_counter() - started
+            shutil.rmtree(junk)
+            return elapsed
+
+        def timed_load(temperature: str, side: str) -> float:
+            drop_caches() if temperature == "cold" else warm(folder)
+            started = time.perf_counter()
+            if side == "raw":
+                raw_read(folder, total)
+                materialise(trainer)  # already resident here: costs next to nothing
+            else:
+                target = store.latest_complete().path if side == "resume" else folder
+                restore(trainer, target)
+                if side != "harness_lazy":
+                    materialise(trainer)
+            elapsed = time.perf_counter() - started
+            materialise(trainer)  # untimed: the next timing starts from resident state
+            return elapsed
+
+        def block(record: dict, prefix: str, sides: list[str], r: int, timed) -> None:
+            """Sides in a rotated order and back (A B C C B A); each side's best of its two timings."""
+            order = sides[r % len(sides):] + sides[:r % len(sides)]
+            samples: dict[str, list[float]] = {side: [] for side in sides}
+            for side in order + order[::-1]:
+                samples[side].append(timed(side))
+                os.sync()
+            for side, values in samples.items():
+                record[f"{prefix}_{side}"] = min(values)
+                record[f"{prefix}_{side}_samples"] = values
 
         for r in range(args.rounds):
             record = {"loadavg": loadavg()}
-            harness_first = r % 2 == 0
             if "save" in figures or "overlap" in figures:
-                # The committed folder is moved aside so the same step is saved again, not skipped.
-                os.replace(folder, spare)
+                # Untimed: this VM's disk is far slower on the first big write after a pause.
+                raw_write(raw_path, tensors, total)
+                raw_path.unlink()
                 os.sync()
-                sides = ["harness", "raw", "harness_nohash"]
-                for side in sides[r % 3:] + sides[:r % 3]:
-                    if side == "harness":
-                        record["save_harness"], _ = harness_save()
-                    elif side == "raw":
-                        record["save_raw"] = raw_write(raw_path, tensors, total)
-                        raw_path.unlink()
-                    else:
-                        with no_hashing():
-                            started = time.perf_counter()
-                            junk = save_checkpoint(trainer, nohash_store, "bench")
-                            record["save_harness_nohash"] = time.perf_counter() - started
-                        shutil.rmtree(junk)
-                    os.sync()
-                shutil.rmtree(spare)
-                os.sync()
+                block(record, "save", ["harness", "raw", "harness_nohash"], r, timed_save)
             if "overlap" in figures:
                 started = time.perf_counter()
                 snapshot = [t.clone() for t in tensors]
                 record["snapshot"] = time.perf_counter() - started
                 del snapshot
             for temperature in ("cold", "warm"):
-                if f"load_{temperature}" not in figures or (temperature == "cold" and not can_drop):
-                    continue
-                sides = ["harness", "raw", "harness_lazy", "resume"]
-                sides = sides if harness_first else sides[1::-1] + sides[2:]
-                for side in sides:
-                    drop_caches() if temperature == "cold" else warm(folder)
-                    if side == "raw":
-                        started = time.perf_counter()
-                        raw_read(folder, total)
-                        materialise(trainer)  # already resident here: costs next to nothing
-                    else:
-                        started = time.perf_counter()
-                        target = store.latest_complete().path if side == "resume" else folder
-                        restore(trainer, target)
-                        if side != "harness_lazy":
-                            materialise(trainer)
-                    record[f"load_{temperature}_{side}"] = time.perf_counter() - started
-                    materialise(trainer)  # untimed: the next timing starts from resident state
+                if f"load_{temperature}" in figures and (temperature == "warm" or can_drop):
+                    block(record, f"load_{temperature}", ["harness", "raw", "harness_lazy", "resume"], r,
+                          lambda side, t=temperature: timed_load(t, side))
             tensors = state_tensors(trainer)  # restore() replaced the optimizer's state tensors
             result["rounds"].append(record)
             print(f"[bench] round {r + 1}: " + " ".join(f"{k}={v:.3f}s" for k, v in record.items()
@@ -251,14 +274,13 @@ def main() -> None:
 
         if args.profile:
             texts = []
-            os.replace(folder, spare)
+            clear(folder)
             os.sync()
             profiler = cProfile.Profile()
             profiler.enable()
             save_checkpoint(trainer, store, "bench")
             profiler.disable()
             texts.append("=== harness.resume.save_checkpoint (one save) ===\n" + profile_text(profiler))
-            shutil.rmtree(spare)
             drop_caches()
             profiler = cProfile.Profile()
             profiler.enable()

@@ -157,14 +157,13 @@ def mlp_suite(epochs: int, workdir: Path):
     base = [f"train.epochs={epochs}", f"train.val_every_epochs={epochs}", NO_CHECKPOINTS]
     no_log = [*base, f"train.log_every_steps={HUGE}"]
     run = HarnessRun(workdir, BREAST_CANCER, skip, chunk)
-    fixes = ("inner_optimizer", "plain_backward")
     variants = {
         "harness": lambda: run(base),
         "baseline": lambda: baseline_mlp(x, y, epochs, cfg.data.batch_size, skip, chunk),
         "harness_no_logging": lambda: run(no_log, ("no_logging",)),
         "harness_inner_optimizer": lambda: run(base, ("inner_optimizer",)),
-        "harness_inner_optimizer_plain_backward": lambda: run(base, fixes),
-        "harness_fixes_no_logging": lambda: run(no_log, (*fixes, "no_logging")),
+        "harness_plain_backward": lambda: run(base, ("plain_backward",)),
+        "harness_plain_backward_no_logging": lambda: run(no_log, ("plain_backward", "no_logging")),
     }
     return variants, lambda profiler: run(base, (), profiler)
 
@@ -178,6 +177,7 @@ def gcn_suite(epochs: int, workdir: Path):
     graph = task.train.graph
     skip = 5
     base = [f"train.epochs={epochs}", NO_CHECKPOINTS]
+    no_log = [*base, f"train.log_every_steps={HUGE}"]
     run = HarnessRun(workdir, GCN, skip, 1)
     variants = {
         "harness": lambda: run(base),
@@ -185,7 +185,8 @@ def gcn_suite(epochs: int, workdir: Path):
         # The recipe's 3-hop subgraph per batch switched off: every batch is the whole graph.
         "harness_full_graph": lambda: run([*base, "data.subgraph_hops=null"]),
         "harness_inner_optimizer": lambda: run(base, ("inner_optimizer",)),
-        "harness_no_logging": lambda: run([*base, f"train.log_every_steps={HUGE}"], ("no_logging",)),
+        "harness_no_logging": lambda: run(no_log, ("no_logging",)),
+        "harness_full_graph_no_logging": lambda: run([*no_log, "data.subgraph_hops=null"], ("no_logging",)),
     }
     return variants, lambda profiler: run(base, (), profiler)
 

@@ -434,9 +434,11 @@ def finish(trainer: Trainer, metric_name: str) -> dict:
                        {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)}, state.step)
     if trainer.is_main:
         (trainer.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)]
-        logger.info("done: %d epochs, %d steps, %s; run folder %s", state.epoch, state.step, " ".join(parts),
-                    trainer.run_dir)
+        parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float) and k != "best_monitored"]
+        best = "" if state.best_metric is None else f" | best {trainer.cfg.checkpoint.monitor} {state.best_metric:.4f}"
+        logger.info("done: %d epochs, %d steps, %s%s%s | checkpoints %s | TensorBoard %s", state.epoch, state.step,
+                    " ".join(parts), " (early stopped)" if state.early_stopped else "", best,
+                    trainer.store.root, trainer.run_dir / "tb")
     return summary
 
 

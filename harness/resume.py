@@ -225,5 +225,7 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     metric = trainer.last_monitored
     folder = store.save(acc, state.step, write_main, write_rank, metric)
     if acc.is_main_process:
-        logger.info("checkpoint %s (%s) in %.2f s", folder, reason, time.perf_counter() - started)
+        # Routine saves stay out of the console (harness ckpt list shows them); the others are news.
+        log = logger.debug if reason in ("epoch_end", "every_steps") else logger.info
+        log("checkpoint %s (%s) in %.2f s", folder, reason, time.perf_counter() - started)
     return folder
