@@ -24,7 +24,7 @@ from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.datasets import Split, TaskData, build_data
 from harness.distributed import all_reduce_sum, check_lrs_agree, make_accelerator, shutdown, warn_if_ranks_lost
 from harness.models import build_model
-from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric
+from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric, summed_loss
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
 from harness.checkpoint import CheckpointStore
@@ -174,9 +174,11 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
     trainer.pending_lrs.append((trainer.state.step + 1, [g["lr"] for g in trainer.optimizer.param_groups]))
     if faults.TRACE_SAMPLES:
         faults.trace_samples(rank, trainer.state.step + 1, trainer.state.epoch, sampling.shard(global_indices, rank, world))
-    micro = sampling.micro_batches(global_indices, cfg.train.grad_accum_steps)
+    accumulation = cfg.train.grad_accum_steps
+    micro = (global_indices,) if accumulation == 1 else sampling.micro_batches(global_indices, accumulation)
+    scale = world / global_count
     for i, micro_indices in enumerate(micro):
-        local = sampling.shard(micro_indices, rank, world)
+        local = micro_indices if world == 1 else sampling.shard(micro_indices, rank, world)
         weight = 1.0
         if len(local) == 0:
             # This rank has no sample in this micro-batch; DDP still needs its backward, so run
@@ -187,8 +189,10 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
         sync = contextlib.nullcontext() if last else acc.no_sync(trainer.model)
         with sync:
             outputs = batch.predict(trainer.model)
-            loss_sum = per_sample_loss(trainer.task.spec.kind, outputs.float(), batch.targets).sum() * weight
-            acc.backward(loss_sum * (world / global_count))
+            loss_sum = summed_loss(trainer.task.spec.kind, outputs.float(), batch.targets)
+            if weight != 1.0:
+                loss_sum = loss_sum * weight
+            backward(trainer, loss_sum * scale)
         detached = loss_sum.detach()
         trainer.window_loss = detached.clone() if trainer.window_loss is None else trainer.window_loss.add_(detached)
         trainer.epoch_loss = detached.clone() if trainer.epoch_loss is None else trainer.epoch_loss.add_(detached)
@@ -199,6 +203,16 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
     trainer.state.window_count += global_count
     trainer.state.epoch_count += global_count
     trainer.window_samples += global_count
+
+
+def backward(trainer: Trainer, loss: torch.Tensor) -> None:
+    """Accelerator.backward divides by its own accumulation count and dispatches per backend; with
+    no loss scaling and plain DDP that is one extra op per step, so call autograd directly then."""
+    acc = trainer.accelerator
+    if getattr(acc, "scaler", None) is None and acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        loss.backward()
+    else:
+        acc.backward(loss)
 
 
 def optimizer_step(trainer: Trainer) -> None:

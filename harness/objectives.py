@@ -22,6 +22,15 @@ def per_sample_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> 
     return F.mse_loss(outputs, targets, reduction="none").sum(dim=1)
 
 
+def summed_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The sum of per_sample_loss in one op (the training step needs only the sum)."""
+    if kind == "binary":
+        return F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum")
+    if kind == "multiclass":
+        return F.cross_entropy(outputs, targets, reduction="sum")
+    return F.mse_loss(outputs, targets, reduction="sum")
+
+
 def per_sample_metric(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if kind == "binary":
         return ((outputs >= 0).float() == targets).float().view(-1)
