@@ -184,18 +184,16 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
         ckpt._write_json(path, meta)
         counter.wrote(path)
         path = folder / f"rng-rank-{acc.process_index}.safetensors"
-        ckpt._save_tensors(tensors, path)
+        ckpt._save_tensors(tensors, path, counter)
         counter.wrote(path)
 
     def write_main(folder: Path, counter) -> None:
-        from safetensors.torch import save_model
-
         path = folder / "model.safetensors"
-        save_model(acc.unwrap_model(trainer.model), str(path))
+        ckpt._save_tensors(ckpt.model_state_for_saving(acc.unwrap_model(trainer.model)), path, counter)
         counter.wrote(path)
         tensors, meta = ckpt.optimizer_to_files(trainer.optimizer.state_dict())
         path = folder / "optimizer.safetensors"
-        ckpt._save_tensors(tensors, path)
+        ckpt._save_tensors(tensors, path, counter)
         counter.wrote(path)
         path = folder / "optimizer.json"
         ckpt._write_json(path, meta)
