@@ -64,7 +64,6 @@ class _FileCounter:
 
         self.count = 0
         self.kill_after = faults.save_started()
-        self.sha256: dict[str, str] = {}  # computed while writing, so the manifest need not re-read
 
     def wrote(self, path: Path) -> None:
         _fsync_file(path)
@@ -112,38 +111,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, counter: Optional["_FileCounter"] = None) -> None:
-    """Serialize, then write + fsync on this thread while another hashes the same bytes: the disk
-    and a core work at once, and the manifest's sha256 costs no second read of the file."""
-    import threading
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
 
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    digest: list[str] = []
-    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()))
-    hasher.start()  # hashlib releases the GIL on large buffers
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    hasher.join()
-    if counter is not None:
-        counter.sha256[path.name] = digest[0]
-
-
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unwrapped model's tensors, each storage once (tied weights would break safetensors)."""
-    state = model.state_dict()
-    try:
-        from safetensors.torch import _remove_duplicate_names
-
-        for kept, removed in _remove_duplicate_names(state).items():
-            for name in removed:
-                del state[name]
-    except ImportError:  # older safetensors: models without tied weights save as they are
-        pass
-    return state
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -287,8 +258,7 @@ class CheckpointStore:
                 "format": FORMAT_VERSION,
                 "step": step,
                 "metric": metric,
-                "files": {p.name: {"size": p.stat().st_size, "sha256": counter.sha256.get(p.name) or sha256_of(p)}
-                          for p in files},
+                "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files},
             }
             _write_json(tmp / MANIFEST, manifest)
             counter.wrote(tmp / MANIFEST)

@@ -184,16 +184,18 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
         ckpt._write_json(path, meta)
         counter.wrote(path)
         path = folder / f"rng-rank-{acc.process_index}.safetensors"
-        ckpt._save_tensors(tensors, path, counter)
+        ckpt._save_tensors(tensors, path)
         counter.wrote(path)
 
     def write_main(folder: Path, counter) -> None:
+        from safetensors.torch import save_model
+
         path = folder / "model.safetensors"
-        ckpt._save_tensors(ckpt.model_state_for_saving(acc.unwrap_model(trainer.model)), path, counter)
+        save_model(acc.unwrap_model(trainer.model), str(path))
         counter.wrote(path)
         tensors, meta = ckpt.optimizer_to_files(trainer.optimizer.state_dict())
         path = folder / "optimizer.safetensors"
-        ckpt._save_tensors(tensors, path, counter)
+        ckpt._save_tensors(tensors, path)
         counter.wrote(path)
         path = folder / "optimizer.json"
         ckpt._write_json(path, meta)
