@@ -124,14 +124,26 @@ def warm(folder: Path) -> None:
 @contextlib.contextmanager
 def no_hashing():
     """The manifest's sha256 stubbed out (an ablation: the folder it writes is not verifiable)."""
+    import types
+
     import harness.checkpoint as ckpt
 
-    original = ckpt.sha256_of
+    class _NoHash:
+        def update(self, data) -> None:
+            pass
+
+        def hexdigest(self) -> str:
+            return "0" * 64
+
+    # Both the manifest's re-read (sha256_of) and any hashing done while writing (hashlib.sha256
+    # looked up through the module's global) are stubbed.
+    originals = ckpt.sha256_of, ckpt.hashlib
     ckpt.sha256_of = lambda path: "0" * 64
+    ckpt.hashlib = types.SimpleNamespace(sha256=lambda *args, **kwargs: _NoHash())
     try:
         yield
     finally:
-        ckpt.sha256_of = original
+        ckpt.sha256_of, ckpt.hashlib = originals
 
 
 def materialise(trainer) -> None:

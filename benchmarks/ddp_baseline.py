@@ -97,12 +97,19 @@ def main() -> int:
                   f"lr={scheduler.get_last_lr()[0]:.3g}", flush=True)
         if done:
             break
+    milestones["fit_returned"] = time.time()
+
+    def record(rc):
+        if out_dir:
+            write_json(os.path.join(out_dir, f"rank-{rank}.json"),
+                       {"rank": rank, "rc": rc, "milestones": milestones, "perf": clock.perf,
+                        "first_step": clock.wall[0] if clock.wall else None})
+
+    record(None)  # kept even if the teardown below aborts (gloo has been seen to)
+    dist.barrier()
     dist.destroy_process_group()
     milestones["finished"] = time.time()
-    if out_dir:
-        write_json(os.path.join(out_dir, f"rank-{rank}.json"),
-                   {"rank": rank, "rc": 0, "milestones": milestones, "perf": clock.perf,
-                    "first_step": clock.wall[0] if clock.wall else None})
+    record(0)
     return 0
 
 

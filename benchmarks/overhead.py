@@ -55,8 +55,6 @@ def main() -> None:
         print(f"[overhead] {name}: {entry}", flush=True)
 
     try:
-        import harness.loop as loop
-
         cfg = load_config(BREAST_CANCER, [f"run.output_dir={workdir / 'run'}"])
         trainer = build_trainer(cfg)
         trainer.preemption = PreemptionWatcher(cfg.preemption)
@@ -84,16 +82,29 @@ def main() -> None:
         row("AcceleratedOptimizer.zero_grad() vs torch", "per step", lambda: wrapper.zero_grad(set_to_none=True),
             lambda: probe_opt.zero_grad(set_to_none=True), "the wrapper calls inspect.signature every time")
 
+        import harness.loop as loop
+        import harness.objectives as objectives
+
+        summed = getattr(objectives, "summed_loss", None)  # newer harness: one reduction="sum" op
+        backward = getattr(loop, "backward", None)  # newer harness: autograd directly unless fp16/DeepSpeed
+
         def harness_loss():
             batch = split.fetch(idx).to(acc.device)
-            loss_sum = per_sample_loss(trainer.task.spec.kind, batch.predict(model).float(), batch.targets).sum() * 1.0
-            acc.backward(loss_sum * (1 / 32))
+            outputs = batch.predict(model).float()
+            if summed is not None:
+                loss_sum = summed(trainer.task.spec.kind, outputs, batch.targets)
+            else:
+                loss_sum = per_sample_loss(trainer.task.spec.kind, outputs, batch.targets).sum() * 1.0
+            if backward is not None:
+                backward(trainer, loss_sum * (1 / 32))
+            else:
+                acc.backward(loss_sum * (1 / 32))
 
         def plain_loss():
-            F.binary_cross_entropy_with_logits(model(x), y).backward()
+            F.binary_cross_entropy_with_logits(model(split.features[idx]), split.targets[idx]).backward()
 
-        row("fetch + forward + loss + backward: per-sample loss, two scalings, Accelerator.backward vs mean "
-            "BCE + loss.backward()", "per step", harness_loss, plain_loss, number=500)
+        row("fetch + forward + loss + backward as train_step does them vs x[idx], mean BCE, loss.backward()",
+            "per step", harness_loss, plain_loss, number=500)
         row("batch fetch: split.fetch(idx).to(device) vs x[idx], y[idx]", "per step",
             lambda: split.fetch(idx).to(acc.device), lambda: (split.features[idx], split.targets[idx]))
         row("sampling: micro_batches + shard", "per step",

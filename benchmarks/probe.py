@@ -47,18 +47,25 @@ def main() -> int:
         milestones["trainer_built"] = time.time()
         tweak(trainer)
 
+    def record(rc):
+        if out_dir:
+            write_json(os.path.join(out_dir, f"rank-{rank}.json"),
+                       {"rank": int(rank), "rc": rc, "milestones": milestones, "perf": clock.perf,
+                        "tweaks_applied": tweak.applied,
+                        "first_step": clock.wall[0] if clock.wall else None})
+
     def around_fit(fit, trainer):
         milestones["fit_started"] = time.time()
-        return fit(trainer)
+        try:
+            return fit(trainer)
+        finally:
+            milestones["fit_returned"] = time.time()
+            record(None)  # kept even if the teardown later hangs or aborts
 
     with patched_train(after_build, around_fit):
         rc = harness_main(sys.argv[1:])
     milestones["finished"] = time.time()
-    if out_dir:
-        write_json(os.path.join(out_dir, f"rank-{rank}.json"),
-                   {"rank": int(rank), "rc": rc, "milestones": milestones, "perf": clock.perf,
-                    "tweaks_applied": tweak.applied,
-                    "first_step": clock.wall[0] if clock.wall else None})
+    record(rc)
     return rc
 
 
