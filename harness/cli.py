@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.checkpoint import CheckpointError
     from harness.config import ConfigError
     from harness.preemption import Preempted
+    from harness.distributed import RankDivergence
 
     try:
         if args.command == "train":
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"harness: checkpoint error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT
+    except RankDivergence as exc:
+        print(f"harness: ranks diverged: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

@@ -115,8 +115,18 @@ def check_lrs_agree(accelerator, lrs: torch.Tensor, group_names: list[str], firs
     """
     if accelerator.num_processes == 1 or lrs.numel() == 0:
         return
-    local = lrs.to(torch.float64).to(accelerator.device)
-    gathered = accelerator.gather(local.unsqueeze(0)).cpu()  # [world, steps, groups]
+    gathered = gather_rows(accelerator, lrs.flatten()).view(accelerator.num_processes, *lrs.shape)
+    raise_if_lrs_differ(gathered, group_names, first_step, what)
+
+
+def gather_rows(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D float64 tensor (same length everywhere), as [world, n] on the CPU."""
+    local = values.to(torch.float64).to(accelerator.device)
+    return accelerator.gather(local.unsqueeze(0)).cpu()
+
+
+def raise_if_lrs_differ(gathered: torch.Tensor, group_names: list[str], first_step: int, what: str) -> None:
+    """``gathered`` is [world, steps, groups]; raise RankDivergence at the first disagreement."""
     differs = (gathered != gathered[0:1]).any(dim=0)  # [steps, groups]
     if bool(differs.any()):
         step_i, group_i = (int(v) for v in differs.nonzero()[0])

@@ -22,7 +22,8 @@ import torch
 from harness import faults, sampling
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.datasets import Split, TaskData, build_data
-from harness.distributed import all_reduce_sum, check_lrs_agree, make_accelerator, shutdown, warn_if_ranks_lost
+from harness.distributed import (all_reduce_sum, check_lrs_agree, gather_rows, make_accelerator, raise_if_lrs_differ,
+                                 shutdown, warn_if_ranks_lost)
 from harness.models import build_model
 from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric, summed_loss
 from harness.optimizers import build_optimizer
@@ -234,29 +235,35 @@ def optimizer_step(trainer: Trainer) -> None:
 def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
     """Write and cross-check pending per-step LRs; if ``close_window``, log the train-loss window.
 
-    One collective for the LR check, one for the loss window. Called every log interval.
+    Called every log interval. With several ranks, one collective gathers each rank's loss sum
+    and LRs together: the loss is summed, the LRs must agree.
     """
-    if trainer.pending_lrs:
-        first = trainer.pending_lrs[0][0]
-        rows = [lrs for _, lrs in trainer.pending_lrs]
-        if trainer.accelerator.num_processes > 1:
-            block = torch.tensor(rows, dtype=torch.float64)
-            check_lrs_agree(trainer.accelerator, block, trainer.group_names, first, "optimizer step")
-        trainer.tb.lr_series(first, trainer.group_names, rows)
+    acc, state = trainer.accelerator, trainer.state
+    close = close_window and state.window_count > 0
+    rows = [lrs for _, lrs in trainer.pending_lrs]
+    local_loss = float(trainer.window_loss) if close and trainer.window_loss is not None else 0.0
+    loss_of_ranks = local_loss
+    if acc.num_processes > 1 and (rows or close):
+        payload = torch.tensor([local_loss] + [lr for row in rows for lr in row], dtype=torch.float64)
+        gathered = gather_rows(acc, payload)  # [world, 1 + steps * groups]
+        loss_of_ranks = float(gathered[:, 0].sum())
+        if rows:
+            raise_if_lrs_differ(gathered[:, 1:].reshape(gathered.size(0), len(rows), -1), trainer.group_names,
+                                trainer.pending_lrs[0][0], "optimizer step")
+    if rows:
+        trainer.tb.lr_series(trainer.pending_lrs[0][0], trainer.group_names, rows)
         trainer.pending_lrs = []
-    if close_window and trainer.state.window_count > 0:
-        local = float(trainer.window_loss) if trainer.window_loss is not None else 0.0
-        total = float(all_reduce_sum(trainer.accelerator, [local])[0]) + trainer.state.window_loss_sum
+    if close:
         elapsed = time.perf_counter() - trainer.window_started
-        trainer.last_logged = {"loss": total / trainer.state.window_count,
+        trainer.last_logged = {"loss": (loss_of_ranks + state.window_loss_sum) / state.window_count,
                                "samples_per_s": trainer.window_samples / max(elapsed, 1e-9)}
-        trainer.tb.scalars(trainer.state.step, {
+        trainer.tb.scalars(state.step, {
             "train/loss": trainer.last_logged["loss"],
             "perf/samples_per_s": trainer.last_logged["samples_per_s"],
         })
         trainer.window_loss = None
-        trainer.state.window_loss_sum = 0.0
-        trainer.state.window_count = 0
+        state.window_loss_sum = 0.0
+        state.window_count = 0
         trainer.window_started = time.perf_counter()
         trainer.window_samples = 0
 

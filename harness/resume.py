@@ -91,7 +91,9 @@ def restore(trainer, folder: Path) -> None:
 
 
 def restore_optimizer(trainer, folder: Path) -> None:
-    tensors = ckpt._load_tensors(folder / "optimizer.safetensors")
+    # Cloned: load_file maps the file, and the optimizer would keep a pruned checkpoint's file
+    # mapped (its disk space held) for the rest of the run.
+    tensors = {k: v.clone() for k, v in ckpt._load_tensors(folder / "optimizer.safetensors").items()}
     meta = ckpt._read_json(folder / "optimizer.json")
     state_dict = ckpt.optimizer_from_files(tensors, meta)
     groups_now = trainer.optimizer.state_dict()["param_groups"]

@@ -198,3 +198,14 @@ def test_breast_cancer_recipe_reaches_the_articles_accuracy(tmp_path):
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["epochs"] == 50 and metrics["steps"] == 50 * 15
     assert metrics["test_accuracy"] >= 0.956
+
+
+def test_ranks_whose_lrs_differ_stop_with_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_harness(RECIPE, [f"run.output_dir={run_dir}", *SMALL, "schedule.name=lambda",
+                                "schedule.factor=tests.lr_factors:differs_per_rank"], check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "harness: ranks diverged: LR of param group 'default' differs between ranks at optimizer step 1" in output
+    assert "rank 0: 0.001" in output and "rank 1: 0.002" in output
+    assert not (run_dir / "final").exists()
