@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import sys
 import threading
 from pathlib import Path
@@ -138,10 +137,6 @@ def raise_if_lrs_differ(gathered: torch.Tensor, group_names: list[str], first_st
         )
 
 
-def shutdown(accelerator, timeout_s: float = 30.0) -> None:
-    shutdown_process_group(timeout_s)
-
-
 def shutdown_process_group(timeout_s: float = 30.0, exit_code: int = 0) -> None:
     """Leave the process group without hanging: gloo's destroy has been seen to hang at exit."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -161,8 +156,3 @@ def shutdown_process_group(timeout_s: float = 30.0, exit_code: int = 0) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
-
-
-def describe_launch() -> str:
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in keys if k in os.environ)
