@@ -23,7 +23,7 @@ from harness import faults, sampling
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.datasets import Split, TaskData, build_data
 from harness.distributed import (all_reduce_sum, check_lrs_agree, gather_rows, make_accelerator, raise_if_lrs_differ,
-                                 shutdown, warn_if_ranks_lost)
+                                 shutdown_process_group, warn_if_ranks_lost)
 from harness.models import build_model
 from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric, summed_loss
 from harness.optimizers import build_optimizer
@@ -341,9 +341,17 @@ def train(cfg: Config) -> dict:
             trainer.progress.close()
             trainer.tb.close()
         trainer.accelerator.wait_for_everyone()
-    finally:
+    except Preempted:
+        # The checkpoint is saved: further warnings change nothing. Ignore them, rather than
+        # restoring SIGUSR1's default action (terminate), which would let a repeated warning kill
+        # the process during teardown instead of it exiting with EXIT_PREEMPTED.
+        watcher.ignore_further()
+        raise
+    except BaseException:
         watcher.uninstall()
-    shutdown(trainer.accelerator)
+        raise
+    watcher.uninstall()
+    shutdown_process_group()
     return summary
 
 

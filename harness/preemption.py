@@ -52,6 +52,12 @@ class PreemptionWatcher:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def ignore_further(self) -> None:
+        """SIG_IGN for the preemption signals (kept by Python's teardown, unlike a handler)."""
+        for signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+        self._previous.clear()
+
     def _on_signal(self, signum, frame) -> None:
         # Record only. A second signal while saving lands here too and changes nothing.
         if self.requested is None:

@@ -111,7 +111,10 @@ def test_a_second_signal_while_saving_does_not_corrupt_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(run_dir, "python", 1)
     wait_for_training(run_dir, proc)
-    for _ in range(5):
+    # Keep signalling through the save and until the process has exited.
+    for _ in range(400):
+        if proc.poll() is not None:
+            break
         proc.send_signal(signal.SIGUSR1)
         time.sleep(0.002)
     code, output = finish(proc)
