@@ -9,12 +9,17 @@ Layout of ``<run>/checkpoints/step-000120/``::
     trainer.json             counters, data position, best metric, LRs, config, world size, versions
     rng-rank-<r>.json        python and numpy RNG of rank r
     rng-rank-<r>.safetensors torch CPU (and CUDA) RNG of rank r
-    MANIFEST.json            every file above with size and sha256; written last
+    MANIFEST.json            every file above with size and CRC-32C; written last
 
 Saving: every rank writes into ``.tmp-step-000120`` and fsyncs, a barrier, then rank 0 writes the
 manifest and renames the folder into place. A folder without a verified manifest never counts.
 Old checkpoints are pruned only after the new one is committed. Nothing here unpickles: tensors
 are safetensors, everything else is JSON.
+
+Background saves (``checkpoint.async_save``): the training thread takes a snapshot (tensors
+copied into reused staging buffers, JSON rendered) and goes on; a thread per rank writes the
+files, leaves a marker, and rank 0's thread commits as above once every marker is there. The
+next save, a preemption save and the end of the run first wait for it.
 """
 
 from __future__ import annotations
@@ -22,15 +27,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import random
 import re
 import shutil
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import crc32c
 import numpy as np
 import torch
 
@@ -51,6 +60,19 @@ class CheckpointInfo:
     step: int
 
 
+@dataclass
+class _BackgroundSave:
+    final: Path
+    thread: Optional[threading.Thread] = None
+    error: Optional[BaseException] = None
+
+
+# A background save's "my files are on disk" marker, one per rank; never part of a commit.
+_WRITTEN_MARKER = ".written-rank-"
+# Rank 0's background thread waits this long for the other ranks' files before giving up.
+BACKGROUND_COMMIT_TIMEOUT_S = 3600.0
+
+
 # --------------------------------------------------------------------------------------------
 # Files: write + fsync, hash, JSON
 # --------------------------------------------------------------------------------------------
@@ -66,12 +88,13 @@ class _FileCounter:
         self.kill_after = faults.save_started()
 
     def wrote(self, path: Path) -> None:
+        from harness import faults
+
         _fsync_file(path)
         self.count += 1
         if self.kill_after is not None and self.count >= self.kill_after:
-            from harness import faults
-
             faults.kill_now()
+        faults.after_checkpoint_file()
 
 
 def _fsync_file(path: Path) -> None:
@@ -90,8 +113,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def json_text(data) -> str:
+    return json.dumps(data, indent=1, allow_nan=False) + "\n"
+
+
 def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    path.write_text(json_text(data))
 
 
 def _read_json(path: Path):
@@ -103,7 +130,21 @@ def _read_json(path: Path):
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
+def crc32c_of(path: Path) -> str:
+    """CRC-32C of a file, read through a memory map (no copy; ~10 GB/s from the page cache).
+
+    The manifest guards against torn, truncated and bit-rotted files, not against an attacker
+    (who could rewrite the manifest too), so a CRC is the right tool: the sha256 it replaces
+    re-read a 1.2 GB checkpoint at ~1.2 GB/s, which was half the cost of saving it."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return f"{crc32c.crc32c(b''):08x}"
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return f"{crc32c.crc32c(view):08x}"
+
+
 def sha256_of(path: Path) -> str:
+    """For manifests written before the switch to CRC-32C (they still verify)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -111,10 +152,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    # The metadata safetensors' own save_model writes, which loaders such as transformers look for.
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -206,6 +248,7 @@ class CheckpointStore:
     def __init__(self, run_dir: Path, keep_last: int = 2, keep_best: int = 0, monitor_mode: str = "min"):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last, self.keep_best, self.monitor_mode = keep_last, keep_best, monitor_mode
+        self._background: Optional[_BackgroundSave] = None
 
     # Finding
 
@@ -233,9 +276,15 @@ class CheckpointStore:
 
     # Saving
 
-    def save(self, accelerator, step: int, write_main, write_rank, metric: Optional[float]) -> Path:
+    def save(self, accelerator, step: int, write_main, write_rank, metric: Optional[float],
+             background: bool = False) -> Path:
         """All ranks call this. ``write_main(folder, counter)`` runs on rank 0 and
-        ``write_rank(folder, counter)`` on every rank; both call ``counter.wrote(path)`` per file."""
+        ``write_rank(folder, counter)`` on every rank; both call ``counter.wrote(path)`` per file.
+
+        With ``background``, the writing and the commit run on a thread and this returns at once;
+        the writers must then use only data captured beforehand (a snapshot), never live state.
+        """
+        self.wait_for_background(accelerator)  # one save at a time, committed in order
         final = self.root / f"step-{step:06d}"
         tmp = self.root / f".tmp-step-{step:06d}"
         counter = _FileCounter()
@@ -248,26 +297,84 @@ class CheckpointStore:
         accelerator.wait_for_everyone()
         if already:
             return final
+        rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+        if background:
+            record = self._background = _BackgroundSave(final)
+            # A daemon: a run that dies with a save in flight must not hang at exit waiting for it.
+            record.thread = threading.Thread(
+                target=self._write_in_background, name=f"harness-ckpt-{step}", daemon=True,
+                args=(record, tmp, step, metric, write_main, write_rank, counter, rank, world, is_main))
+            record.thread.start()
+            return final
         write_rank(tmp, counter)
-        if accelerator.is_main_process:
+        if is_main:
             write_main(tmp, counter)
         accelerator.wait_for_everyone()  # every rank's files are on disk
-        if accelerator.is_main_process:
-            files = sorted(p for p in tmp.iterdir() if p.is_file())
-            manifest = {
-                "format": FORMAT_VERSION,
-                "step": step,
-                "metric": metric,
-                "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files},
-            }
-            _write_json(tmp / MANIFEST, manifest)
-            counter.wrote(tmp / MANIFEST)
-            _fsync_dir(tmp)
-            os.replace(tmp, final)  # the commit point
-            _fsync_dir(self.root)
-            self.prune()
+        if is_main:
+            self._commit(tmp, final, step, metric, counter)
         accelerator.wait_for_everyone()
         return final
+
+    def _commit(self, tmp: Path, final: Path, step: int, metric: Optional[float], counter: "_FileCounter") -> None:
+        """Rank 0, once every rank's files are on disk: manifest, atomic rename, prune."""
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "metric": metric,
+            "files": {p.name: {"size": p.stat().st_size, "crc32c": crc32c_of(p)} for p in files},
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        counter.wrote(tmp / MANIFEST)
+        _fsync_dir(tmp)
+        os.replace(tmp, final)  # the commit point
+        _fsync_dir(self.root)
+        self.prune()
+
+    def _write_in_background(self, record: "_BackgroundSave", tmp: Path, step: int, metric: Optional[float],
+                             write_main, write_rank, counter: "_FileCounter", rank: int, world: int,
+                             is_main: bool) -> None:
+        """The background save's thread on each rank. No collectives here (they belong to the
+        training thread): each rank leaves a marker file when its files are on disk, and rank 0
+        commits once it sees every rank's marker. A checkpoint folder must therefore be on a file
+        system every rank sees, as it must be for resuming anyway."""
+        try:
+            write_rank(tmp, counter)
+            if is_main:
+                write_main(tmp, counter)
+            marker = tmp / f"{_WRITTEN_MARKER}{rank}"
+            marker.touch()
+            _fsync_file(marker)
+            if not is_main:
+                return
+            markers = [tmp / f"{_WRITTEN_MARKER}{r}" for r in range(world)]
+            deadline = time.monotonic() + BACKGROUND_COMMIT_TIMEOUT_S
+            while not all(m.exists() for m in markers):
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"{tmp}: not every rank wrote its files within "
+                                          f"{BACKGROUND_COMMIT_TIMEOUT_S:.0f} s; not committed")
+                time.sleep(0.005)
+            for m in markers:
+                m.unlink()
+            self._commit(tmp, record.final, step, metric, counter)
+            logger.debug("checkpoint %s committed in the background", record.final)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread by wait_for_background
+            record.error = exc
+
+    def wait_for_background(self, accelerator, timeout_s: Optional[float] = None) -> None:
+        """Block until this rank's background save is written (and, on rank 0, committed); then,
+        with an ``accelerator``, a barrier, so every rank knows the commit happened. All ranks call
+        this together. Raises if the background save failed."""
+        pending, self._background = self._background, None
+        if pending is None:
+            return
+        pending.thread.join(timeout_s)
+        if pending.thread.is_alive():
+            raise CheckpointError(f"{pending.final}: the background save did not finish within {timeout_s} s")
+        if pending.error is not None:
+            raise CheckpointError(f"{pending.final}: the background save failed: {pending.error}") from pending.error
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
 
     def prune(self) -> None:
         """Keep the newest ``keep_last`` and the best ``keep_best``; delete others and stale temps."""
@@ -291,7 +398,8 @@ class CheckpointStore:
 
 
 def verify(folder: Path) -> dict:
-    """Check the manifest against every file (size and sha256). Returns the manifest."""
+    """Check the manifest against every file (size and CRC-32C, or sha256 in older manifests).
+    Returns the manifest."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
@@ -308,8 +416,14 @@ def verify(folder: Path) -> dict:
         size = path.stat().st_size
         if size != entry["size"]:
             raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or changed)")
-        if sha256_of(path) != entry["sha256"]:
-            raise CheckpointError(f"{path}: sha256 does not match the manifest (damaged or changed)")
+        if "crc32c" in entry:
+            algorithm, expected, actual = "CRC-32C", entry["crc32c"], crc32c_of
+        elif "sha256" in entry:
+            algorithm, expected, actual = "sha256", entry["sha256"], sha256_of
+        else:
+            raise CheckpointError(f"{manifest_path}: the entry for {name} has no checksum (crc32c or sha256)")
+        if actual(path) != expected:
+            raise CheckpointError(f"{path}: {algorithm} does not match the manifest (damaged or changed)")
     return manifest
 
 

@@ -148,6 +148,10 @@ class CheckpointConfig:
     # Metric to rank checkpoints for keep_best: val_loss or val_metric.
     monitor: Literal["val_loss", "val_metric"] = "val_loss"
     monitor_mode: Literal["min", "max"] = "min"
+    # Write checkpoints on a background thread from an in-memory snapshot: training stalls only for
+    # the copy. Costs one extra copy of the model and optimizer state in CPU memory. Preemption
+    # saves are always synchronous.
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "an integer >= 1")

@@ -6,6 +6,8 @@ All off unless an environment variable is set; each check is one dict lookup at 
   that has it set; under a launcher the other ranks are then torn down by the launcher).
 * HARNESS_TEST_KILL_AFTER_FILES=[S:]K: SIGKILL right after writing the K-th file of the S-th
   checkpoint save of this process (S defaults to 1): a crash at any point inside a save.
+* HARNESS_TEST_SAVE_FILE_DELAY_S=T: sleep T seconds after writing each checkpoint file, so a
+  background save is still writing while training goes on (its snapshot must not change).
 * HARNESS_TRACE_SAMPLES=PATH: each rank appends one JSON line per optimizer step to
   PATH.rank<r>: {"step", "epoch", "indices"}, the global sample indices it trained on.
 """
@@ -20,6 +22,7 @@ from typing import Optional
 
 _KILL_AT_STEP = os.environ.get("HARNESS_TEST_KILL_AT_STEP")
 _KILL_AFTER_FILES = os.environ.get("HARNESS_TEST_KILL_AFTER_FILES")
+_SAVE_FILE_DELAY_S = float(os.environ.get("HARNESS_TEST_SAVE_FILE_DELAY_S", "0"))
 _TRACE = os.environ.get("HARNESS_TRACE_SAMPLES")
 TRACE_SAMPLES = _TRACE is not None
 _saves_started = 0
@@ -38,6 +41,13 @@ def save_started() -> Optional[int]:
         return None
     save, _, files = _KILL_AFTER_FILES.rpartition(":")
     return int(files) if int(save or 1) == _saves_started else None
+
+
+def after_checkpoint_file() -> None:
+    if _SAVE_FILE_DELAY_S > 0:
+        import time
+
+        time.sleep(_SAVE_FILE_DELAY_S)
 
 
 def kill_now() -> None:

@@ -416,7 +416,7 @@ def format_checkpoint(report: CheckpointReport) -> list[str]:
         versions = t.get("versions") or {}
         lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     if report.verified:
-        lines.append(f"manifest: verified ({len(listed)} files, sizes and sha256 match)")
+        lines.append(f"manifest: verified ({len(listed)} files, sizes and checksums match)")
     else:
         lines.append(f"manifest: NOT verified: {report.problem}")
     return lines

@@ -12,11 +12,13 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from harness import faults, sampling
@@ -90,6 +92,8 @@ class Trainer:
     window_samples: int = 0
     # This rank's own validation sums (loss_sum, metric_sum, count) before the reduction.
     local_validations: list[list[float]] = field(default_factory=list)
+    # CPU copies of the model and optimizer tensors for background saves, reused between saves.
+    checkpoint_staging: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -139,8 +143,12 @@ def build_trainer(cfg: Config) -> Trainer:
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
                       TensorBoardLog(cfg.run_dir, enabled=False), store=store,
                       metric_name=METRIC_NAMES[task.spec.kind])
-    # Dropout and other training randomness: a distinct stream per rank, derived from the seed.
-    torch.manual_seed(cfg.run.seed * 1000 + 17 + accelerator.process_index)
+    # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
+    # python's and numpy's generators too, for user code (datasets, factors) that draws from them.
+    rank_seed = cfg.run.seed * 1000 + 17 + accelerator.process_index
+    torch.manual_seed(rank_seed)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
     from harness.resume import choose_checkpoint, restore
 
     folder = choose_checkpoint(trainer, store)
@@ -337,6 +345,12 @@ def train(cfg: Config) -> dict:
                                     cfg.train.progress_every_s)
         try:
             summary = fit(trainer)
+            trainer.store.wait_for_background(trainer.accelerator)  # the last checkpoint is committed
+        except BaseException:
+            # Give a save in flight a moment to land; it is a daemon thread and never blocks exit.
+            with contextlib.suppress(Exception):
+                trainer.store.wait_for_background(None, timeout_s=60.0)
+            raise
         finally:
             trainer.progress.close()
             trainer.tb.close()

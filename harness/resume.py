@@ -159,13 +159,21 @@ def restore_rng(trainer, folder: Path, meta: dict) -> None:
 
 
 def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
-    """All ranks call this at the same point. Reduces partial log sums first so any world size can resume."""
+    """All ranks call this at the same point. Reduces partial log sums first so any world size can resume.
+
+    With ``checkpoint.async_save`` (and for any reason but a preemption, whose save must be on
+    disk before the process exits), the files are written by a background thread from a snapshot,
+    and training goes on while they are."""
     from harness.distributed import all_reduce_sum
     from harness.loop import flush_step_logs
 
     started = time.perf_counter()
     acc, state = trainer.accelerator, trainer.state
+    background = trainer.cfg.checkpoint.async_save and reason != "preempted"
+    store.wait_for_background(acc)  # its snapshot's staging buffers are about to be reused
     flush_step_logs(trainer, close_window=False)
+    # Logged points up to this checkpoint reach the disk with it: a resume purges only later ones.
+    trainer.tb.flush()
     local = [float(trainer.window_loss) if trainer.window_loss is not None else 0.0,
              float(trainer.epoch_loss) if trainer.epoch_loss is not None else 0.0]
     window, epoch = all_reduce_sum(acc, local).tolist()
@@ -179,55 +187,98 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     sums = all_reduce_sum(acc, [state.window_loss_sum, state.epoch_loss_sum]).tolist()
     saved_state = dataclasses.asdict(state)
     saved_state["window_loss_sum"], saved_state["epoch_loss_sum"] = sums
-
-    def write_rank(folder: Path, counter) -> None:
-        meta, tensors = ckpt.rng_state()
-        path = folder / f"rng-rank-{acc.process_index}.json"
-        ckpt._write_json(path, meta)
-        counter.wrote(path)
-        path = folder / f"rng-rank-{acc.process_index}.safetensors"
-        ckpt._save_tensors(tensors, path)
-        counter.wrote(path)
-
-    def write_main(folder: Path, counter) -> None:
-        from safetensors.torch import save_model
-
-        path = folder / "model.safetensors"
-        save_model(acc.unwrap_model(trainer.model), str(path))
-        counter.wrote(path)
-        tensors, meta = ckpt.optimizer_to_files(trainer.optimizer.state_dict())
-        path = folder / "optimizer.safetensors"
-        ckpt._save_tensors(tensors, path)
-        counter.wrote(path)
-        path = folder / "optimizer.json"
-        ckpt._write_json(path, meta)
-        counter.wrote(path)
-        path = folder / "scheduler.json"
-        ckpt._write_json(path, trainer.schedule.state_dict())
-        counter.wrote(path)
-        path = folder / "trainer.json"
-        ckpt._write_json(path, {
-            "state": saved_state,
-            "step": state.step,
-            "epoch": state.epoch,
-            "samples_in_epoch": state.samples_in_epoch,
-            "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
-            "group_names": trainer.group_names,
-            "metric_name": trainer.metric_name,
-            # fp16 on GPU: the loss scale and its growth tracker, so the resumed run scales identically.
-            "grad_scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
-            "world_size": acc.num_processes,
-            "reason": reason,
-            "config": to_plain_dict(trainer.cfg),
-            "versions": ckpt.library_versions(),
-            "saved_at": time.time(),
-        })
-        counter.wrote(path)
-
-    metric = trainer.last_monitored
-    folder = store.save(acc, state.step, write_main, write_rank, metric)
+    snapshot = CheckpointSnapshot.take(trainer, saved_state, reason,
+                                       staging=trainer.checkpoint_staging if background else None)
+    folder = store.save(acc, state.step, snapshot.write_main, snapshot.write_rank, trainer.last_monitored,
+                        background=background)
     if acc.is_main_process:
         # Routine saves stay out of the console (harness ckpt list shows them); the others are news.
         log = logger.debug if reason in ("epoch_end", "every_steps") else logger.info
-        log("checkpoint %s (%s) in %.2f s", folder, reason, time.perf_counter() - started)
+        log("checkpoint %s (%s) %s in %.2f s", folder, reason,
+            "snapshot taken, writing in the background," if background else "saved", time.perf_counter() - started)
     return folder
+
+
+@dataclasses.dataclass
+class CheckpointSnapshot:
+    """Everything one rank writes into a checkpoint, captured at one step boundary.
+
+    Without staging buffers the tensors are the live ones (a synchronous save writes them before
+    training moves on). With them, every tensor is copied into its reused buffer and every JSON
+    file is rendered now, so a background thread can write while training changes the originals.
+    """
+
+    rank: int
+    rank_json: str
+    rank_tensors: dict[str, torch.Tensor]
+    main: Optional[dict] = None  # rank 0: file name -> JSON text or tensors
+
+    @classmethod
+    def take(cls, trainer, saved_state: dict, reason: str, staging: Optional[dict]) -> "CheckpointSnapshot":
+        acc, state = trainer.accelerator, trainer.state
+        rng_meta, rng_tensors = ckpt.rng_state()  # fresh copies already
+        snapshot = cls(acc.process_index, ckpt.json_text(rng_meta), rng_tensors)
+        if not acc.is_main_process:
+            return snapshot
+        model_tensors = acc.unwrap_model(trainer.model).state_dict()
+        optimizer_tensors, optimizer_meta = ckpt.optimizer_to_files(trainer.optimizer.state_dict())
+        if staging is not None:
+            model_tensors = _stage(model_tensors, staging, "model/")
+            optimizer_tensors = _stage(optimizer_tensors, staging, "optimizer/")
+        snapshot.main = {
+            "model.safetensors": model_tensors,
+            "optimizer.safetensors": optimizer_tensors,
+            "optimizer.json": ckpt.json_text(optimizer_meta),
+            "scheduler.json": ckpt.json_text(trainer.schedule.state_dict()),
+            "trainer.json": ckpt.json_text({
+                "state": saved_state,
+                "step": state.step,
+                "epoch": state.epoch,
+                "samples_in_epoch": state.samples_in_epoch,
+                "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
+                "group_names": trainer.group_names,
+                "metric_name": trainer.metric_name,
+                # fp16 on GPU: the loss scale and its growth tracker, so the resumed run scales identically.
+                "grad_scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
+                "world_size": acc.num_processes,
+                "reason": reason,
+                "config": to_plain_dict(trainer.cfg),
+                "versions": ckpt.library_versions(),
+                "saved_at": time.time(),
+            }),
+        }
+        return snapshot
+
+    def write_rank(self, folder: Path, counter) -> None:
+        path = folder / f"rng-rank-{self.rank}.json"
+        path.write_text(self.rank_json)
+        counter.wrote(path)
+        path = folder / f"rng-rank-{self.rank}.safetensors"
+        ckpt.save_tensors(self.rank_tensors, path)
+        counter.wrote(path)
+
+    def write_main(self, folder: Path, counter) -> None:
+        for name, content in self.main.items():  # model first: a crash mid-save is tested file by file
+            path = folder / name
+            if isinstance(content, str):
+                path.write_text(content)
+            else:
+                ckpt.save_tensors(content, path)
+            counter.wrote(path)
+
+
+def _stage(tensors: dict[str, torch.Tensor], staging: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Copies into CPU buffers kept between saves (allocating ~1 GB anew each time costs more in
+    page faults than the copy itself), pinned when the source is on a GPU."""
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach()
+        buffer = staging.get(prefix + name)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+            staging[prefix + name] = buffer
+        buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+        out[name] = buffer
+    if any(t.is_cuda for t in tensors.values()):
+        torch.cuda.synchronize()
+    return out
