@@ -96,7 +96,7 @@ def main() -> None:
             else:
                 loss_sum = per_sample_loss(trainer.task.spec.kind, outputs, batch.targets).sum() * 1.0
             if backward is not None:
-                backward(trainer, loss_sum * (1 / 32))
+                backward(trainer, loss_sum, 1 / 32)
             else:
                 acc.backward(loss_sum * (1 / 32))
 
@@ -118,7 +118,7 @@ def main() -> None:
         def flush_setup():
             trainer.pending_lrs[:] = [(s, [1e-3]) for s in range(1, 11)]
             trainer.state.window_count, trainer.window_samples = 320, 320
-            trainer.window_loss = torch.tensor(3.0)
+            trainer.window_losses[:] = [torch.tensor(3.0)]
 
         def flush():
             flush_setup()

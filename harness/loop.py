@@ -86,8 +86,12 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     # LRs applied at steps not yet written/checked: [(step, [lr per group])]
     pending_lrs: list[tuple[int, list[float]]] = field(default_factory=list)
-    window_loss: Optional[torch.Tensor] = None
-    epoch_loss: Optional[torch.Tensor] = None
+    # This rank's per-step summed losses (detached) since the log window / the epoch started: a list
+    # append per step instead of a tensor op; summed when logged, folded when long (see add_loss).
+    window_losses: list[torch.Tensor] = field(default_factory=list)
+    epoch_losses: list[torch.Tensor] = field(default_factory=list)
+    # Backward seeds (the loss scale as a tensor), by scale: see backward().
+    gradient_seeds: dict = field(default_factory=dict)
     window_started: float = field(default_factory=time.perf_counter)
     window_samples: int = 0
     # This rank's own validation sums (loss_sum, metric_sum, count) before the reduction.
@@ -193,7 +197,9 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
             # This rank has no sample in this micro-batch; DDP still needs its backward, so run
             # one real sample with weight 0: it adds nothing to the gradient.
             local, weight = global_indices[:1], 0.0
-        batch = trainer.task.train.fetch(local).to(acc.device)
+        batch = trainer.task.train.fetch(local)
+        if acc.device.type != "cpu":
+            batch = batch.to(acc.device)
         last = i == len(micro) - 1
         sync = contextlib.nullcontext() if last else acc.no_sync(trainer.model)
         with sync:
@@ -201,10 +207,8 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
             loss_sum = summed_loss(trainer.task.spec.kind, outputs.float(), batch.targets)
             if weight != 1.0:
                 loss_sum = loss_sum * weight
-            backward(trainer, loss_sum * scale)
-        detached = loss_sum.detach()
-        trainer.window_loss = detached.clone() if trainer.window_loss is None else trainer.window_loss.add_(detached)
-        trainer.epoch_loss = detached.clone() if trainer.epoch_loss is None else trainer.epoch_loss.add_(detached)
+            backward(trainer, loss_sum, scale)
+        add_loss(trainer, loss_sum.detach())
     optimizer_step(trainer)
     trainer.schedule.after_optimizer_step()
     trainer.state.step += 1
@@ -214,14 +218,41 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
     trainer.window_samples += global_count
 
 
-def backward(trainer: Trainer, loss: torch.Tensor) -> None:
-    """Accelerator.backward divides by its own accumulation count and dispatches per backend; with
-    no loss scaling and plain DDP that is one extra op per step, so call autograd directly then."""
+def backward(trainer: Trainer, loss_sum: torch.Tensor, scale: float) -> None:
+    """Backpropagate ``loss_sum * scale``.
+
+    Without loss scaling and with plain DDP, autograd is seeded with ``scale`` instead: the same
+    gradients bit for bit (the multiply's backward is 1.0 * scale), without a multiply node in the
+    forward and backward of every step. Otherwise Accelerator.backward (fp16 scaler, DeepSpeed...).
+    """
     acc = trainer.accelerator
     if getattr(acc, "scaler", None) is None and acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        loss.backward()
+        seed = trainer.gradient_seeds.get(scale)
+        if seed is None or seed.dtype != loss_sum.dtype or seed.device != loss_sum.device:
+            seed = trainer.gradient_seeds[scale] = torch.tensor(scale, dtype=loss_sum.dtype, device=loss_sum.device)
+        loss_sum.backward(seed)
     else:
-        acc.backward(loss)
+        acc.backward(loss_sum * scale)
+
+
+def add_loss(trainer: Trainer, loss_sum: torch.Tensor) -> None:
+    trainer.window_losses.append(loss_sum)
+    trainer.epoch_losses.append(loss_sum)
+    if len(trainer.epoch_losses) >= 64:  # bounded memory for long epochs and long log windows
+        fold(trainer.epoch_losses)
+    if len(trainer.window_losses) >= 64:
+        fold(trainer.window_losses)
+
+
+def fold(losses: list[torch.Tensor]) -> None:
+    """Replace the entries by their sum (one tensor)."""
+    if len(losses) > 1:
+        losses[:] = [torch.stack(losses).sum()]
+
+
+def local_loss_sum(losses: list[torch.Tensor]) -> float:
+    fold(losses)
+    return float(losses[0]) if losses else 0.0
 
 
 def optimizer_step(trainer: Trainer) -> None:
@@ -249,7 +280,7 @@ def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
     acc, state = trainer.accelerator, trainer.state
     close = close_window and state.window_count > 0
     rows = [lrs for _, lrs in trainer.pending_lrs]
-    local_loss = float(trainer.window_loss) if close and trainer.window_loss is not None else 0.0
+    local_loss = local_loss_sum(trainer.window_losses) if close else 0.0
     loss_of_ranks = local_loss
     if acc.num_processes > 1 and (rows or close):
         payload = torch.tensor([local_loss] + [lr for row in rows for lr in row], dtype=torch.float64)
@@ -269,7 +300,7 @@ def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
             "train/loss": trainer.last_logged["loss"],
             "perf/samples_per_s": trainer.last_logged["samples_per_s"],
         })
-        trainer.window_loss = None
+        trainer.window_losses.clear()
         state.window_loss_sum = 0.0
         state.window_count = 0
         trainer.window_started = time.perf_counter()
@@ -416,11 +447,12 @@ def end_epoch(trainer: Trainer, metric_name: str) -> None:
     # last step boundary, and the resumed run redoes this validation.
     if validate:
         val_loss, val_metric = evaluate(trainer, trainer.task.val, interruptible=True)
-    local = float(trainer.epoch_loss) if trainer.epoch_loss is not None else 0.0
+    local = local_loss_sum(trainer.epoch_losses)
     train_loss = (float(all_reduce_sum(trainer.accelerator, [local])[0]) + state.epoch_loss_sum) / max(state.epoch_count, 1)
     state.epoch = epoch_number
     state.samples_in_epoch = 0
-    trainer.epoch_loss, state.epoch_loss_sum, state.epoch_count = None, 0.0, 0
+    state.epoch_loss_sum, state.epoch_count = 0.0, 0
+    trainer.epoch_losses.clear()
     trainer.schedule.after_epoch()
     scalars = {"train/loss_epoch": train_loss}
     record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss}

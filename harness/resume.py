@@ -165,7 +165,7 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     disk before the process exits), the files are written by a background thread from a snapshot,
     and training goes on while they are."""
     from harness.distributed import all_reduce_sum
-    from harness.loop import flush_step_logs
+    from harness.loop import flush_step_logs, local_loss_sum
 
     started = time.perf_counter()
     acc, state = trainer.accelerator, trainer.state
@@ -174,10 +174,10 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     flush_step_logs(trainer, close_window=False)
     # Logged points up to this checkpoint reach the disk with it: a resume purges only later ones.
     trainer.tb.flush()
-    local = [float(trainer.window_loss) if trainer.window_loss is not None else 0.0,
-             float(trainer.epoch_loss) if trainer.epoch_loss is not None else 0.0]
+    local = [local_loss_sum(trainer.window_losses), local_loss_sum(trainer.epoch_losses)]
     window, epoch = all_reduce_sum(acc, local).tolist()
-    trainer.window_loss = trainer.epoch_loss = None
+    trainer.window_losses.clear()
+    trainer.epoch_losses.clear()
     if acc.is_main_process:
         state.window_loss_sum += window
         state.epoch_loss_sum += epoch

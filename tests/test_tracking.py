@@ -63,3 +63,41 @@ def _f32(value: float) -> float:
     import struct
 
     return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def test_series_events_are_the_bytes_tensorboards_protos_serialize_to(tmp_path):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from harness.tracking import EventFile
+
+    events = EventFile(tmp_path)
+    summary = Summary(value=[Summary.Value(tag="lr/default", simple_value=0.25)])
+    field = events.serialized_summary_field(summary)
+    start = events.path.stat().st_size
+    steps = [1, 127, 128, 300, 16_384, 2**31 + 5]  # varints of 1 to 5 bytes
+    for step in steps:
+        events.write_series(step, 1234.5, [field])
+    events.close()
+    expected = b"".join(tf_record(Event(wall_time=1234.5, step=s, summary=summary).SerializeToString())
+                        for s in steps)
+    assert events.path.read_bytes()[start:] == expected
+
+
+def test_scalar_summaries_are_the_bytes_tensorboards_protos_serialize_to():
+    import math
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from harness.tracking import scalar_summary_field
+
+    cases = [[("lr/default", 1e-3)], [("train/loss", 0.5), ("perf/samples_per_s", 12345.6)],
+             [("x" * 200, -0.0)], [("ünïcode/тег", 3.0)], [("a", math.inf), ("b", -math.inf), ("c", 1e39),
+                                                            ("d", -1e39), ("e", 1e-50)]]
+    for pairs in cases:
+        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in pairs])
+        assert scalar_summary_field(pairs) == Event(summary=summary).SerializeToString(), pairs
+    nan = scalar_summary_field([("n", math.nan)])
+    parsed = Event.FromString(nan).summary.value[0]
+    assert parsed.tag == "n" and math.isnan(parsed.simple_value)
