@@ -111,7 +111,7 @@ def main() -> None:
             lambda: [sampling.shard(m, 0, 1) for m in sampling.micro_batches(idx, 1)])
         check = getattr(trainer.preemption, "poll", None) or trainer.preemption.should_stop
         row(f"preemption check: due() + {check.__name__}() (1 process: no collective)", "per step",
-            lambda: trainer.preemption.due(5, 1) and check(acc))
+            lambda: trainer.preemption.due(5) and check(acc, 5))
         row("pending LR record: [g['lr'] for g in param_groups]", "per step",
             lambda: [g["lr"] for g in trainer.optimizer.param_groups])
 

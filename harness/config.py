@@ -165,8 +165,10 @@ class CheckpointConfig:
 class PreemptionConfig:
     # Signals that ask for a checkpoint-and-exit (code 75). torchrun forwards only TERM/INT/HUP/QUIT.
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    # Check (one tiny collective) every N optimizer steps; 1 reacts fastest.
-    check_every_steps: int = 1
+    # How often the ranks agree whether any was signalled (one tiny non-blocking collective):
+    # "auto" about every check_interval_s seconds, whatever the step time; or every N steps.
+    check_every_steps: Union[int, Literal["auto"]] = "auto"
+    check_interval_s: float = 0.2
     # Inside validation, check every N batches.
     check_every_val_batches: int = 20
 
@@ -174,7 +176,9 @@ class PreemptionConfig:
         from harness.preemption import parse_signal_names
 
         self.signals = parse_signal_names(self.signals)
-        _require(self.check_every_steps >= 1, "preemption.check_every_steps", self.check_every_steps, "an integer >= 1")
+        _require(self.check_every_steps == "auto" or self.check_every_steps >= 1, "preemption.check_every_steps",
+                 self.check_every_steps, "'auto' or an integer >= 1")
+        _require(self.check_interval_s > 0, "preemption.check_interval_s", self.check_interval_s, "a number > 0")
         _require(self.check_every_val_batches >= 1, "preemption.check_every_val_batches",
                  self.check_every_val_batches, "an integer >= 1")
 

@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -271,24 +271,26 @@ def optimizer_step(trainer: Trainer) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
+def flush_step_logs(trainer: Trainer, close_window: bool, sums: Sequence[float] = ()) -> list[float]:
     """Write and cross-check pending per-step LRs; if ``close_window``, log the train-loss window.
 
     Called every log interval. With several ranks, one collective gathers each rank's loss sum
-    and LRs together: the loss is summed, the LRs must agree.
+    and LRs together: the loss is summed, the LRs must agree. ``sums``: more of this rank's
+    values to add up over the ranks in that same collective; returns their totals.
     """
     acc, state = trainer.accelerator, trainer.state
     close = close_window and state.window_count > 0
     rows = [lrs for _, lrs in trainer.pending_lrs]
     local_loss = local_loss_sum(trainer.window_losses) if close else 0.0
-    loss_of_ranks = local_loss
-    if acc.num_processes > 1 and (rows or close):
-        payload = torch.tensor([local_loss] + [lr for row in rows for lr in row], dtype=torch.float64)
-        gathered = gather_rows(acc, payload)  # [world, 1 + steps * groups]
-        loss_of_ranks = float(gathered[:, 0].sum())
+    loss_of_ranks, totals = local_loss, list(sums)
+    if acc.num_processes > 1 and (rows or close or sums):
+        payload = torch.tensor([local_loss, *sums] + [lr for row in rows for lr in row], dtype=torch.float64)
+        gathered = gather_rows(acc, payload)  # [world, 1 + len(sums) + steps * groups]
+        added = gathered[:, :1 + len(sums)].sum(dim=0).tolist()
+        loss_of_ranks, totals = added[0], added[1:]
         if rows:
-            raise_if_lrs_differ(gathered[:, 1:].reshape(gathered.size(0), len(rows), -1), trainer.group_names,
-                                trainer.pending_lrs[0][0], "optimizer step")
+            raise_if_lrs_differ(gathered[:, 1 + len(sums):].reshape(gathered.size(0), len(rows), -1),
+                                trainer.group_names, trainer.pending_lrs[0][0], "optimizer step")
     if rows:
         trainer.tb.lr_series(trainer.pending_lrs[0][0], trainer.group_names, rows)
         trainer.pending_lrs = []
@@ -305,6 +307,7 @@ def flush_step_logs(trainer: Trainer, close_window: bool) -> None:
         state.window_count = 0
         trainer.window_started = time.perf_counter()
         trainer.window_samples = 0
+    return totals
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,8 +415,7 @@ def fit(trainer: Trainer) -> dict:
                                                       state.samples_in_epoch):
             train_step(trainer, global_indices)
             faults.after_step(state.step)
-            if trainer.preemption.due(state.step, cfg.preemption.check_every_steps) and \
-                    trainer.preemption.poll(trainer.accelerator):
+            if trainer.preemption.due(state.step) and trainer.preemption.poll(trainer.accelerator, state.step):
                 stop_for_preemption(trainer)
             if state.step % cfg.train.log_every_steps == 0:
                 flush_step_logs(trainer, close_window=True)
@@ -440,15 +442,15 @@ def fit(trainer: Trainer) -> dict:
 
 def end_epoch(trainer: Trainer, metric_name: str) -> None:
     cfg, state = trainer.cfg, trainer.state
-    flush_step_logs(trainer, close_window=False)
+    # One collective: the pending LRs cross-checked, this epoch's train-loss sum reduced.
+    (epoch_loss_of_ranks,) = flush_step_logs(trainer, close_window=False, sums=[local_loss_sum(trainer.epoch_losses)])
     epoch_number = state.epoch + 1
     validate = epoch_number % cfg.train.val_every_epochs == 0 or epoch_number == cfg.train.epochs
     # Validation comes before any state changes: a preemption inside it saves the state of the
     # last step boundary, and the resumed run redoes this validation.
     if validate:
         val_loss, val_metric = evaluate(trainer, trainer.task.val, interruptible=True)
-    local = local_loss_sum(trainer.epoch_losses)
-    train_loss = (float(all_reduce_sum(trainer.accelerator, [local])[0]) + state.epoch_loss_sum) / max(state.epoch_count, 1)
+    train_loss = (epoch_loss_of_ranks + state.epoch_loss_sum) / max(state.epoch_count, 1)
     state.epoch = epoch_number
     state.samples_in_epoch = 0
     state.epoch_loss_sum, state.epoch_count = 0.0, 0
@@ -462,9 +464,9 @@ def end_epoch(trainer: Trainer, metric_name: str) -> None:
         record.update({"val_loss": val_loss, f"val_{metric_name}": val_metric})
         trainer.last_monitored = val_loss if cfg.checkpoint.monitor == "val_loss" else val_metric
         update_best(trainer, trainer.last_monitored)
+    # The LRs for the next epoch are cross-checked with its first steps' (at the next log flush);
+    # those after the last epoch by finish().
     lrs = trainer.schedule.lrs()
-    check_lrs_agree(trainer.accelerator, torch.tensor([list(lrs.values())]), trainer.group_names,
-                    state.epoch, "end of epoch")
     scalars.update({f"lr_epoch/{name}": lr for name, lr in lrs.items()})
     scalars["epoch"] = state.epoch
     # Every series shares one x axis, the optimizer step, so a resume purges them all consistently.
@@ -503,6 +505,8 @@ def finish(trainer: Trainer, metric_name: str) -> dict:
         summary.update({"test_loss": test_loss, f"test_{metric_name}": test_metric})
         trainer.tb.scalars(state.step, {"test/loss": test_loss, f"test/{metric_name}": test_metric})
     summary["final_lrs"] = trainer.schedule.lrs()
+    check_lrs_agree(trainer.accelerator, torch.tensor([list(summary["final_lrs"].values())]), trainer.group_names,
+                    state.epoch, "end of epoch")
     write_final_model(trainer)
     write_rank_report(trainer)
     trainer.tb.hparams(flatten(to_plain_dict(trainer.cfg)),

@@ -23,6 +23,8 @@ logger = logging.getLogger("harness")
 # "Saved a checkpoint because of a signal; requeue me." (EX_TEMPFAIL from sysexits.h)
 EXIT_PREEMPTED = 75
 MARKER = "PREEMPTED.json"
+# check_every_steps: auto never waits longer than this many steps between two agreements.
+MAX_STEPS_BETWEEN_CHECKS = 1000
 
 
 class Preempted(Exception):
@@ -40,6 +42,8 @@ class PreemptionWatcher:
         self.received_at: Optional[float] = None
         self._previous = {}
         self._pending = None  # (work, tensor) of the in-flight non-blocking agreement
+        self._next_check_step: Optional[int] = None  # agreed by all ranks (check_every_steps: auto)
+        self._last_poll: Optional[tuple[int, float]] = None  # rank 0: (step, time) of its last poll
 
     def install(self) -> "PreemptionWatcher":
         for name in self.cfg.signals:
@@ -64,26 +68,46 @@ class PreemptionWatcher:
             self.requested = signal.Signals(signum).name
             self.received_at = time.monotonic()
 
-    def due(self, counter: int, every: int) -> bool:
-        return counter % every == 0
+    def due(self, step: int) -> bool:
+        """Whether the loop polls after this optimizer step; the same answer on every rank."""
+        every = self.cfg.check_every_steps
+        if every != "auto":
+            return step % every == 0
+        return self._next_check_step is None or step >= self._next_check_step
 
-    def poll(self, accelerator) -> bool:
-        """Non-blocking agreement, for every optimizer step: starts an all-reduce of this rank's
-        flag and reads the one started at the previous call. Every rank gets the same answer at
-        the same step, one step late, without waiting on a collective in the hot loop."""
+    def poll(self, accelerator, step: int) -> bool:
+        """Non-blocking agreement at an optimizer-step boundary: starts an all-reduce of this
+        rank's flag and reads the one started at the previous poll. Every rank gets the same
+        answer at the same step, one poll late, without waiting on a collective in the hot loop.
+
+        With ``check_every_steps: auto`` the same all-reduce carries rank 0's proposal for the
+        number of steps until the next poll (``check_interval_s`` over its measured step time),
+        so the ranks agree on when to poll next without another collective: every ~0.2 s on
+        2 ms steps is every ~100 steps, on 2 s steps every step."""
         if accelerator.num_processes == 1:
+            self._next_check_step = step + 1
             return self.requested is not None
         import torch
         import torch.distributed as dist
 
-        agreed = False
+        agreed, interval = False, 1
         if self._pending is not None:
-            work, flag = self._pending
+            work, result = self._pending
             work.wait()
-            agreed = bool(flag.item() > 0)
-        flag = torch.tensor([1.0 if self.requested is not None else 0.0], device=accelerator.device)
-        self._pending = (dist.all_reduce(flag, async_op=True), flag)
+            agreed, interval = bool(result[0].item() > 0), max(1, int(result[1].item()))
+        self._next_check_step = step + interval
+        proposal = self._propose_interval(step) if accelerator.is_main_process else 0.0
+        result = torch.tensor([1.0 if self.requested is not None else 0.0, proposal], device=accelerator.device)
+        self._pending = (dist.all_reduce(result, async_op=True), result)
         return agreed
+
+    def _propose_interval(self, step: int) -> float:
+        now = time.monotonic()
+        last, self._last_poll = self._last_poll, (step, now)
+        if self.cfg.check_every_steps != "auto" or last is None or step <= last[0]:
+            return 1.0
+        seconds_per_step = (now - last[1]) / (step - last[0])
+        return float(min(MAX_STEPS_BETWEEN_CHECKS, max(1, round(self.cfg.check_interval_s / max(seconds_per_step, 1e-9)))))
 
     def drain(self) -> None:
         """Finish the in-flight agreement before other collectives (all ranks call this together)."""

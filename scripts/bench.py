@@ -83,7 +83,7 @@ def figures() -> list[Figure]:
           "steps/s", info=True),
         F("gcn_1proc_no_logging", "2b. GCN harness without logging (the recipe logs every step)", "gcn",
           "harness_no_logging", "baseline", "rate", None, "steps/s", info=True),
-        F("mlp_ddp2_check_every_100", "3a. 2 ranks, preemption.check_every_steps=100 (default 1)", "ddp",
+        F("mlp_ddp2_check_every_100", "3a. 2 ranks, preemption.check_every_steps=100 (default auto: about every 0.2 s)", "ddp",
           "harness_check_every_100", "baseline", "rate", None, "steps/s", info=True),
         F("mlp_ddp2_no_step_collectives", "3b. 2 ranks, no per-step collectives: preemption check and log "
           "interval raised to 1e9, no TensorBoard", "ddp", "harness_no_step_collectives", "baseline", "rate", None,
