@@ -70,7 +70,7 @@ class Trainer:
     cfg: Config
     accelerator: object
     task: TaskData
-    model: torch.nn.Module
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped on several ranks)
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     group_names: list[str]
@@ -98,6 +98,10 @@ class Trainer:
     local_validations: list[list[float]] = field(default_factory=list)
     # CPU copies of the model and optimizer tensors for background saves, reused between saves.
     checkpoint_staging: dict = field(default_factory=dict)
+
+    # The model without Accelerate's wrappers (DDP...): unwrapped once, in build_trainer, because
+    # Accelerator.unwrap_model looks for DeepSpeed with an uncached importlib search (~0.1 ms) per call.
+    raw_model: Optional[torch.nn.Module] = None
 
     @property
     def is_main(self) -> bool:
@@ -146,7 +150,7 @@ def build_trainer(cfg: Config) -> Trainer:
                             cfg.checkpoint.monitor_mode)
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
                       TensorBoardLog(cfg.run_dir, enabled=False), store=store,
-                      metric_name=METRIC_NAMES[task.spec.kind])
+                      metric_name=METRIC_NAMES[task.spec.kind], raw_model=accelerator.unwrap_model(model))
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
     # python's and numpy's generators too, for user code (datasets, factors) that draws from them.
     rank_seed = cfg.run.seed * 1000 + 17 + accelerator.process_index
@@ -322,7 +326,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> tup
     walks the same global batches, some with an empty shard, so the collectives line up).
     """
     acc = trainer.accelerator
-    model = acc.unwrap_model(trainer.model)  # no DDP collectives inside a rank-local loop
+    model = trainer.raw_model  # no DDP collectives inside a rank-local loop
     was_training = model.training
     model.eval()
     kind = trainer.task.spec.kind
@@ -528,7 +532,7 @@ def write_final_model(trainer: Trainer) -> None:
     from safetensors.torch import save_model
 
     (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
-    save_model(trainer.accelerator.unwrap_model(trainer.model), str(trainer.run_dir / "final" / "model.safetensors"))
+    save_model(trainer.raw_model, str(trainer.run_dir / "final" / "model.safetensors"))
 
 
 def write_rank_report(trainer: Trainer) -> None:
