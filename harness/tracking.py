@@ -101,13 +101,9 @@ class EventFile:
     def write_summary(self, step: int, summary) -> None:
         self.write(self._event(wall_time=time.time(), step=step, summary=summary))
 
-    def serialized_summary_field(self, summary) -> bytes:
-        """``summary`` as the serialized ``summary`` field of an Event, for write_summary_bytes."""
-        return self._event(summary=summary).SerializeToString()
-
     def write_series(self, first_step: int, wall_time: float, summary_fields: list[bytes]) -> None:
         """Events at steps first_step, first_step+1, ..., each from an already-serialized
-        ``summary`` field (see ``serialized_summary_field``).
+        ``summary`` field (see ``scalar_summary_field``).
 
         The hot path of per-step LR logging, so the Event's two other fields are encoded here
         directly: field 1 ``wall_time`` (tag 0x09, little-endian double) and field 2 ``step``

@@ -69,11 +69,11 @@ def test_series_events_are_the_bytes_tensorboards_protos_serialize_to(tmp_path):
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    from harness.tracking import EventFile
+    from harness.tracking import EventFile, scalar_summary_field
 
     events = EventFile(tmp_path)
     summary = Summary(value=[Summary.Value(tag="lr/default", simple_value=0.25)])
-    field = events.serialized_summary_field(summary)
+    field = scalar_summary_field([("lr/default", 0.25)])
     start = events.path.stat().st_size
     steps = [1, 127, 128, 300, 16_384, 2**31 + 5]  # varints of 1 to 5 bytes
     for step in steps:
