@@ -33,18 +33,9 @@ def baseline_command(args: list[str]) -> list[str]:
 
 def group_members(pgid: int) -> list[int]:
     """Live processes whose process group is ``pgid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            found.append(int(entry.name))
-    return found
+    from harness.verify import proc_stats
+
+    return [pid for pid, state, _, group in proc_stats() if state != "Z" and group == pgid]
 
 
 def end_group(pgid: int, grace_s: float = 10.0) -> None:

@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -161,20 +161,26 @@ def run_to_end(command: list[str], log: Path, timeout: float) -> int:
                 proc.wait()
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc. torchrun/accelerate start each rank in its own
-    session, so killing the launcher's process group would leave the ranks running."""
-    children: dict[int, list[int]] = {}
+def proc_stats() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every live process, from /proc/<pid>/stat."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
-            continue
+            continue  # exited meanwhile
         # The command name (field 2) may hold spaces and parentheses: parse after the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+        state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        yield int(entry.name), state, int(ppid), int(pgrp)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc. torchrun/accelerate start each rank in its own
+    session, so killing the launcher's process group would leave the ranks running."""
+    children: dict[int, list[int]] = {}
+    for pid, _, ppid, _ in proc_stats():
+        children.setdefault(ppid, []).append(pid)
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
