@@ -41,6 +41,18 @@ class RunConfig:
     resume: str = "auto"
     # torch.use_deterministic_algorithms: bitwise-repeatable kernels where torch has them (slower on GPU).
     deterministic: bool = False
+    # Resuming with a recipe that differs from the checkpoint's in a key that changes what a step
+    # computes (LR, optimizer, schedule, model, data, batch size...): refuse (exit 3, the keys
+    # listed) or allow (the new values apply from the resumed step on: the LR schedule is rebuilt
+    # from the recipe and fast-forwarded to that step; recorded in changes.jsonl and TensorBoard).
+    on_change: Literal["refuse", "allow"] = "refuse"
+    # Start a NEW run from another run's weights: a checkpoint folder, or a run folder (its newest
+    # complete checkpoint). This run's schedule and counters start fresh. Used only when this run
+    # folder has no checkpoint yet; once it has, the run resumes from its own.
+    init_from: Optional[str] = None
+    # With init_from: take the optimizer state too (e.g. Adam's moments), under this recipe's LRs
+    # and hyperparameters.
+    init_optimizer: bool = False
 
 
 @dataclass

@@ -61,6 +61,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # per-epoch validation results
     validations_without_improvement: int = 0  # for early stopping
     early_stopped: bool = False
+    # The checkpoint this run's weights started from (run.init_from), for the record.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -157,15 +159,19 @@ def build_trainer(cfg: Config) -> Trainer:
     torch.manual_seed(rank_seed)
     random.seed(rank_seed)
     np.random.seed(rank_seed % 2**32)
-    from harness.resume import choose_checkpoint, restore
+    from harness.resume import choose_checkpoint, initialize_from, record_changes, restore
 
     folder = choose_checkpoint(trainer, store)
+    changes = []
     if folder is not None:
-        restore(trainer, folder)
+        changes = restore(trainer, folder)
+    elif cfg.run.init_from:
+        initialize_from(trainer, cfg.run.init_from)
     # Opened only now, so a failed resume writes nothing. purge_step drops points the interrupted
     # process logged after its last checkpoint: the resumed run logs them again.
     trainer.tb = TensorBoardLog(cfg.run_dir, enabled=accelerator.is_main_process,
                                 purge_step=trainer.state.step + 1 if folder is not None else None)
+    record_changes(trainer, changes)
     if accelerator.is_main_process:
         clear_marker(cfg.run_dir)
     return trainer

@@ -57,25 +57,39 @@ def choose_checkpoint(trainer, store: ckpt.CheckpointStore) -> Optional[Path]:
     return chosen
 
 
-def restore(trainer, folder: Path) -> None:
-    """Load everything from ``folder`` into the built trainer (all ranks)."""
+def restore(trainer, folder: Path) -> list[dict]:
+    """Load everything from ``folder`` into the built trainer (all ranks). Returns the recipe
+    changes accepted under ``run.on_change: allow`` (empty when the recipe is unchanged)."""
     acc, state = trainer.accelerator, trainer.state
     meta = ckpt.read_trainer_json(folder)
+    changes = recipe_changes(meta.get("config") or {}, to_plain_dict(trainer.cfg))
+    refuse_unapproved_changes(trainer.cfg, changes, folder, meta.get("step"))
+    changed_keys = [c["key"] for c in changes]
     model = trainer.raw_model
     ckpt.load_model_weights(model, folder / "model.safetensors")
+    # This recipe's optimizer hyperparameters, before loading replaces them with the saved ones.
+    recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
     restore_optimizer(trainer, folder)
-    try:
-        trainer.schedule.load_state_dict(ckpt._read_json(folder / "scheduler.json"))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ckpt.CheckpointError(f"{folder / 'scheduler.json'}: cannot restore the schedule: {exc}") from None
     saved_state = meta["state"]
     for f in dataclasses.fields(state):
         if f.name in saved_state:
             setattr(state, f.name, saved_state[f.name])
+    allowed = trainer.cfg.run.on_change == "allow"
+    rebuild = allowed and any(_matches(key, SCHEDULE_KEYS) for key in changed_keys)
+    if allowed and any(key.startswith("optim.") for key in changed_keys):
+        apply_recipe_hyperparameters(trainer.optimizer, recipe_groups)
+    if rebuild:
+        # The changed schedule applies as if the recipe had always said so, from this step on.
+        fast_forward_schedule(trainer)
+    else:
+        try:
+            trainer.schedule.load_state_dict(ckpt._read_json(folder / "scheduler.json"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ckpt.CheckpointError(f"{folder / 'scheduler.json'}: cannot restore the schedule: {exc}") from None
     scaler = getattr(acc, "scaler", None)
     if scaler is not None and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])
-    verify_lrs(trainer, meta, folder)
+    verify_lrs(trainer, meta, folder, schedule_rebuilt=rebuild)
     restore_rng(trainer, folder, meta)
     if not acc.is_main_process:
         # Partial log sums were reduced over ranks at save time; rank 0 carries them.
@@ -89,6 +103,180 @@ def restore(trainer, folder: Path) -> None:
                            state.samples_in_epoch)
         logger.info("resumed from %s: epoch %d, step %d, %d samples into the epoch", folder, state.epoch, state.step,
                     state.samples_in_epoch)
+        if changes:
+            logger.warning("recipe changed on resume (run.on_change=allow), applied from step %d on: %s", state.step,
+                           "; ".join(_describe(c) for c in changes))
+    return changes
+
+
+# --------------------------------------------------------------------------------------------
+# A recipe changed between the checkpoint and this run (run.on_change)
+# --------------------------------------------------------------------------------------------
+
+# Keys that steer a run (where it is, where it stops, how it logs and saves) without changing what
+# a step computes: never compared. A key ending in "." covers its whole section.
+IGNORED_KEYS = ("run.resume", "run.on_change", "run.init_from", "run.init_optimizer", "run.output_dir", "run.name",
+                "train.max_steps", "train.log_every_steps", "train.progress_every_s", "train.device",
+                "train.early_stopping_patience", "train.early_stopping_min_delta", "data.num_workers",
+                "checkpoint.", "preemption.")
+# Changed without run.on_change=allow as long as the LR check on resume passes (a longer run of a
+# schedule that does not depend on the run's length): extending a run is the common case.
+TOLERATED_KEYS = ("train.epochs",)
+# Keys whose change alters the LR schedule: under on_change=allow the schedule is rebuilt from the
+# recipe and fast-forwarded to the resumed step, instead of loaded from the checkpoint.
+SCHEDULE_KEYS = ("optim.lr", "optim.param_groups", "schedule.", "train.epochs", "data.batch_size", "data.drop_last")
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def recipe_changes(saved: dict, current: dict) -> list[dict]:
+    """``[{"key", "saved", "now"}]`` for every compared key whose value differs. A key present on
+    one side only (a setting added in a later version) is not a change."""
+    from harness.tracking import flatten
+
+    before, after = flatten(saved), flatten(current)
+    changes = []
+    for key in sorted(set(before) & set(after)):
+        if _matches(key, IGNORED_KEYS) or before[key] == after[key]:
+            continue
+        if isinstance(before[key], (int, float)) and isinstance(after[key], (int, float)) \
+                and not isinstance(before[key], bool) and float(before[key]) == float(after[key]):
+            continue  # 1 vs 1.0
+        changes.append({"key": key, "saved": before[key], "now": after[key]})
+    return changes
+
+
+def _describe(change: dict) -> str:
+    return f"{change['key']}: {change['saved']!r} -> {change['now']!r}"
+
+
+def refuse_unapproved_changes(cfg, changes: list[dict], folder: Path, step) -> None:
+    if cfg.run.on_change == "allow":
+        return
+    refused = [c for c in changes if not _matches(c["key"], TOLERATED_KEYS)]
+    if not refused:
+        return
+    listed = "; ".join(_describe(c) for c in refused)
+    raise ckpt.CheckpointError(
+        f"{folder}: this recipe differs from the one the checkpoint was written with: {listed}. Resuming would "
+        f"silently mix two recipes. To continue this run with the new values from step {step} on, add "
+        f"run.on_change=allow (the change is recorded in the run folder's changes.jsonl and in TensorBoard); to "
+        f"start a new run from these weights, use another run.output_dir with run.init_from={folder}; or undo "
+        "the change. Nothing was changed.")
+
+
+def apply_recipe_hyperparameters(optimizer, recipe_groups: list[dict]) -> None:
+    """Loading an optimizer state replaces every group setting with the saved one; put back this
+    recipe's (weight_decay, betas, momentum, ...). LR keys are the schedule's business."""
+    lr_keys = {"lr", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"}
+    for group, recipe in zip(optimizer.param_groups, recipe_groups):
+        group.update({k: v for k, v in recipe.items() if k not in lr_keys})
+
+
+def fast_forward_schedule(trainer) -> None:
+    """Rebuild the schedule from the recipe on the restored optimizer and step it through the run
+    so far (the recorded validations feed ReduceLROnPlateau): the LR is what the changed recipe
+    gives at this step, as if it had always been the recipe."""
+    from harness.optimizers import param_groups as recipe_param_groups
+    from harness.schedules import LRSchedule, advance
+
+    recipe_lrs = [g["lr"] for g in recipe_param_groups(trainer.raw_model, trainer.cfg.optim)[0]]
+    for group, lr in zip(trainer.optimizer.param_groups, recipe_lrs):
+        for key in ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"):
+            group.pop(key, None)  # set again by the new scheduler, from this recipe
+        group["lr"] = lr
+    state = trainer.state
+    trainer.schedule = LRSchedule(trainer.optimizer, trainer.cfg.schedule, trainer.horizon, trainer.group_names)
+    validations = [(r.get("val_loss"), r.get(f"val_{trainer.metric_name}")) for r in state.history]
+    advance(trainer.schedule, trainer.horizon, state.step, state.epoch, validations)
+
+
+def record_changes(trainer, changes: list[dict]) -> None:
+    """Rank 0: one line per accepted change set in <run>/changes.jsonl, and a TensorBoard text."""
+    if not changes or not trainer.is_main:
+        return
+    entry = {"step": trainer.state.step, "epoch": trainer.state.epoch, "time": time.time(),
+             "lrs": trainer.schedule.lrs(), "changes": changes}
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    with (trainer.run_dir / "changes.jsonl").open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    rows = "\n".join(f"| `{c['key']}` | `{c['saved']!r}` | `{c['now']!r}` |" for c in changes)
+    trainer.tb.text(trainer.state.step, "run/recipe_changes",
+                    f"Resumed at step {trainer.state.step} with a changed recipe (run.on_change=allow):\n\n"
+                    f"| key | before | from this step |\n|---|---|---|\n{rows}")
+
+
+# --------------------------------------------------------------------------------------------
+# A new run from another run's weights (run.init_from)
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_init_checkpoint(path: str) -> Path:
+    """A checkpoint folder, or a run folder (its newest complete checkpoint); verified."""
+    folder = Path(path)
+    if (folder / "checkpoints").is_dir():
+        info = ckpt.CheckpointStore(folder).latest_complete()
+        if info is None:
+            raise ckpt.CheckpointError(f"run.init_from: {folder} holds no complete checkpoint")
+        return info.path
+    if not folder.is_dir():
+        raise ckpt.CheckpointError(f"run.init_from: {folder}: no such checkpoint or run folder")
+    ckpt.verify(folder)
+    return folder
+
+
+def load_weights_that_fit(model: torch.nn.Module, path: Path) -> None:
+    """Like checkpoint.load_model_weights, but every tensor that does not fit is listed (a warm
+    start from another recipe is where a user needs the whole list)."""
+    tensors = ckpt._load_tensors(path)
+    own = model.state_dict()
+    problems = [f"{name}: missing from the checkpoint" for name in sorted(set(own) - set(tensors))]
+    problems += [f"{name}: in the checkpoint, not in this model" for name in sorted(set(tensors) - set(own))]
+    problems += [f"{name}: checkpoint {tuple(tensors[name].shape)}, this model {tuple(own[name].shape)}"
+                 for name in sorted(set(own) & set(tensors)) if own[name].shape != tensors[name].shape]
+    if problems:
+        shown = "\n  ".join(problems[:40]) + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else "")
+        raise ckpt.CheckpointError(f"run.init_from: {path} does not fit this model ({len(problems)} tensors):\n  {shown}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
+
+
+def initialize_from(trainer, path: str) -> Path:
+    """Load another run's weights (and with run.init_optimizer its optimizer state) into this
+    fresh run; the schedule, counters and RNG stay this run's own."""
+    folder = resolve_init_checkpoint(path)
+    load_weights_that_fit(trainer.raw_model, folder / "model.safetensors")
+    if trainer.cfg.run.init_optimizer:
+        tensors = {k: v.clone() for k, v in ckpt._load_tensors(folder / "optimizer.safetensors").items()}
+        saved = ckpt.optimizer_from_files(tensors, ckpt._read_json(folder / "optimizer.json"))
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        problems = []
+        for index, entries in sorted(saved["state"].items()):
+            if index >= len(params):
+                problems.append(f"state of parameter #{index}: this model has {len(params)} parameters")
+                continue
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                    problems.append(f"{index}/{name}: shape {tuple(value.shape)}, parameter #{index} has "
+                                    f"{tuple(params[index].shape)}")
+        if problems:
+            raise ckpt.CheckpointError(f"{folder / 'optimizer.safetensors'}: run.init_optimizer: the optimizer "
+                                       f"state does not fit this model: {'; '.join(problems[:20])}")
+        # Only the per-parameter state: groups (LRs, hyperparameters) stay this recipe's.
+        current = trainer.optimizer.state_dict()
+        try:
+            trainer.optimizer.load_state_dict({"state": saved["state"], "param_groups": current["param_groups"]})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ckpt.CheckpointError(f"{folder}: run.init_optimizer: cannot load the optimizer state: {exc}") \
+                from None
+    trainer.state.init_from = str(folder)
+    if trainer.is_main:
+        logger.info("initialized from %s (weights%s); schedule and counters start fresh", folder,
+                    " and optimizer state" if trainer.cfg.run.init_optimizer else "")
+    return folder
 
 
 def restore_optimizer(trainer, folder: Path) -> None:
@@ -107,10 +295,14 @@ def restore_optimizer(trainer, folder: Path) -> None:
         raise ckpt.CheckpointError(f"{folder / 'optimizer.safetensors'}: cannot restore the optimizer: {exc}") from None
 
 
-def verify_lrs(trainer, meta: dict, folder: Path) -> None:
-    """The LRs after loading must equal the saved ones and an independent replay of the schedule."""
+def verify_lrs(trainer, meta: dict, folder: Path, schedule_rebuilt: bool = False) -> None:
+    """The LRs after loading must equal the saved ones and an independent replay of the schedule.
+
+    When an allowed recipe change rebuilt the schedule, the LRs are those of the new recipe at
+    this step: they may differ from the saved ones, but must still equal the independent replay
+    and torch's own ``last_epoch`` reconstruction."""
     loaded = [g["lr"] for g in trainer.optimizer.param_groups]
-    saved = meta["lrs"]
+    saved = loaded if schedule_rebuilt else meta["lrs"]
     problems = []
     if loaded != saved:
         problems.append(f"restored optimizer/scheduler give {loaded}, the checkpoint recorded {saved}")

@@ -180,6 +180,15 @@ class TensorBoardLog:
             self.file.write_summary(0, summary)
         self.scalars(step, metrics)
 
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        """A note in TensorBoard's Text tab (e.g. the recipe changes accepted on a resume)."""
+        if self.file is None:
+            return
+        from torch.utils.tensorboard.summary import text
+
+        self.file.write_summary(step, text(tag, markdown))
+        self.file.flush()
+
     def flush(self) -> None:
         if self.file is not None:
             self.file.flush()

@@ -153,6 +153,9 @@ def test_a_checkpoint_from_a_recipe_with_other_shapes_is_refused_and_nothing_cha
     run_dir = copy_run(trained, tmp_path)
     before = snapshot(run_dir)
     proc = run(run_dir, ["model.hidden=[16, 8]"], check=False)
+    assert proc.returncode == 3 and "model.hidden: [64, 32] -> [16, 8]" in proc.stderr
+    # Even with the change allowed, weights of other shapes are refused.
+    proc = run(run_dir, ["model.hidden=[16, 8]", "run.on_change=allow"], check=False)
     assert proc.returncode == 3
     assert "model.safetensors" in proc.stderr and "shape" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(run_dir) == before
