@@ -147,7 +147,7 @@ def baseline_gcn(graph, train_idx, val_idx, epochs: int, skip: int) -> dict:
 
 def mlp_suite(epochs: int, workdir: Path):
     from harness.config import load_config
-    from harness.datasets import build_data
+    from harness.assemble import build_data
 
     cfg = load_config(BREAST_CANCER, [])
     task = build_data(cfg.data, cfg.run.seed)  # the harness's own tensors: the same data on both sides
@@ -172,7 +172,7 @@ def mlp_suite(epochs: int, workdir: Path):
 
 def gcn_suite(epochs: int, workdir: Path):
     from harness.config import load_config
-    from harness.datasets import build_data
+    from harness.assemble import build_data
 
     cfg = load_config(GCN, [])
     task = build_data(cfg.data, cfg.run.seed)

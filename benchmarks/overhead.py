@@ -36,7 +36,6 @@ def main() -> None:
     from harness import sampling
     from harness.config import load_config
     from harness.loop import build_trainer, flush_step_logs
-    from harness.objectives import per_sample_loss
     from harness.preemption import PreemptionWatcher
 
     workdir = Path(tempfile.mkdtemp(prefix="harness-bench-overhead-"))
@@ -83,18 +82,12 @@ def main() -> None:
             lambda: probe_opt.zero_grad(set_to_none=True), "the wrapper calls inspect.signature every time")
 
         import harness.loop as loop
-        import harness.objectives as objectives
-
-        summed = getattr(objectives, "summed_loss", None)  # newer harness: one reduction="sum" op
         backward = getattr(loop, "backward", None)  # newer harness: autograd directly unless fp16/DeepSpeed
 
         def harness_loss():
             batch = split.fetch(idx).to(acc.device)
             outputs = batch.predict(model).float()
-            if summed is not None:
-                loss_sum = summed(trainer.task.spec.kind, outputs, batch.targets)
-            else:
-                loss_sum = per_sample_loss(trainer.task.spec.kind, outputs, batch.targets).sum() * 1.0
+            loss_sum = trainer.loss.summed(outputs, batch.targets)
             if backward is not None:
                 backward(trainer, loss_sum, 1 / 32)
             else:

@@ -22,8 +22,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
-class ConfigError(ValueError):
-    """A recipe or override that cannot be used; the message says where and what was expected."""
+from harness.contracts import ConfigError  # noqa: F401 - re-exported: the name users and tests know
+from harness.values import _type_name, _unknown_key_message, coerce, parse_dataclass, type_checkable  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +63,8 @@ class DataConfig:
     val_batch_size: int = 256
     shuffle: bool = True
     drop_last: bool = False
-    options: Any = None  # the kind's own options dataclass, filled in by validation
+    # The data factory's own arguments (the keys beside ``name``), checked against its signature.
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
@@ -72,8 +73,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # A registered model (mlp, gcn, gin) or your own class or factory as "module:attribute".
+    # Its arguments sit beside ``name``; in_dim/out_dim (num_features, num_classes, in_channels,
+    # out_channels) left out are filled in from the data.
     name: str = "mlp"
-    options: Any = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    # null: by the data's task: bce_with_logits (binary), cross_entropy (multiclass), mse
+    # (regression). Or a registered loss (bce, mse, l1, ...), or your own "module:attribute".
+    name: Optional[str] = None
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -88,18 +100,15 @@ class ParamGroupConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    # Any torch.optim optimizer by its class name (Adam, AdamW, SGD, RMSprop, ...; any case), or your
+    # own "module:attribute". Its arguments (betas, momentum, amsgrad, ...) sit beside ``name``.
+    name: str = "adam"
     lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    momentum: float = 0.0
-    nesterov: bool = False
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", self.lr, "a positive number")
-        _require(len(self.betas) == 2, "optim.betas", self.betas, "two numbers, e.g. [0.9, 0.999]")
         names = [g.name for g in self.param_groups]
         _require(len(set(names)) == len(names), "optim.param_groups", names, "unique group names")
         _require("default" not in names, "optim.param_groups", names,
@@ -143,6 +152,9 @@ class TrainConfig:
     # Decided on values reduced over all ranks, so every rank stops at the same epoch.
     early_stopping_patience: Optional[int] = None
     early_stopping_min_delta: float = 0.0
+    # DDP: let parameters that get no gradient in a step (a layer forward() does not use) pass
+    # instead of failing with "Expected to have finished reduction". Costs a graph traversal a step.
+    find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -157,8 +169,9 @@ class CheckpointConfig:
     every_epochs: Optional[int] = 1
     keep_last: int = 2
     keep_best: int = 0
-    # Metric to rank checkpoints for keep_best: val_loss or val_metric.
-    monitor: Literal["val_loss", "val_metric"] = "val_loss"
+    # What ranks checkpoints for keep_best and drives early stopping: val_loss, train_loss, or
+    # val_<metric> for any metric of the run (val_metric: the first one).
+    monitor: str = "val_loss"
     monitor_mode: Literal["min", "max"] = "min"
     # Write checkpoints on a background thread from an in-memory snapshot: training stalls only for
     # the copy. Costs one extra copy of the model and optimizer state in CPU memory. Preemption
@@ -200,19 +213,44 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Names (accuracy, f1, mae, mse) or import paths, or {name: ..., key: value}; null: by the task.
+    # Each is reported as val_<name>, test_<name>, and can be monitored by that name.
+    metrics: Optional[list[Any]] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
+    # Where import paths resolve from first: the recipe's folder (then the working directory).
+    # Not a recipe key.
+    recipe_dir: Optional[str] = field(default=None, compare=False)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir)
 
+    @property
+    def import_folders(self) -> list[Path]:
+        return [Path(self.recipe_dir) if self.recipe_dir else Path.cwd(), Path.cwd()]
 
-# Sections whose extra keys are the options of the kind named by ``name``.
-_KIND_SECTIONS = ("data", "model", "schedule")
+
+# Sections whose extra keys are the arguments of the component named by ``name``.
+_KIND_SECTIONS = ("data", "model", "loss", "optim", "schedule")
+_COMPONENT_SECTIONS = ("data", "model", "loss", "optim")
+# Arguments the harness gives a component itself (from the data, or its own objects).
+PROVIDED = {
+    "data": ("seed",),
+    "model": ("in_dim", "out_dim", "num_features", "num_classes", "in_channels", "out_channels"),
+    "loss": (),
+    "optim": ("params",),
+}
+REFUSED = {
+    "loss": {"reduction": "the harness needs one loss value per sample (reduction='none') to form exact means "
+                          "over ranks and micro-batches; it sets it"},
+    "optim": {"params": "parameters come from the model; use optim.param_groups for groups with their own LR"},
+}
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -243,32 +281,40 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     original_kinds = {s: (raw.get(s) or {}).get("name") for s in _KIND_SECTIONS if isinstance(raw.get(s), dict)}
     for item in overrides:
         apply_override(raw, item)
-    _drop_options_of_replaced_kinds(raw, original_kinds, overrides)
+    _drop_options_of_replaced_kinds(raw, original_kinds, overrides, [path.resolve().parent, Path.cwd()])
     try:
-        return config_from_dict(raw)
+        return config_from_dict(raw, recipe_dir=path.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _drop_options_of_replaced_kinds(raw: dict, original_kinds: dict, overrides) -> None:
+def _drop_options_of_replaced_kinds(raw: dict, original_kinds: dict, overrides, folders) -> None:
     """``schedule.name=cosine`` on a StepLR recipe: the recipe's step_size/gamma belong to the old
     kind, so they go. Keys the new kind also takes, and keys given as overrides, stay (and a
     typo among them is still reported)."""
-    from harness import registry
-
     overridden = {item.partition("=")[0].strip() for item in overrides}
     for section, old_name in original_kinds.items():
         new_name = raw[section].get("name")
         if old_name is None or new_name is None or str(new_name).lower() == str(old_name).lower():
             continue
         try:
-            old_keys = {f.name for f in dataclasses.fields(registry.options_class(section, old_name))}
-            new_keys = {f.name for f in dataclasses.fields(registry.options_class(section, new_name))}
+            old_keys, new_keys = _argument_names(section, old_name, folders), _argument_names(section, new_name, folders)
         except ConfigError:
             continue  # an unknown name is reported by validation
         for key in list(raw[section]):
             if key in old_keys and key not in new_keys and f"{section}.{key}" not in overridden:
                 del raw[section][key]
+
+
+def _argument_names(section: str, name, folders) -> set[str]:
+    if section not in _COMPONENT_SECTIONS:
+        from harness import registry
+
+        return {f.name for f in dataclasses.fields(registry.options_class(section, name))}
+    from harness import components
+
+    signature = components.signature_of(components.resolve(section, name, folders))
+    return set(signature.parameters) if signature is not None else set()
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -294,25 +340,71 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def config_from_dict(raw: dict) -> Config:
+def config_from_dict(raw: dict, recipe_dir: Optional[Path] = None) -> Config:
     raw = dict(raw)
     sections = {}
-    known = [f.name for f in dataclasses.fields(Config)]
+    known = [f.name for f in dataclasses.fields(Config) if f.name != "recipe_dir"]
     for name in raw:
         if name not in known:
             raise ConfigError(_unknown_key_message(name, known, where="top level"))
-    for f in dataclasses.fields(Config):
-        section_raw = raw.get(f.name) or {}
+    folders = [Path(recipe_dir) if recipe_dir else Path.cwd(), Path.cwd()]
+    hints = typing.get_type_hints(Config)
+    for name in known:
+        if name == "metrics":
+            sections[name] = _metrics_entries(raw.get("metrics"))
+            continue
+        section_raw = raw.get(name) or {}
         if not isinstance(section_raw, dict):
-            raise ConfigError(f"{f.name}: expected a section (mapping), got {section_raw!r}")
-        cls = typing.get_type_hints(Config)[f.name]
-        if f.name in _KIND_SECTIONS:
-            sections[f.name] = _kind_section(f.name, cls, section_raw)
+            raise ConfigError(f"{name}: expected a section (mapping), got {section_raw!r}")
+        cls = hints[name]
+        if name in _COMPONENT_SECTIONS:
+            sections[name] = _component_section(name, cls, section_raw, folders)
+        elif name in _KIND_SECTIONS:
+            sections[name] = _kind_section(name, cls, section_raw)
         else:
-            sections[f.name] = parse_dataclass(cls, section_raw, f.name)
-    cfg = Config(**sections)
+            sections[name] = parse_dataclass(cls, section_raw, name)
+    cfg = Config(**sections, recipe_dir=str(recipe_dir) if recipe_dir else None)
     cfg.run.output_dir = cfg.run.output_dir.replace("${run.name}", cfg.run.name)
     return cfg
+
+
+def _metrics_entries(value) -> Optional[list]:
+    if value is None:
+        return None
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"metrics: got {value!r}, expected a list of names, e.g. [accuracy, f1]")
+    for i, entry in enumerate(value):
+        if isinstance(entry, dict) and "name" not in entry:
+            raise ConfigError(f"metrics[{i}]: {entry!r} has no 'name'")
+        if not isinstance(entry, (str, dict)):
+            raise ConfigError(f"metrics[{i}]: got {entry!r}, expected a name or {{name: ..., key: value}}")
+    return value
+
+
+def _component_section(section: str, cls: type, section_raw: dict, folders):
+    """``name`` plus the component's own arguments, checked against its signature now, before
+    any process starts or anything is written."""
+    from harness import components
+
+    common = {f.name for f in dataclasses.fields(cls)} - {"options"}
+    base = {k: v for k, v in section_raw.items() if k in common}
+    rest = {k: v for k, v in section_raw.items() if k not in common}
+    parsed = parse_dataclass(cls, base, section)
+    if parsed.name is None:  # loss: chosen by the data's task at build time
+        if rest:
+            raise ConfigError(f"{section}: arguments {sorted(rest)} given without {section}.name")
+        return parsed
+    target = components.resolve(section, parsed.name, folders)
+    if not components.is_import_path(parsed.name):
+        parsed.name = components.lookup(section, parsed.name).name
+    provided = PROVIDED[section]
+    if section == "loss" and components.is_import_path(parsed.name) and not isinstance(target, type):
+        provided = components.leading_parameters(target, 2)  # a loss function's (outputs, targets)
+    parsed.options = components.check_arguments(target, rest, section, provided=provided,
+                                                refused=REFUSED.get(section))
+    return parsed
 
 
 def _kind_section(section: str, cls: type, section_raw: dict):
@@ -456,7 +548,12 @@ def to_plain_dict(cfg: Config) -> dict:
     """The resolved config as plain YAML-able data (kind options flattened back beside ``name``)."""
     out = {}
     for f in dataclasses.fields(cfg):
+        if f.name == "recipe_dir":
+            continue
         section = getattr(cfg, f.name)
+        if f.name == "metrics":
+            out[f.name] = section
+            continue
         data = dataclasses.asdict(section)
         if f.name in _KIND_SECTIONS:
             options = data.pop("options") or {}

@@ -18,8 +18,9 @@ class RankDivergence(RuntimeError):
     """Ranks disagree on something that must be identical (the LR of a param group)."""
 
 
-def make_accelerator(device: str, mixed_precision: Optional[str]):
+def make_accelerator(device: str, mixed_precision: Optional[str], find_unused_parameters: bool = False):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     # Without cpu=True, Accelerator on a GPU-less machine does not join the process group:
     # every rank believes it is rank 0 of 1.
@@ -28,7 +29,8 @@ def make_accelerator(device: str, mixed_precision: Optional[str]):
         from harness.config import ConfigError
 
         raise ConfigError("train.device: 'cuda' asked for, but torch sees no CUDA device (use auto or cpu)")
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
     return accelerator
 
 

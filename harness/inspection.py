@@ -77,22 +77,25 @@ class Plan:
 def plan_run(recipe: str, cfg: Config, world_size: int, preview: bool = True) -> Plan:
     """Build the data, the model and the optimizer as training would (no Accelerator), and (with
     ``preview``) step a scratch schedule through the planned run for the LR of every param group."""
-    from harness.datasets import build_data
-    from harness.models import build_model
+    from harness.assemble import build_data, build_model
+    from harness.objectives import build_loss, build_metrics
     from harness.optimizers import build_optimizer
     from harness.schedules import Horizon, preview_lrs
 
     if world_size < 1:
         raise ConfigError(f"--world-size: got {world_size}, expected an integer >= 1")
     torch.manual_seed(cfg.run.seed)
-    task = build_data(cfg.data, cfg.run.seed)
+    folders = cfg.import_folders
+    task = build_data(cfg.data, cfg.run.seed, folders)
     n_train = len(task.train)
     # The same refusal build_trainer makes, so check fails where train would.
     if cfg.data.batch_size > n_train and cfg.data.drop_last:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {n_train} "
                           "training samples and data.drop_last is true: no step would run")
-    model = build_model(cfg.model, task.spec)
-    optimizer, group_names = build_optimizer(model, cfg.optim)
+    model = build_model(cfg.model, task.spec, folders)
+    # Built as training would, so a bad loss or metric argument fails here, not on the cluster.
+    build_metrics(cfg.metrics, task.spec, build_loss(cfg.loss.name, cfg.loss.options, task.spec, folders), folders)
+    optimizer, group_names = build_optimizer(model, cfg.optim, folders)
     groups = [GroupSummary(name, sum(p.numel() for p in g["params"]), len(g["params"]), g["lr"],
                            g.get("weight_decay", 0.0))
               for name, g in zip(group_names, optimizer.param_groups)]
@@ -106,7 +109,8 @@ def plan_run(recipe: str, cfg: Config, world_size: int, preview: bool = True) ->
     if not preview:
         return plan
     try:
-        plan.lr_series = preview_lrs(lambda: build_optimizer(model, cfg.optim)[0], cfg.schedule, horizon, group_names)
+        plan.lr_series = preview_lrs(lambda: build_optimizer(model, cfg.optim, folders)[0], cfg.schedule, horizon,
+                                     group_names)
     except (ValueError, TypeError, ZeroDivisionError) as exc:
         # e.g. OneCycleLR stepped past its total_steps: training would stop with the same error.
         plan.preview_error = f"schedule ({cfg.schedule.name}): stepping through the planned run fails: {exc}"

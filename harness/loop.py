@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from harness import faults, sampling
+from harness.assemble import build_data, build_model
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
-from harness.datasets import Split, TaskData, build_data
+from harness.contracts import Split, TaskData
 from harness.distributed import (all_reduce_sum, check_lrs_agree, gather_rows, make_accelerator, raise_if_lrs_differ,
                                  shutdown_process_group, warn_if_ranks_lost)
-from harness.models import build_model
-from harness.objectives import METRIC_NAMES, per_sample_loss, per_sample_metric, summed_loss
+from harness.objectives import build_loss, build_metrics
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
 from harness.checkpoint import CheckpointStore
@@ -79,7 +79,9 @@ class Trainer:
     horizon: Horizon
     tb: TensorBoardLog
     store: Optional[CheckpointStore] = None
-    metric_name: str = "accuracy"
+    loss: object = None  # per_sample / summed (harness.contracts.Loss)
+    metrics: list = field(default_factory=list)  # harness.contracts.Metric
+    components: dict = field(default_factory=dict)  # import path + source hash of each component
     # The monitored value (checkpoint.monitor) of the latest validation, for keep_best.
     last_monitored: Optional[float] = None
     preemption: Optional[PreemptionWatcher] = None
@@ -124,8 +126,65 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: Config) -> Trainer:
-    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
+@dataclass
+class GivenComponents:
+    """Objects handed over from Python (harness.train(model=..., data=...)) instead of being built
+    from the recipe's sections."""
+
+    model: Optional[torch.nn.Module] = None
+    data: object = None  # anything a data factory may return (see harness.data)
+    loss: object = None  # a loss function, class instance or harness Loss
+    metrics: Optional[list] = None  # metric functions or objects
+
+
+def build_components(cfg: Config, given: GivenComponents):
+    """The data, model, loss and metrics of a run, from the recipe or as given; with the import
+    path and source hash of each (recorded in checkpoints, compared on resume)."""
+    from harness import components
+    from harness.data import as_task_data
+    from harness.objectives import make_metric, metric_context, wrap_loss
+
+    folders = cfg.import_folders
+    origins = {}
+
+    def origin(section: str, name: Optional[str], obj=None) -> dict:
+        if obj is not None:
+            return components.origin_of(obj, "").as_dict()
+        if name is None:
+            return {"target": None}
+        if components.is_import_path(name):
+            return components.origin_of(components.resolve(section, name, folders), name).as_dict()
+        return {"target": name}  # built in: versioned with the harness
+
+    if given.data is not None:
+        task = as_task_data(given.data, "data (given from Python)")
+        origins["data"] = origin("data", None, given.data)
+    else:
+        task = build_data(cfg.data, cfg.run.seed, folders)
+        origins["data"] = origin("data", cfg.data.name)
+    if given.model is not None:
+        model, origins["model"] = given.model, origin("model", None, given.model)
+    else:
+        model, origins["model"] = build_model(cfg.model, task.spec, folders), origin("model", cfg.model.name)
+    if given.loss is not None:
+        loss, origins["loss"] = wrap_loss(given.loss, {}, "given from Python"), origin("loss", None, given.loss)
+    else:
+        loss, origins["loss"] = build_loss(cfg.loss.name, cfg.loss.options, task.spec, folders), \
+            origin("loss", cfg.loss.name)
+    if given.metrics is not None:
+        context = metric_context(task.spec, loss)
+        metrics = [make_metric(m, {}, getattr(m, "__name__", type(m).__name__), context) for m in given.metrics]
+        origins["metrics"] = [origin("metric", None, m) for m in given.metrics]
+    else:
+        metrics = build_metrics(cfg.metrics, task.spec, loss, folders)
+        names = [e if isinstance(e, str) else e["name"] for e in (cfg.metrics or [])]
+        origins["metrics"] = [origin("metric", n) for n in names]
+    origins["optim"] = origin("optim", cfg.optim.name)
+    return task, model, loss, metrics, origins
+
+
+def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Trainer:
+    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters)
     warn_if_ranks_lost(accelerator.num_processes)
     if cfg.run.deterministic:
         import os
@@ -134,12 +193,11 @@ def build_trainer(cfg: Config) -> Trainer:
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    task = build_data(cfg.data, cfg.run.seed)
+    task, model, loss, metrics, origins = build_components(cfg, given or GivenComponents())
     if cfg.data.batch_size > len(task.train) and cfg.data.drop_last:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {len(task.train)} "
                           "training samples and data.drop_last is true: no step would run")
-    model = build_model(cfg.model, task.spec)
-    optimizer, group_names = build_optimizer(model, cfg.optim)
+    optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)
     horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last),
                       cfg.train.epochs)
     schedule = build_schedule(optimizer, cfg.schedule, horizon, group_names)
@@ -151,8 +209,9 @@ def build_trainer(cfg: Config) -> Trainer:
     store = CheckpointStore(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                             cfg.checkpoint.monitor_mode)
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
-                      TensorBoardLog(cfg.run_dir, enabled=False), store=store,
-                      metric_name=METRIC_NAMES[task.spec.kind], raw_model=accelerator.unwrap_model(model))
+                      TensorBoardLog(cfg.run_dir, enabled=False), store=store, loss=loss, metrics=metrics,
+                      raw_model=accelerator.unwrap_model(model), components=origins)
+    check_monitors(trainer)
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
     # python's and numpy's generators too, for user code (datasets, factors) that draws from them.
     rank_seed = cfg.run.seed * 1000 + 17 + accelerator.process_index
@@ -214,7 +273,7 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
         sync = contextlib.nullcontext() if last else acc.no_sync(trainer.model)
         with sync:
             outputs = batch.predict(trainer.model)
-            loss_sum = summed_loss(trainer.task.spec.kind, outputs.float(), batch.targets)
+            loss_sum = trainer.loss.summed(outputs.float(), batch.targets)
             if weight != 1.0:
                 loss_sum = loss_sum * weight
             backward(trainer, loss_sum, scale)
@@ -325,8 +384,9 @@ def flush_step_logs(trainer: Trainer, close_window: bool, sums: Sequence[float] 
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> tuple[float, float]:
-    """Global mean loss and metric over ``split``: each rank sums its contiguous shards, one all-reduce.
+def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dict[str, float]:
+    """Global mean loss and every metric over ``split`` ({"loss": ..., "<metric>": ...}): each
+    rank adds up its contiguous shards' sums (loss sum, count, each metric's sums), one all-reduce.
 
     With ``interruptible``, the ranks check for a preemption request every few batches (every rank
     walks the same global batches, some with an empty shard, so the collectives line up).
@@ -335,8 +395,8 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> tup
     model = trainer.raw_model  # no DDP collectives inside a rank-local loop
     was_training = model.training
     model.eval()
-    kind = trainer.task.spec.kind
-    sums = torch.zeros(3, dtype=torch.float64)
+    widths = [metric.width for metric in trainer.metrics]
+    sums = torch.zeros(2 + sum(widths), dtype=torch.float64, device=acc.device)
     shards = list(sampling.validation_shards(len(split), trainer.cfg.data.val_batch_size,
                                              acc.process_index, acc.num_processes))
     every = trainer.cfg.preemption.check_every_val_batches
@@ -346,19 +406,25 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> tup
             for batch in split.batches(chunk):
                 batch = batch.to(acc.device)
                 outputs = batch.predict(model).float()
-                sums[0] += per_sample_loss(kind, outputs, batch.targets).sum().item()
-                sums[1] += per_sample_metric(kind, outputs, batch.targets).sum().item()
-                sums[2] += len(batch.targets)
+                sums[0] += trainer.loss.per_sample(outputs, batch.targets).double().sum()
+                sums[1] += len(outputs)
+                if widths:
+                    sums[2:] += torch.cat([metric.sums(outputs, batch.targets).to(sums) for metric in trainer.metrics])
             if interruptible and start + every < len(shards) and trainer.preemption is not None \
                     and trainer.preemption.should_stop(acc):
                 model.train(was_training)
                 stop_for_preemption(trainer)
+    sums = sums.cpu()
     if split is trainer.task.val:
         trainer.local_validations.append(sums.tolist())
-    total = all_reduce_sum(acc, sums)
+    total = all_reduce_sum(acc, sums).tolist()
     model.train(was_training)
-    count = max(total[2].item(), 1.0)
-    return total[0].item() / count, total[1].item() / count
+    results = {"loss": total[0] / max(total[1], 1.0)}
+    offset = 2
+    for metric, width in zip(trainer.metrics, widths):
+        results[metric.name] = float(metric.compute(total[offset:offset + width]))
+        offset += width
+    return results
 
 
 def stop_for_preemption(trainer: Trainer) -> None:
@@ -415,7 +481,6 @@ def train(cfg: Config) -> dict:
 
 def fit(trainer: Trainer) -> dict:
     cfg, state = trainer.cfg, trainer.state
-    metric_name = METRIC_NAMES[trainer.task.spec.kind]
     stop = state.early_stopped
     while state.epoch < cfg.train.epochs and not stop:
         epoch = state.epoch
@@ -441,16 +506,16 @@ def fit(trainer: Trainer) -> dict:
         if stop and state.samples_in_epoch < trainer.epoch_length():
             save_checkpoint(trainer, trainer.store, "max_steps")
             break
-        end_epoch(trainer, metric_name)
+        end_epoch(trainer)
         stop = stop or state.early_stopped
         every = cfg.checkpoint.every_epochs
         if (every and state.epoch % every == 0) or state.epoch == cfg.train.epochs or stop or (
                 cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
             save_checkpoint(trainer, trainer.store, "epoch_end")
-    return finish(trainer, metric_name)
+    return finish(trainer)
 
 
-def end_epoch(trainer: Trainer, metric_name: str) -> None:
+def end_epoch(trainer: Trainer) -> None:
     cfg, state = trainer.cfg, trainer.state
     # One collective: the pending LRs cross-checked, this epoch's train-loss sum reduced.
     (epoch_loss_of_ranks,) = flush_step_logs(trainer, close_window=False, sums=[local_loss_sum(trainer.epoch_losses)])
@@ -459,7 +524,7 @@ def end_epoch(trainer: Trainer, metric_name: str) -> None:
     # Validation comes before any state changes: a preemption inside it saves the state of the
     # last step boundary, and the resumed run redoes this validation.
     if validate:
-        val_loss, val_metric = evaluate(trainer, trainer.task.val, interruptible=True)
+        validation = evaluate(trainer, trainer.task.val, interruptible=True)
     train_loss = (epoch_loss_of_ranks + state.epoch_loss_sum) / max(state.epoch_count, 1)
     state.epoch = epoch_number
     state.samples_in_epoch = 0
@@ -469,10 +534,10 @@ def end_epoch(trainer: Trainer, metric_name: str) -> None:
     scalars = {"train/loss_epoch": train_loss}
     record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss}
     if validate:
-        trainer.schedule.after_validation(val_loss, val_metric)
-        scalars.update({"val/loss": val_loss, f"val/{metric_name}": val_metric})
-        record.update({"val_loss": val_loss, f"val_{metric_name}": val_metric})
-        trainer.last_monitored = val_loss if cfg.checkpoint.monitor == "val_loss" else val_metric
+        scalars.update({f"val/{name}": value for name, value in validation.items()})
+        record.update({f"val_{name}": value for name, value in validation.items()})
+        trainer.schedule.after_validation(*schedule_inputs(trainer, record))
+        trainer.last_monitored = monitored_value(record, cfg.checkpoint.monitor, trainer.metrics)
         update_best(trainer, trainer.last_monitored)
     # The LRs for the next epoch are cross-checked with its first steps' (at the next log flush);
     # those after the last epoch by finish().
@@ -485,9 +550,38 @@ def end_epoch(trainer: Trainer, metric_name: str) -> None:
     log_epoch(trainer, record, lrs)
 
 
-def update_best(trainer: Trainer, value: float) -> None:
+def monitored_value(record: dict, name: str, metrics: list) -> Optional[float]:
+    """``val_loss``, ``train_loss``, ``val_<metric>`` (or the old ``val_metric``: the first metric)
+    of one epoch's record; None when that epoch did not validate."""
+    if name == "val_metric":
+        name = f"val_{metrics[0].name}" if metrics else "val_loss"
+    return record.get(name)
+
+
+def monitor_names(metrics: list) -> list[str]:
+    return ["val_loss", "train_loss", *(f"val_{m.name}" for m in metrics), "val_metric"]
+
+
+def schedule_inputs(trainer: Trainer, record: dict) -> tuple[Optional[float], Optional[float]]:
+    """(val_loss, the value ReduceLROnPlateau watches) for LRSchedule.after_validation."""
+    monitor = trainer.schedule.monitor or "val_loss"
+    return record.get("val_loss"), monitored_value(record, monitor, trainer.metrics)
+
+
+def check_monitors(trainer: Trainer) -> None:
+    """checkpoint.monitor and a plateau's monitor must name something this run reports."""
+    valid = monitor_names(trainer.metrics)
+    for key, name in (("checkpoint.monitor", trainer.cfg.checkpoint.monitor),
+                      ("schedule.monitor", trainer.schedule.monitor)):
+        if name is not None and name not in valid:
+            raise ConfigError(f"{key}: {name!r} is not reported by this run; valid: {', '.join(valid)}")
+
+
+def update_best(trainer: Trainer, value: Optional[float]) -> None:
     """Best monitored value and the early-stopping count; ``value`` is the same on every rank."""
     cfg, state = trainer.cfg, trainer.state
+    if value is None:
+        return
     sign = 1.0 if cfg.checkpoint.monitor_mode == "min" else -1.0
     improved = state.best_metric is None or sign * (state.best_metric - value) > cfg.train.early_stopping_min_delta
     if improved:
@@ -503,17 +597,16 @@ def update_best(trainer: Trainer, value: float) -> None:
                         state.validations_without_improvement, state.best_metric)
 
 
-def finish(trainer: Trainer, metric_name: str) -> dict:
+def finish(trainer: Trainer) -> dict:
     state = trainer.state
     summary = {"epochs": state.epoch, "steps": state.step, "world_size": trainer.accelerator.num_processes,
                "early_stopped": state.early_stopped, "best_monitored": state.best_metric}
     if state.history and "val_loss" in state.history[-1]:
-        summary["val_loss"] = state.history[-1]["val_loss"]
-        summary[f"val_{metric_name}"] = state.history[-1][f"val_{metric_name}"]
+        summary.update({k: v for k, v in state.history[-1].items() if k.startswith("val_")})
     if trainer.task.test is not None:
-        test_loss, test_metric = evaluate(trainer, trainer.task.test)
-        summary.update({"test_loss": test_loss, f"test_{metric_name}": test_metric})
-        trainer.tb.scalars(state.step, {"test/loss": test_loss, f"test/{metric_name}": test_metric})
+        test = evaluate(trainer, trainer.task.test)
+        summary.update({f"test_{name}": value for name, value in test.items()})
+        trainer.tb.scalars(state.step, {f"test/{name}": value for name, value in test.items()})
     summary["final_lrs"] = trainer.schedule.lrs()
     check_lrs_agree(trainer.accelerator, torch.tensor([list(summary["final_lrs"].values())]), trainer.group_names,
                     state.epoch, "end of epoch")

@@ -7,10 +7,11 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from harness.config import ConfigError, OptimConfig
+from harness import components
+from harness.contracts import ConfigError
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> tuple[list[dict], list[str]]:
+def param_groups(model: nn.Module, cfg) -> tuple[list[dict], list[str]]:
     """Groups in recipe order, then 'default' with every unmatched parameter. A parameter goes to
     the first group whose glob matches its name (names as in ``model.named_parameters()``)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -35,12 +36,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> tuple[list[dict], list[s
     return groups, names
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, list[str]]:
+def build_optimizer(model: nn.Module, cfg, folders=()) -> tuple[torch.optim.Optimizer, list[str]]:
+    """``optim.name`` (any torch.optim class, or an import path) over the named param groups."""
     groups, names = param_groups(model, cfg)
-    if cfg.name == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                    weight_decay=cfg.weight_decay)
-    else:
-        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-        optimizer = cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    target = components.resolve("optim", cfg.name, folders)
+    optimizer = components.build(target, {"params": groups, "lr": cfg.lr, **cfg.options},
+                                 f"building the optimizer {cfg.name!r}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optim.name: {cfg.name!r} built a {type(optimizer).__name__}, not a torch.optim.Optimizer")
     return optimizer, names

@@ -1,9 +1,14 @@
-"""Names a recipe may use for data sets, models and schedules, and the options each one takes."""
+"""Schedule kinds by name, and the options each one takes (see harness/schedules.py).
+
+Models, data sets, losses, metrics and optimizers are components (harness/components.py).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from harness.contracts import ConfigError
 
 
 @dataclass(frozen=True)
@@ -15,25 +20,14 @@ class Kind:
 
 
 def kinds(section: str) -> dict[str, Kind]:
-    # Imported on demand so that reading a recipe never imports torch_geometric.
     if section == "schedule":
         from harness.schedules import SCHEDULES
 
         return SCHEDULES
-    if section == "model":
-        from harness.models import MODELS
-
-        return MODELS
-    if section == "data":
-        from harness.datasets import DATASETS
-
-        return DATASETS
     raise KeyError(section)
 
 
 def canonical_name(section: str, name: Any) -> str:
-    from harness.config import ConfigError
-
     table = kinds(section)
     wanted = str(name).lower()
     for canonical, kind in table.items():

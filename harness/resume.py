@@ -175,6 +175,13 @@ def apply_recipe_hyperparameters(optimizer, recipe_groups: list[dict]) -> None:
         group.update({k: v for k, v in recipe.items() if k not in lr_keys})
 
 
+def recorded_validations(trainer) -> list[tuple]:
+    """(val_loss, the plateau's monitored value) of every epoch so far, for replaying the schedule."""
+    from harness.loop import schedule_inputs
+
+    return [schedule_inputs(trainer, record) for record in trainer.state.history]
+
+
 def fast_forward_schedule(trainer) -> None:
     """Rebuild the schedule from the recipe on the restored optimizer and step it through the run
     so far (the recorded validations feed ReduceLROnPlateau): the LR is what the changed recipe
@@ -189,7 +196,7 @@ def fast_forward_schedule(trainer) -> None:
         group["lr"] = lr
     state = trainer.state
     trainer.schedule = LRSchedule(trainer.optimizer, trainer.cfg.schedule, trainer.horizon, trainer.group_names)
-    validations = [(r.get("val_loss"), r.get(f"val_{trainer.metric_name}")) for r in state.history]
+    validations = recorded_validations(trainer)
     advance(trainer.schedule, trainer.horizon, state.step, state.epoch, validations)
 
 
@@ -306,7 +313,7 @@ def verify_lrs(trainer, meta: dict, folder: Path, schedule_rebuilt: bool = False
     problems = []
     if loaded != saved:
         problems.append(f"restored optimizer/scheduler give {loaded}, the checkpoint recorded {saved}")
-    val_history = [(r.get("val_loss"), r.get(f"val_{meta['metric_name']}")) for r in trainer.state.history]
+    val_history = recorded_validations(trainer)
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     recipe_lrs = {g.name: (g.lr if g.lr is not None else trainer.cfg.optim.lr) for g in trainer.cfg.optim.param_groups}
 
@@ -430,7 +437,10 @@ class CheckpointSnapshot:
                 "samples_in_epoch": state.samples_in_epoch,
                 "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
                 "group_names": trainer.group_names,
-                "metric_name": trainer.metric_name,
+                "metric_name": trainer.metrics[0].name if trainer.metrics else None,
+                "metrics": [m.name for m in trainer.metrics],
+                # Import path and source hash of each component, read by `ckpt inspect` without importing it.
+                "components": trainer.components,
                 # fp16 on GPU: the loss scale and its growth tracker, so the resumed run scales identically.
                 "grad_scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
                 "world_size": acc.num_processes,

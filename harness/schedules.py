@@ -92,7 +92,8 @@ class LambdaOptions:
 
 @dataclass
 class PlateauOptions:
-    monitor: Literal["val_loss", "val_metric"] = "val_loss"
+    # val_loss, train_loss, val_<metric> of the run (val_metric: its first metric).
+    monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     factor: float = 0.1
     patience: int = 10
@@ -344,10 +345,10 @@ class LRSchedule:
         if self.interval == "epoch" and not self.is_plateau and self.warmup_over():
             self.main.step()
 
-    def after_validation(self, val_loss: float, val_metric: float) -> None:
-        """Plateau steps exactly once per validation, on the value reduced over all ranks."""
-        if self.is_plateau and self.warmup_over():
-            self.main.step(val_loss if self.monitor == "val_loss" else val_metric)
+    def after_validation(self, val_loss: Optional[float], monitored: Optional[float]) -> None:
+        """Plateau steps exactly once per validation, on the monitored value reduced over all ranks."""
+        if self.is_plateau and self.warmup_over() and monitored is not None:
+            self.main.step(monitored)
 
     # Warmup: scale the main schedule's own current LRs.
 

@@ -10,10 +10,9 @@ from safetensors.torch import load_file
 from torch.optim import lr_scheduler as S
 
 from harness.config import load_config
-from harness.datasets import build_data
+from harness.assemble import build_data, build_model
 from harness.loop import Trainer
-from harness.models import build_model
-from harness.objectives import per_sample_loss
+from harness.builtin.objectives import bce_with_logits
 from harness.tracking import read_scalars
 from tests.conftest import ROOT, read_json, run_harness
 from tests.reference import stock_series, warmup_cosine_closed_form
@@ -156,7 +155,7 @@ def test_plateau_on_two_ranks_with_different_local_losses_uses_the_global_mean(t
     model.eval()
     with torch.no_grad():
         batch = task.val.fetch(torch.arange(len(task.val)))
-        whole = per_sample_loss("binary", batch.predict(model), batch.targets).mean().item()
+        whole = bce_with_logits().per_sample(batch.predict(model), batch.targets).mean().item()
     assert tb_val[-1] == pytest.approx(whole, rel=1e-5)
 
 

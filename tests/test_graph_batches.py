@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from harness.datasets import SbmNodesOptions, build_sbm_nodes
-from harness.models import Gcn, GcnOptions
+from harness.builtin.datasets import sbm_nodes
+from harness.builtin.models import Gcn
 
 
 def test_subgraph_outputs_equal_full_graph_outputs_for_the_seed_nodes():
-    sub = build_sbm_nodes(SbmNodesOptions(num_nodes=300, subgraph_hops=3), seed=0)
-    full = build_sbm_nodes(SbmNodesOptions(num_nodes=300, subgraph_hops=None), seed=0)
+    sub = sbm_nodes(num_nodes=300, subgraph_hops=3)
+    full = sbm_nodes(num_nodes=300, subgraph_hops=None)
     torch.manual_seed(0)
-    model = Gcn(sub.spec.in_dim, sub.spec.out_dim, GcnOptions(hidden=[16], dropout=0.0)).eval()
+    model = Gcn(sub.spec.in_dim, sub.spec.out_dim, hidden=[16], dropout=0.0).eval()
     seeds = torch.tensor([3, 17, 40, 41, 99])
     with torch.no_grad():
         a, b = sub.train.fetch(seeds), full.train.fetch(seeds)
@@ -20,6 +20,6 @@ def test_subgraph_outputs_equal_full_graph_outputs_for_the_seed_nodes():
         assert torch.equal(a.targets, b.targets)
         assert torch.allclose(a.predict(model), b.predict(model), atol=1e-5)
     # Two hops (= layers) would not be enough: degree normalisation needs the outer ring too.
-    short = build_sbm_nodes(SbmNodesOptions(num_nodes=300, subgraph_hops=2), seed=0)
+    short = sbm_nodes(num_nodes=300, subgraph_hops=2)
     with torch.no_grad():
         assert not torch.allclose(short.train.fetch(seeds).predict(model), b.predict(model), atol=1e-5)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from harness.config import ConfigError, load_config
-from harness.datasets import CsvOptions, TuFolderOptions, build_csv, build_tu_folder
+from harness.builtin.datasets import csv_table, tu_folder
 from tests.conftest import read_json, run_harness
 
 ROWS = 400
@@ -181,8 +181,8 @@ def test_csv_two_ranks_give_the_same_val_loss_as_one_process(binary_csv_run, tmp
 def test_csv_standardisation_is_fitted_on_the_training_part_only(tmp_path):
     csv_path = tmp_path / "table.csv"
     write_table(csv_path, "binary")
-    scaled = build_csv(CsvOptions(path=str(csv_path), target="label"), seed=0)
-    raw = build_csv(CsvOptions(path=str(csv_path), target="label", standardize=False), seed=0)
+    scaled = csv_table(path=str(csv_path), target="label")
+    raw = csv_table(path=str(csv_path), target="label", standardize=False)
     raw_train = raw.train.features.double().numpy()
     train = scaled.train.features.double().numpy()
     # The training part alone has mean 0 and standard deviation 1 in every column...
@@ -203,18 +203,18 @@ def test_csv_standardisation_is_fitted_on_the_training_part_only(tmp_path):
 def test_csv_splits_and_labels_follow_the_file(tmp_path):
     csv_path = tmp_path / "table.csv"
     labels = write_table(csv_path, "binary")["labels"]
-    task = build_csv(CsvOptions(path=str(csv_path), target="label"), seed=0)
+    task = csv_table(path=str(csv_path), target="label")
     assert (task.spec.kind, task.spec.in_dim, task.spec.out_dim) == ("binary", 5, 1)
     assert (len(task.train), len(task.val), len(task.test)) == (288, 32, 80)
     # String classes are sorted: "no" is 0, "yes" is 1.
     ones = sum(float(getattr(task, p).targets.sum()) for p in ("train", "val", "test"))
     assert ones == np.sum(labels == "yes")
     # data.features picks columns; the target is never one of them.
-    two = build_csv(CsvOptions(path=str(csv_path), target="label", features=["x2", "x4"]), seed=0)
+    two = csv_table(path=str(csv_path), target="label", features=["x2", "x4"])
     assert two.spec.in_dim == 2
     multi_path = tmp_path / "multi.csv"
     write_table(multi_path, "multiclass")
-    multi = build_csv(CsvOptions(path=str(multi_path), target="label", task="multiclass"), seed=0)
+    multi = csv_table(path=str(multi_path), target="label", task="multiclass")
     assert multi.spec.out_dim == 3 and set(multi.train.targets.tolist()) == {0, 1, 2}
 
 
@@ -257,7 +257,7 @@ def test_csv_mistakes_are_config_errors_naming_file_and_column(case, tmp_path):
     make, options, fragments = CSV_ERRORS[case]
     path = make(tmp_path / "table.csv")
     with pytest.raises(ConfigError) as err:
-        build_csv(CsvOptions(path=str(path), **{"target": "label", **options}), seed=0)
+        csv_table(path=str(path), **{"target": "label", **options})
     message = str(err.value)
     assert str(path) in message, message
     for fragment in fragments:
@@ -303,7 +303,7 @@ def test_tu_folder_trains_gin_well_above_chance(tmp_path):
 
 def test_tu_folder_reads_labels_and_shapes_from_the_files(tmp_path):
     root = write_tu(tmp_path / "graphs", "TOY")
-    task = build_tu_folder(TuFolderOptions(root=str(root), prefix="TOY"), seed=0)
+    task = tu_folder(root=str(root), prefix="TOY")
     assert (task.spec.kind, task.spec.graph, task.spec.in_dim, task.spec.out_dim) == ("multiclass", "graph", 3, 2)
     assert (len(task.train), len(task.val), len(task.test)) == (96, 12, 12)
     graphs = task.train.graphs + task.val.graphs + task.test.graphs
@@ -317,7 +317,7 @@ def test_tu_folder_data_prefix_is_its_own_key_beside_data_name(tmp_path):
     cfg = load_config(tu_recipe(tmp_path, tmp_path / "graphs", "TOY"), ["data.prefix=OTHER"])
     assert cfg.data.name == "tu_folder" and cfg.data.options.prefix == "OTHER"
     with pytest.raises(ConfigError, match=r"data\.root and data\.prefix"):
-        build_tu_folder(TuFolderOptions(root=str(tmp_path)), seed=0)
+        tu_folder(root=str(tmp_path))
 
 
 @pytest.mark.parametrize("removed", [["graph_labels"], ["A", "graph_indicator"]])
@@ -326,7 +326,7 @@ def test_tu_folder_missing_files_are_named(removed, tmp_path):
     for part in removed:
         (root / f"TOY_{part}.txt").unlink()
     with pytest.raises(ConfigError) as err:
-        build_tu_folder(TuFolderOptions(root=str(root), prefix="TOY"), seed=0)
+        tu_folder(root=str(root), prefix="TOY")
     message = str(err.value)
     assert "data.root: missing TU files" in message
     for part in ("A", "graph_indicator", "graph_labels"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.models import Mlp, MlpOptions
+from harness.builtin.models import Mlp
 from harness.tracking import read_scalars
 from tests.conftest import ROOT, read_json, run_harness, subprocess_env
 
@@ -191,7 +191,7 @@ def test_resume_never_refuses_a_run_folder_that_has_checkpoints(trained, tmp_pat
 def test_checkpoint_weights_load_into_a_plain_model_with_safetensors_alone(trained):
     state = load_file(trained / "checkpoints" / "step-000016" / "model.safetensors")
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
-    model = Mlp(30, 1, MlpOptions(hidden=[64, 32], dropout=0.2))
+    model = Mlp(30, 1, hidden=[64, 32], dropout=0.2)
     model.load_state_dict(state, strict=True)
     optimizer_meta = json.loads((trained / "checkpoints" / "step-000016" / "optimizer.json").read_text())
     assert optimizer_meta["param_groups"][0]["initial_lr"] == 0.001

@@ -1,0 +1,311 @@
+"""Data sets by name: bundled or generated ones for the recipes, real loaders for users' own files.
+
+A data set is built into a :class:`TaskData`: what kind of target it has, the shapes the model
+needs, and splits (train / val / test). A split fetches a batch from a tensor of sample indices,
+so the sampler (``harness.sampling``) alone decides which rank sees which samples.
+
+torch_geometric is imported only by the graph data sets: it costs seconds at start-up.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from harness.components import register
+from harness.contracts import ConfigError, TaskData, TaskKind, TaskSpec
+from harness.data import GraphSplit, NodeSplit, TensorSplit
+
+
+def _standardised_splits(x: np.ndarray, y: np.ndarray, kind: TaskKind, test_size: float, val_size: float,
+                         random_state: int, standardize: bool) -> tuple[TensorSplit, TensorSplit, TensorSplit]:
+    """Train/val/test split; the scaler is fitted on the training part only."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, random_state=random_state)
+    if val_size > 0:
+        x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=val_size,
+                                                          random_state=random_state)
+    else:
+        # No separate validation part (as in the breast-cancer article): validate on the test part.
+        x_val, y_val = x_test, y_test
+    if standardize:
+        scaler = StandardScaler().fit(x_train)
+        x_train, x_val, x_test = (scaler.transform(a) for a in (x_train, x_val, x_test))
+
+    def split(features, targets):
+        features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        if kind == "multiclass":
+            targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        else:
+            targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32).view(-1, 1)
+        return TensorSplit(features, targets)
+
+    return split(x_train, y_train), split(x_val, y_val), split(x_test, y_test)
+
+
+@register("data", "breast_cancer", aliases=(), summary="scikit-learn's bundled breast cancer table")
+def breast_cancer(
+        test_size: float = 0.2,
+        val_size: float = 0.0,
+        random_state: int = 2,
+        standardize: bool = True) -> TaskData:
+    """The seed article's table; ``val_size`` 0: validate on the test part, as the article does."""
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    # scikit-learn codes malignant as 0; the article (and most users) code malignant as 1.
+    y = 1 - bunch.target
+    train, val, test = _standardised_splits(bunch.data, y, "binary", test_size, val_size,
+                                            random_state, standardize)
+    return TaskData(TaskSpec("binary", bunch.data.shape[1], 1), train, val, test,
+                    description=f"breast cancer (scikit-learn bundled): {len(train)} train, {len(test)} test")
+
+
+@register("data", "csv", aliases=(), summary="your own CSV table")
+def csv_table(
+        path: str = "",
+        target: str = "target",
+        features: Optional[list[str]] = None,
+        task: TaskKind = "binary",
+        test_size: float = 0.2,
+        val_size: float = 0.1,
+        random_state: int = 0,
+        standardize: bool = True) -> TaskData:
+    """A CSV file with a header row; ``features`` null: every column but the target."""
+    if not path:
+        raise ConfigError("data.path: the csv data set needs a path to a CSV file with a header row")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.path: CSV file not found: {path}")
+    # utf-8-sig: a spreadsheet export's byte-order mark would otherwise glue onto the first column name.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ConfigError(f"{path}: empty file, expected a header row") from None
+        rows = [row for row in reader if row]
+    header = [h.strip() for h in header]
+    if target not in header:
+        raise ConfigError(f"{path}: no column {target!r} (data.target). Columns: {', '.join(header)}")
+    features = features or [h for h in header if h != target]
+    for name in features:
+        if name not in header:
+            raise ConfigError(f"{path}: no column {name!r} (data.features). Columns: {', '.join(header)}")
+    if len(rows) < 10:
+        raise ConfigError(f"{path}: only {len(rows)} rows; need at least 10 to split train/val/test")
+    columns = [header.index(name) for name in features]
+    target_column = header.index(target)
+    x = np.empty((len(rows), len(columns)), dtype=np.float64)
+    for r, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ConfigError(f"{path}: line {r + 2} has {len(row)} fields, the header has {len(header)}")
+        for c, column in enumerate(columns):
+            try:
+                x[r, c] = float(row[column])
+            except ValueError:
+                x[r, c] = math.nan
+            if not math.isfinite(x[r, c]):
+                raise ConfigError(f"{path}: line {r + 2}, column {header[column]!r}: "
+                                  f"{row[column]!r} is not a finite number") from None
+    raw_targets = [row[target_column].strip() for row in rows]
+    if task == "regression":
+        try:
+            y = np.array([float(v) for v in raw_targets])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: column {target!r}: regression targets must be numbers ({exc})") from None
+        classes = []
+    else:
+        classes = sorted(set(raw_targets), key=_natural_key)
+        y = np.array([classes.index(v) for v in raw_targets])
+        if task == "binary" and len(classes) != 2:
+            raise ConfigError(f"{path}: column {target!r} has {len(classes)} classes {classes[:10]}; "
+                              "task: binary needs exactly 2 (use task: multiclass)")
+    train, val, test = _standardised_splits(x, y, task, test_size, val_size, random_state, standardize)
+    out_dim = len(classes) if task == "multiclass" else 1
+    return TaskData(TaskSpec(task, len(columns), out_dim), train, val, test,
+                    description=f"{path}: {len(rows)} rows, {len(columns)} features, task {task}")
+
+
+def _natural_key(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Node classification on one graph
+# --------------------------------------------------------------------------------------------
+
+
+@register("data", "sbm_nodes", aliases=(), summary="generated SBM graph, node classification")
+def sbm_nodes(
+        num_nodes: int = 1200,
+        num_classes: int = 4,
+        num_features: int = 16,
+        p_in: float = 0.02,
+        p_out: float = 0.002,
+        feature_noise: float = 2.0,
+        train_fraction: float = 0.6,
+        val_fraction: float = 0.2,
+        subgraph_hops: Optional[int] = 3,
+        graph_seed: int = 0) -> TaskData:
+    """A stochastic-block-model graph whose node features are noisy class centroids.
+
+    Neighbours mostly share a class, so a GCN that averages over them beats a per-node MLP.
+    """
+    from torch_geometric.data import Data
+    from torch_geometric.utils import stochastic_blockmodel_graph
+
+    generator = torch.Generator().manual_seed(graph_seed)
+    sizes = [num_nodes // num_classes] * num_classes
+    sizes[-1] += num_nodes - sum(sizes)
+    probs = [[p_in if i == j else p_out for j in range(num_classes)] for i in range(num_classes)]
+    with torch.random.fork_rng():
+        torch.manual_seed(graph_seed)  # stochastic_blockmodel_graph draws from the global RNG
+        edge_index = stochastic_blockmodel_graph(sizes, probs)
+    y = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(sizes)])
+    centroids = torch.randn(num_classes, num_features, generator=generator)
+    x = centroids[y] + feature_noise * torch.randn(num_nodes, num_features, generator=generator)
+    graph = Data(x=x, edge_index=edge_index, y=y)
+    order = torch.randperm(num_nodes, generator=generator)
+    n_train = int(train_fraction * num_nodes)
+    n_val = int(val_fraction * num_nodes)
+    train, val, test = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    spec = TaskSpec("multiclass", num_features, num_classes, graph="node")
+    return TaskData(spec, NodeSplit(graph, train, subgraph_hops), NodeSplit(graph, val, subgraph_hops),
+                    NodeSplit(graph, test, subgraph_hops),
+                    description=f"SBM graph: {num_nodes} nodes, {edge_index.size(1)} edges, "
+                                f"{num_classes} classes; {len(train)}/{len(val)}/{len(test)} train/val/test nodes")
+
+
+# --------------------------------------------------------------------------------------------
+# Graph-level learning: batches of many small graphs
+# --------------------------------------------------------------------------------------------
+
+
+ATOM_TYPES = ("C", "N", "O", "S", "Cl")
+
+
+@register("data", "molecules", aliases=(), summary="generated molecule-like graphs, graph regression")
+def molecules(
+        num_graphs: int = 2000,
+        min_atoms: int = 6,
+        max_atoms: int = 20,
+        ring_probability: float = 0.3,
+        train_fraction: float = 0.8,
+        val_fraction: float = 0.1,
+        graph_seed: int = 0,
+        num_workers: int = 0) -> TaskData:
+    """Generated molecule-like graphs (atoms as one-hot types, bonds as edges, some rings).
+
+    The target is a made-up additive property (think of a group-contribution estimate):
+    per-atom contributions plus a per-ring term, standardised. A GNN with sum pooling can learn it.
+    """
+    from torch_geometric.data import Data
+
+    rng = np.random.default_rng(graph_seed)
+    contributions = np.array([0.5, 1.0, -0.8, 1.5, -1.2])
+    ring_term = 0.7
+    graphs, raw_targets = [], []
+    for _ in range(num_graphs):
+        n = int(rng.integers(min_atoms, max_atoms + 1))
+        atoms = rng.choice(len(ATOM_TYPES), size=n, p=[0.6, 0.15, 0.15, 0.05, 0.05])
+        bonds = [(i, int(rng.integers(0, i))) for i in range(1, n)]  # a random tree: connected
+        rings = 0
+        for _ in range(3):
+            if rng.random() < ring_probability:
+                a, b = (int(v) for v in rng.choice(n, size=2, replace=False))
+                if (a, b) not in bonds and (b, a) not in bonds:
+                    bonds.append((a, b))
+                    rings += 1
+        src = [a for a, b in bonds] + [b for a, b in bonds]
+        dst = [b for a, b in bonds] + [a for a, b in bonds]
+        x = torch.zeros(n, len(ATOM_TYPES))
+        x[torch.arange(n), torch.as_tensor(atoms)] = 1.0
+        raw_targets.append(float(contributions[atoms].sum() + ring_term * rings))
+        graphs.append(Data(x=x, edge_index=torch.tensor([src, dst], dtype=torch.long)))
+    targets = np.array(raw_targets)
+    mean, std = targets.mean(), targets.std()
+    for graph, value in zip(graphs, targets):
+        graph.y = torch.tensor([[(value - mean) / std]], dtype=torch.float32)
+    order = np.random.default_rng(graph_seed + 1).permutation(num_graphs)
+    n_train, n_val = int(train_fraction * num_graphs), int(val_fraction * num_graphs)
+    parts = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    train, val, test = ([graphs[i] for i in part] for part in parts)
+    spec = TaskSpec("regression", len(ATOM_TYPES), 1, graph="graph")
+    return TaskData(spec, GraphSplit(train, num_workers), GraphSplit(val, num_workers),
+                    GraphSplit(test, num_workers),
+                    description=f"generated molecules: {num_graphs} graphs of {min_atoms}-{max_atoms} atoms; "
+                                f"{len(train)}/{len(val)}/{len(test)} train/val/test; target standardised")
+
+
+@register("data", "tu_folder", aliases=('tudataset',), summary="your own TU-format graph data set")
+def tu_folder(
+        root: str = "",
+        prefix: str = "",
+        task: TaskKind = "multiclass",
+        train_fraction: float = 0.8,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        num_workers: int = 0) -> TaskData:
+    """A graph data set in the TU format (PyG's TUDataset raw files) from a local folder.
+
+    ``root/PREFIX_A.txt``, ``PREFIX_graph_indicator.txt``, ``PREFIX_graph_labels.txt`` and optionally
+    ``PREFIX_node_labels.txt`` / ``PREFIX_node_attributes.txt``. Read straight from the text files:
+    no processed pickle is written or trusted.
+    """
+    # prefix: the files' common prefix (PyG calls it the data set's name; data.name is the data set kind).
+    from torch_geometric.data import InMemoryDataset
+    from torch_geometric.io import read_tu_data
+
+    if not root or not prefix:
+        raise ConfigError("data.root and data.prefix: the tu_folder data set needs the folder and the file prefix")
+    root = Path(root)
+    required = [root / f"{prefix}_{part}.txt" for part in ("A", "graph_indicator", "graph_labels")]
+    missing = [str(p) for p in required if not p.is_file()]
+    if missing:
+        raise ConfigError(f"data.root: missing TU files: {', '.join(missing)}")
+    try:
+        data, slices, _ = read_tu_data(str(root), prefix)
+    except Exception as exc:  # malformed text files: name the folder, keep the cause
+        raise ConfigError(f"{root}: cannot read TU data set {prefix!r}: {exc}") from exc
+
+    class _Loaded(InMemoryDataset):
+        def __init__(self):
+            super().__init__(root=None)
+            self.data, self.slices = data, slices
+
+    dataset = _Loaded()
+    if dataset.num_node_features == 0:
+        raise ConfigError(f"{root}: {prefix} has no node labels or attributes to learn from")
+    graphs = [dataset[i] for i in range(len(dataset))]
+    if task == "multiclass":
+        labels = torch.cat([g.y.view(-1) for g in graphs]).long()
+        classes = sorted(set(labels.tolist()))
+        remap = {c: i for i, c in enumerate(classes)}
+        for g in graphs:
+            g.y = torch.tensor([remap[int(g.y.view(-1)[0])]], dtype=torch.long)
+        out_dim = len(classes)
+    else:
+        for g in graphs:
+            g.y = g.y.view(1, -1).float()
+        out_dim = 1
+    order = torch.randperm(len(graphs), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    n_train, n_val = int(train_fraction * len(graphs)), int(val_fraction * len(graphs))
+    parts = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    train, val, test = ([graphs[i] for i in part] for part in parts)
+    if not train or not val:
+        raise ConfigError(f"{root}: {len(graphs)} graphs are too few for train/val splits")
+    spec = TaskSpec(task, dataset.num_node_features, out_dim, graph="graph")
+    return TaskData(spec, GraphSplit(train, num_workers), GraphSplit(val, num_workers),
+                    GraphSplit(test, num_workers) if test else None,
+                    description=f"TU data set {prefix} from {root}: {len(graphs)} graphs")

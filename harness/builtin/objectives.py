@@ -1,0 +1,196 @@
+"""Built-in losses and metrics, registered like a user's.
+
+Losses return one value per sample (``reduction="none"``; a sample's several outputs are summed),
+so the engine forms exact global means as (sum, count). Metrics return additive sums.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from harness.components import register
+from harness.contracts import OutputKind
+
+
+def float_targets_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Targets as the outputs' dtype and shape, when they hold one value per output (the seeds'
+    ``y`` of shape [N] against outputs [N, 1], integer labels for BCE)."""
+    if targets.shape != outputs.shape and targets.numel() == outputs.numel():
+        targets = targets.reshape(outputs.shape)
+    return targets.to(outputs.dtype) if targets.dtype != outputs.dtype else targets
+
+
+def class_targets(targets: torch.Tensor) -> torch.Tensor:
+    return targets.reshape(-1).long() if targets.dim() > 1 or targets.dtype != torch.long else targets
+
+
+class TorchLoss:
+    """A torch.nn.functional loss taken per sample; ``summed`` is its one-op sum (the training
+    step needs only the sum)."""
+
+    def __init__(self, fn, outputs: OutputKind, float_targets: bool, **kwargs):
+        self.fn, self.outputs, self.float_targets, self.kwargs = fn, outputs, float_targets, kwargs
+
+    def targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return float_targets_like(outputs, targets) if self.float_targets else class_targets(targets)
+
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        values = self.fn(outputs, self.targets(outputs, targets), reduction="none", **self.kwargs)
+        return values.reshape(len(values), -1).sum(dim=1) if values.dim() > 1 else values
+
+    def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.fn(outputs, self.targets(outputs, targets), reduction="sum", **self.kwargs)
+
+
+@register("loss", "bce_with_logits", aliases=("binary_cross_entropy_with_logits", "bcewithlogitsloss"),
+          summary="binary cross-entropy on logits (the stable form of sigmoid + BCE)")
+def bce_with_logits(pos_weight: Optional[float] = None) -> TorchLoss:
+    kwargs = {} if pos_weight is None else {"pos_weight": torch.tensor(pos_weight)}
+    return TorchLoss(F.binary_cross_entropy_with_logits, "logits", True, **kwargs)
+
+
+@register("loss", "bce", aliases=("binary_cross_entropy", "bceloss"),
+          summary="binary cross-entropy on probabilities (a model ending in a sigmoid)")
+def bce() -> TorchLoss:
+    return TorchLoss(F.binary_cross_entropy, "probabilities", True)
+
+
+@register("loss", "cross_entropy", aliases=("ce", "crossentropyloss"), summary="softmax cross-entropy on logits")
+def cross_entropy(label_smoothing: float = 0.0) -> TorchLoss:
+    return TorchLoss(F.cross_entropy, "logits", False, label_smoothing=label_smoothing)
+
+
+@register("loss", "nll", aliases=("nllloss",), summary="negative log-likelihood on log-probabilities")
+def nll() -> TorchLoss:
+    return TorchLoss(F.nll_loss, "logits", False)
+
+
+@register("loss", "mse", aliases=("mseloss",), summary="squared error")
+def mse() -> TorchLoss:
+    return TorchLoss(F.mse_loss, "values", True)
+
+
+@register("loss", "l1", aliases=("mae", "l1loss"), summary="absolute error")
+def l1() -> TorchLoss:
+    return TorchLoss(F.l1_loss, "values", True)
+
+
+@register("loss", "smooth_l1", aliases=("smoothl1loss",), summary="smooth L1 (Huber with beta)")
+def smooth_l1(beta: float = 1.0) -> TorchLoss:
+    return TorchLoss(F.smooth_l1_loss, "values", True, beta=beta)
+
+
+@register("loss", "huber", aliases=("huberloss",), summary="Huber loss")
+def huber(delta: float = 1.0) -> TorchLoss:
+    return TorchLoss(F.huber_loss, "values", True, delta=delta)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def predicted_classes(outputs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Class per sample: argmax over several outputs, or one output against the threshold."""
+    if outputs.dim() > 1 and outputs.shape[-1] > 1:
+        return outputs.argmax(dim=-1)
+    return (outputs.reshape(-1) >= threshold).long()
+
+
+def default_threshold(loss_outputs: Optional[str]) -> float:
+    return 0.5 if loss_outputs == "probabilities" else 0.0
+
+
+class Accuracy:
+    """Share of samples whose predicted class is the target. Logits are cut at 0, probabilities
+    (a loss such as ``bce`` says so) at 0.5, unless ``threshold`` is given."""
+
+    width = 2
+    higher_is_better = True
+
+    def __init__(self, name: str, threshold: float):
+        self.name, self.threshold = name, threshold
+
+    def sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        correct = (predicted_classes(outputs, self.threshold) == targets.reshape(-1).long()).sum()
+        return torch.stack([correct.double(), torch.tensor(float(len(outputs)), dtype=torch.float64,
+                                                           device=outputs.device)])
+
+    def compute(self, totals: Sequence[float]) -> float:
+        return float(totals[0]) / max(float(totals[1]), 1.0)
+
+
+@register("metric", "accuracy", aliases=("acc",), summary="share of correctly classified samples")
+def accuracy(threshold: Optional[float] = None, loss_outputs: Optional[str] = None) -> Accuracy:
+    return Accuracy("accuracy", default_threshold(loss_outputs) if threshold is None else threshold)
+
+
+class F1:
+    """F1 of the positive class (binary), or the mean F1 over classes (multiclass, macro)."""
+
+    higher_is_better = True
+
+    def __init__(self, name: str, num_classes: int, threshold: float):
+        self.name, self.threshold = name, threshold
+        self.classes = max(2, num_classes)
+        self.binary = num_classes <= 2
+        self.width = 3 if self.binary else 3 * self.classes
+
+    def sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        predicted = predicted_classes(outputs, self.threshold)
+        truth = targets.reshape(-1).long()
+        classes = [1] if self.binary else range(self.classes)
+        counts = []
+        for c in classes:
+            tp = ((predicted == c) & (truth == c)).sum()
+            fp = ((predicted == c) & (truth != c)).sum()
+            fn = ((predicted != c) & (truth == c)).sum()
+            counts += [tp, fp, fn]
+        return torch.stack(counts).double()
+
+    def compute(self, totals: Sequence[float]) -> float:
+        scores = []
+        for i in range(0, len(totals), 3):
+            tp, fp, fn = (float(v) for v in totals[i:i + 3])
+            scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0)
+        return sum(scores) / len(scores)
+
+
+@register("metric", "f1", aliases=("f1_score",), summary="F1 of the positive class (binary) or macro F1")
+def f1(threshold: Optional[float] = None, num_classes: int = 2, loss_outputs: Optional[str] = None) -> F1:
+    return F1("f1", num_classes, default_threshold(loss_outputs) if threshold is None else threshold)
+
+
+class MeanOfSamples:
+    """A per-sample value averaged over the split: sums (total, count)."""
+
+    width = 2
+
+    def __init__(self, name: str, fn, higher_is_better: bool):
+        self.name, self.fn, self.higher_is_better = name, fn, higher_is_better
+
+    def sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        values = self.fn(outputs, targets)
+        return torch.stack([values.sum().double(), torch.tensor(float(len(values)), dtype=torch.float64,
+                                                                 device=outputs.device)])
+
+    def compute(self, totals: Sequence[float]) -> float:
+        return float(totals[0]) / max(float(totals[1]), 1.0)
+
+
+def _per_sample_error(outputs: torch.Tensor, targets: torch.Tensor, power: int) -> torch.Tensor:
+    error = (outputs - float_targets_like(outputs, targets)).abs() ** power
+    return error.reshape(len(error), -1).mean(dim=1)
+
+
+@register("metric", "mae", summary="mean absolute error (averaged over a sample's outputs)")
+def mae() -> MeanOfSamples:
+    return MeanOfSamples("mae", lambda o, t: _per_sample_error(o, t, 1), higher_is_better=False)
+
+
+@register("metric", "mse", summary="mean squared error (averaged over a sample's outputs)")
+def mse_metric() -> MeanOfSamples:
+    return MeanOfSamples("mse", lambda o, t: _per_sample_error(o, t, 2), higher_is_better=False)
