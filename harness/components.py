@@ -208,7 +208,7 @@ def check_arguments(target: Callable, kwargs: dict, where: str, provided: Iterab
     ``provided``: names the harness fills in itself (an error if the recipe gives them, unless the
     parameter is also optional data the recipe may set). ``refused``: name -> why it cannot be set.
     """
-    from harness.values import coerce, type_checkable
+    from harness.values import coerce_lenient
 
     refused = refused or {}
     for key in kwargs:
@@ -238,9 +238,7 @@ def check_arguments(target: Callable, kwargs: dict, where: str, provided: Iterab
     out = {}
     for key, value in kwargs.items():
         hint = hints.get(key)
-        if hint is not None and type_checkable(hint):
-            value = coerce(value, hint, f"{where}.{key}")
-        out[key] = value
+        out[key] = value if hint is None else coerce_lenient(value, hint, f"{where}.{key}")
     return out
 
 

@@ -30,6 +30,33 @@ def type_checkable(hint: Any) -> bool:
     return dataclasses.is_dataclass(hint)
 
 
+def coerce_lenient(value: Any, hint: Any, path: str) -> Any:
+    """``coerce`` where the annotation is plain data; for ``float | Tensor`` the plain part, for
+    ``tuple[float, float]`` each element; values for other annotations pass unchecked."""
+    if type_checkable(hint):
+        return coerce(value, hint, path)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        plain = [a for a in args if type_checkable(a)]
+        if value is None and type(None) in args:
+            return None
+        for arg in plain:
+            try:
+                return coerce(value, arg, path)
+            except ConfigError:
+                continue
+        if plain and len(plain) == len([a for a in args if a is not type(None)]):
+            raise ConfigError(f"{path}: got {value!r}, expected {_type_name(hint)}")
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return [coerce_lenient(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        if args and len(args) != len(value):
+            raise ConfigError(f"{path}: got {value!r}, expected {len(args)} values")
+        return [coerce_lenient(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))] if args else value
+    return value
+
+
 def _unknown_key_message(key: str, valid: list[str], where: str, prefix: str = "") -> str:
     leaf = key.split(".")[-1]
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)

@@ -39,7 +39,7 @@ def test_yaml_scientific_notation_without_dot_is_read_as_a_number(tmp_path):
     assert yaml.safe_load(recipe.read_text())["optim"]["lr"] == "1e-3"
     cfg = load_config(recipe)
     assert cfg.optim.lr == pytest.approx(0.001) and isinstance(cfg.optim.lr, float)
-    assert cfg.optim.weight_decay == pytest.approx(5e-4)
+    assert cfg.optim.options["weight_decay"] == pytest.approx(5e-4)
 
 
 def test_overrides_are_typed_and_reach_kind_options():
@@ -47,7 +47,7 @@ def test_overrides_are_typed_and_reach_kind_options():
                       ["optim.lr=0.005", "schedule.step_size=7", "model.hidden=[16, 8]", "train.max_grad_norm=null"])
     assert cfg.optim.lr == 0.005
     assert cfg.schedule.options.step_size == 7
-    assert cfg.model.options.hidden == [16, 8]
+    assert cfg.model.options["hidden"] == [16, 8]
     assert cfg.train.max_grad_norm is None
 
 

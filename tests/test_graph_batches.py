@@ -16,7 +16,7 @@ def test_subgraph_outputs_equal_full_graph_outputs_for_the_seed_nodes():
     seeds = torch.tensor([3, 17, 40, 41, 99])
     with torch.no_grad():
         a, b = sub.train.fetch(seeds), full.train.fetch(seeds)
-        assert a.x.size(0) < b.x.size(0), "the subgraph is smaller than the graph"
+        assert a.graph.x.size(0) < b.graph.x.size(0), "the subgraph is smaller than the graph"
         assert torch.equal(a.targets, b.targets)
         assert torch.allclose(a.predict(model), b.predict(model), atol=1e-5)
     # Two hops (= layers) would not be enough: degree normalisation needs the outer ring too.

@@ -315,7 +315,7 @@ def test_tu_folder_reads_labels_and_shapes_from_the_files(tmp_path):
 def test_tu_folder_data_prefix_is_its_own_key_beside_data_name(tmp_path):
     # data.name is the data set kind, so the TU files' prefix has a key of its own.
     cfg = load_config(tu_recipe(tmp_path, tmp_path / "graphs", "TOY"), ["data.prefix=OTHER"])
-    assert cfg.data.name == "tu_folder" and cfg.data.options.prefix == "OTHER"
+    assert cfg.data.name == "tu_folder" and cfg.data.options["prefix"] == "OTHER"
     with pytest.raises(ConfigError, match=r"data\.root and data\.prefix"):
         tu_folder(root=str(tmp_path))
 
