@@ -206,22 +206,21 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     _setup_logging()
+    commands = {"train": run_train, "check": run_check, "ckpt": run_ckpt, "plot-lr": run_plot_lr,
+                "verify-resume": run_verify_resume}
+    return with_exit_codes(lambda: commands[args.command](args))
+
+
+def with_exit_codes(command) -> int:
+    """Run ``command`` and map the harness's failures to exit codes (also for harness.train())."""
     from harness.checkpoint import CheckpointError
+    from harness.components import UserCodeError, user_frames
     from harness.config import ConfigError
     from harness.preemption import Preempted
     from harness.distributed import RankDivergence
 
     try:
-        if args.command == "train":
-            return run_train(args)
-        if args.command == "check":
-            return run_check(args)
-        if args.command == "ckpt":
-            return run_ckpt(args)
-        if args.command == "plot-lr":
-            return run_plot_lr(args)
-        if args.command == "verify-resume":
-            return run_verify_resume(args)
+        return command()
     except ConfigError as exc:
         print(f"harness: config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
@@ -236,7 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     except RankDivergence as exc:
         print(f"harness: ranks diverged: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    raise AssertionError(f"unhandled command {args.command!r}")
+    except UserCodeError as exc:
+        # Raised while building a component (before training): like a bad recipe.
+        print(f"harness: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except Exception as exc:
+        # An exception from the user's own code during training shows the user's file and line.
+        if not user_frames(exc):
+            raise
+        print(f"harness: {UserCodeError('training', exc)}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
 
 
 def run_train(args) -> int:

@@ -316,6 +316,10 @@ class UserCodeError(RuntimeError):
         return "\n".join(lines)
 
 
+def user_frames(error: BaseException) -> list[traceback.FrameSummary]:
+    return [f for f in traceback.extract_tb(error.__traceback__) if _is_user_file(f.filename)]
+
+
 def _is_user_file(filename: str) -> bool:
     resolved = str(Path(filename).resolve()) if not filename.startswith("<") else filename
     if resolved.startswith(_HARNESS_DIR):

@@ -350,6 +350,21 @@ def read_checkpoint(folder: Path | str) -> CheckpointReport:
     return CheckpointReport(folder, step, problem is None, problem, trainer, manifest, files, committed)
 
 
+def component_lines(components: dict) -> list[str]:
+    """The model, data, loss, metrics and optimizer the checkpoint was trained with, as recorded
+    (import path, source file, its hash): read from trainer.json, never imported."""
+    if not components:
+        return []
+    lines = ["components:"]
+    for section, entry in components.items():
+        for item in entry if isinstance(entry, list) else [entry]:
+            if not item or not item.get("target"):
+                continue
+            where = f"  ({item['file']}, sha256 {item['sha256'][:12]})" if item.get("sha256") else ""
+            lines.append(f"  {section}: {item['target']}{where}")
+    return lines
+
+
 def checkpoints_folder(run_dir: Path | str) -> Path:
     """``<run>/checkpoints``; the checkpoints folder itself is accepted too."""
     run_dir = Path(run_dir)
@@ -419,6 +434,7 @@ def format_checkpoint(report: CheckpointReport) -> list[str]:
             lines.append(f"saved at: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t['saved_at']))}")
         versions = t.get("versions") or {}
         lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        lines += component_lines(t.get("components") or {})
     if report.verified:
         lines.append(f"manifest: verified ({len(listed)} files, sizes and checksums match)")
     else:

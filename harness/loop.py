@@ -443,11 +443,11 @@ def stop_for_preemption(trainer: Trainer) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, given: Optional[GivenComponents] = None) -> dict:
     # Installed first, so a signal during start-up is not lost: it is acted on at the first step.
     watcher = PreemptionWatcher(cfg.preemption).install()
     try:
-        trainer = build_trainer(cfg)
+        trainer = build_trainer(cfg, given)
         trainer.preemption = watcher
         write_run_files(trainer)
         log_start(trainer)

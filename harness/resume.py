@@ -63,6 +63,7 @@ def restore(trainer, folder: Path) -> list[dict]:
     acc, state = trainer.accelerator, trainer.state
     meta = ckpt.read_trainer_json(folder)
     changes = recipe_changes(meta.get("config") or {}, to_plain_dict(trainer.cfg))
+    warn_about_changed_components(meta.get("components") or {}, trainer.components, trainer.is_main)
     refuse_unapproved_changes(trainer.cfg, changes, folder, meta.get("step"))
     changed_keys = [c["key"] for c in changes]
     model = trainer.raw_model
@@ -150,6 +151,25 @@ def recipe_changes(saved: dict, current: dict) -> list[dict]:
 
 def _describe(change: dict) -> str:
     return f"{change['key']}: {change['saved']!r} -> {change['now']!r}"
+
+
+def warn_about_changed_components(saved: dict, now: dict, is_main: bool) -> None:
+    """A user's component whose source file changed since the checkpoint: the run goes on with
+    the new code (the user may have fixed a bug), but says so: the result is no longer one run's."""
+    if not is_main:
+        return
+    for section, entry in saved.items():
+        current = now.get(section)
+        pairs = zip(entry, current) if isinstance(entry, list) and isinstance(current, list) else [(entry, current)]
+        for before, after in pairs:
+            if not before or not after or not before.get("sha256") or not after.get("sha256"):
+                continue
+            if before["target"] != after["target"]:
+                logger.warning("WARNING: %s was %s when the checkpoint was written, now %s", section,
+                               before["target"], after["target"])
+            elif before["sha256"] != after["sha256"]:
+                logger.warning("WARNING: %s %s: its source file %s changed since the checkpoint was written; the "
+                               "resumed run uses the new code", section, after["target"], after.get("file"))
 
 
 def refuse_unapproved_changes(cfg, changes: list[dict], folder: Path, step) -> None:
