@@ -479,40 +479,71 @@ def train(cfg: Config, given: Optional[GivenComponents] = None) -> dict:
     return summary
 
 
+@dataclass(frozen=True)
+class SavePolicy:
+    """When a checkpoint is due: the decision, apart from the loop that acts on it (and testable
+    without a run). Returns the reason recorded in trainer.json, or None."""
+
+    every_steps: Optional[int]
+    every_epochs: Optional[int]
+    epochs: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "SavePolicy":
+        return cls(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs)
+
+    def after_step(self, step: int, epoch_done: bool) -> Optional[str]:
+        # At an epoch's last step the epoch-end save below covers it (after the validation).
+        if self.every_steps and step % self.every_steps == 0 and not epoch_done:
+            return "every_steps"
+        return None
+
+    def after_epoch(self, epoch: int, step: int, stopping: bool) -> Optional[str]:
+        due = (self.every_epochs and epoch % self.every_epochs == 0) or epoch == self.epochs or stopping or (
+            self.every_steps and step % self.every_steps == 0)
+        return "epoch_end" if due else None
+
+
 def fit(trainer: Trainer) -> dict:
+    """Epochs of optimizer steps, each epoch closed by validation and the schedule's epoch step;
+    checkpoints wherever the save policy says. Reads top to bottom; each phase is a function."""
     cfg, state = trainer.cfg, trainer.state
+    policy = SavePolicy.from_config(cfg)
     stop = state.early_stopped
     while state.epoch < cfg.train.epochs and not stop:
-        epoch = state.epoch
         trainer.model.train()
-        order = sampling.epoch_order(len(trainer.task.train), cfg.run.seed, epoch, cfg.data.shuffle)
+        # The rest of this epoch's global batches, in an order that does not depend on the world size.
+        order = sampling.epoch_order(len(trainer.task.train), cfg.run.seed, state.epoch, cfg.data.shuffle)
         for global_indices in sampling.global_batches(order, cfg.data.batch_size, cfg.data.drop_last,
                                                       state.samples_in_epoch):
-            train_step(trainer, global_indices)
-            faults.after_step(state.step)
-            if trainer.preemption.due(state.step) and trainer.preemption.poll(trainer.accelerator, state.step):
-                stop_for_preemption(trainer)
-            if state.step % cfg.train.log_every_steps == 0:
-                flush_step_logs(trainer, close_window=True)
-            trainer.progress.update(state.step, state.epoch, trainer.last_logged.get("loss"),
-                                    trainer.optimizer.param_groups[0]["lr"], trainer.last_logged.get("samples_per_s"))
-            epoch_done = state.samples_in_epoch >= trainer.epoch_length()
-            every = cfg.checkpoint.every_steps
-            if every and state.step % every == 0 and not epoch_done:
-                save_checkpoint(trainer, trainer.store, "every_steps")
+            train_step(trainer, global_indices)  # forward, backward, optimizer step, schedule step
+            after_step(trainer)  # test hooks, preemption agreement, logs, progress
+            reason = policy.after_step(state.step, epoch_done=state.samples_in_epoch >= trainer.epoch_length())
+            if reason:
+                save_checkpoint(trainer, trainer.store, reason)
             if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
                 stop = True
                 break
         if stop and state.samples_in_epoch < trainer.epoch_length():
-            save_checkpoint(trainer, trainer.store, "max_steps")
+            save_checkpoint(trainer, trainer.store, "max_steps")  # stopped mid-epoch: resumable there
             break
-        end_epoch(trainer)
+        end_epoch(trainer)  # validation, plateau, epoch-interval schedules, epoch logs
         stop = stop or state.early_stopped
-        every = cfg.checkpoint.every_epochs
-        if (every and state.epoch % every == 0) or state.epoch == cfg.train.epochs or stop or (
-                cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
-            save_checkpoint(trainer, trainer.store, "epoch_end")
+        reason = policy.after_epoch(state.epoch, state.step, stopping=stop)
+        if reason:
+            save_checkpoint(trainer, trainer.store, reason)
     return finish(trainer)
+
+
+def after_step(trainer: Trainer) -> None:
+    state = trainer.state
+    faults.after_step(state.step)
+    if trainer.preemption.due(state.step) and trainer.preemption.poll(trainer.accelerator, state.step):
+        stop_for_preemption(trainer)
+    if state.step % trainer.cfg.train.log_every_steps == 0:
+        flush_step_logs(trainer, close_window=True)
+    trainer.progress.update(state.step, state.epoch, trainer.last_logged.get("loss"),
+                            trainer.optimizer.param_groups[0]["lr"], trainer.last_logged.get("samples_per_s"))
 
 
 def end_epoch(trainer: Trainer) -> None:

@@ -78,3 +78,17 @@ def test_bf16_mixed_precision_trains_on_two_cpu_ranks_with_the_same_schedule(tmp
     a, b = read_json(fp32 / "metrics.json"), read_json(bf16 / "metrics.json")
     assert a["val_loss"] != b["val_loss"], "bf16 autocast really ran"
     assert b["test_accuracy"] > 0.9
+
+
+def test_the_save_policy_saves_at_step_intervals_inside_epochs_and_at_epoch_ends():
+    from harness.loop import SavePolicy
+
+    policy = SavePolicy(every_steps=5, every_epochs=None, epochs=3)
+    assert [s for s in range(1, 16) if policy.after_step(s, epoch_done=(s % 8 == 0))] == [5, 10, 15]
+    assert policy.after_step(16, epoch_done=True) is None, "the epoch-end save covers an epoch's last step"
+    assert policy.after_epoch(2, 16, stopping=False) is None
+    assert policy.after_epoch(3, 24, stopping=False) == "epoch_end", "the run's end"
+    assert policy.after_epoch(2, 15, stopping=False) == "epoch_end", "a step interval landing on an epoch end"
+    assert policy.after_epoch(1, 8, stopping=True) == "epoch_end", "early stopping"
+    every_epoch = SavePolicy(every_steps=None, every_epochs=2, epochs=5)
+    assert [e for e in range(1, 6) if every_epoch.after_epoch(e, e * 8, stopping=False)] == [2, 4, 5]
