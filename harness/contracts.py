@@ -66,7 +66,9 @@ class Split:
     def fetch(self, indices: torch.Tensor) -> Batch:
         raise NotImplementedError
 
-    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[Batch]:
+    def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[Batch]:
+        """The batches of ``index_batches`` in order (``epoch``: the training epoch, -1 outside
+        training; per-item randomness derives from it). Splits backed by a DataLoader load ahead."""
         for indices in index_batches:
             yield self.fetch(indices)
 

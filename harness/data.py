@@ -186,7 +186,7 @@ class GraphSplit(Split):
 
         return GraphBatch(PygBatch.from_data_list([self.graphs[int(i)] for i in indices]))
 
-    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[GraphBatch]:
+    def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[GraphBatch]:
         # PyG's loader collates; our sampler decides the indices (its batch_sampler).
         from torch_geometric.loader import DataLoader
 

@@ -248,7 +248,10 @@ def write_run_files(trainer: Trainer) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
+def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loaded=None) -> None:
+    """One optimizer step on one global batch. ``micro``: this rank's (indices, weight) per
+    micro-batch (sampling.local_micro_batches); ``loaded``: an iterator yielding their batches,
+    already loaded (DataLoader workers); without it they are fetched here."""
     acc, cfg = trainer.accelerator, trainer.cfg
     rank, world = acc.process_index, acc.num_processes
     global_count = len(global_indices)
@@ -256,17 +259,11 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor) -> None:
     trainer.pending_lrs.append((trainer.state.step + 1, [g["lr"] for g in trainer.optimizer.param_groups]))
     if faults.TRACE_SAMPLES:
         faults.trace_samples(rank, trainer.state.step + 1, trainer.state.epoch, sampling.shard(global_indices, rank, world))
-    accumulation = cfg.train.grad_accum_steps
-    micro = (global_indices,) if accumulation == 1 else sampling.micro_batches(global_indices, accumulation)
+    if micro is None:
+        micro = sampling.local_micro_batches(global_indices, cfg.train.grad_accum_steps, rank, world)
     scale = world / global_count
-    for i, micro_indices in enumerate(micro):
-        local = micro_indices if world == 1 else sampling.shard(micro_indices, rank, world)
-        weight = 1.0
-        if len(local) == 0:
-            # This rank has no sample in this micro-batch; DDP still needs its backward, so run
-            # one real sample with weight 0: it adds nothing to the gradient.
-            local, weight = global_indices[:1], 0.0
-        batch = trainer.task.train.fetch(local)
+    for i, (local, weight) in enumerate(micro):
+        batch = next(loaded) if loaded is not None else trainer.task.train.fetch(local)
         if acc.device.type != "cpu":
             batch = batch.to(acc.device)
         last = i == len(micro) - 1
@@ -512,11 +509,13 @@ def fit(trainer: Trainer) -> dict:
     stop = state.early_stopped
     while state.epoch < cfg.train.epochs and not stop:
         trainer.model.train()
-        # The rest of this epoch's global batches, in an order that does not depend on the world size.
-        order = sampling.epoch_order(len(trainer.task.train), cfg.run.seed, state.epoch, cfg.data.shuffle)
-        for global_indices in sampling.global_batches(order, cfg.data.batch_size, cfg.data.drop_last,
-                                                      state.samples_in_epoch):
-            train_step(trainer, global_indices)  # forward, backward, optimizer step, schedule step
+        # The rest of this epoch's global batches, in an order that does not depend on the world size,
+        # and this rank's share of each, loaded ahead by the split (DataLoader workers where it has them).
+        steps = epoch_steps(trainer)
+        loaded = trainer.task.train.batches(sampling.LocalIndexBatches(lambda: epoch_steps(trainer)),
+                                            epoch=state.epoch)
+        for global_indices, micro in steps:
+            train_step(trainer, global_indices, micro, loaded)  # forward, backward, optimizer + schedule step
             after_step(trainer)  # test hooks, preemption agreement, logs, progress
             reason = policy.after_step(state.step, epoch_done=state.samples_in_epoch >= trainer.epoch_length())
             if reason:
@@ -533,6 +532,13 @@ def fit(trainer: Trainer) -> dict:
         if reason:
             save_checkpoint(trainer, trainer.store, reason)
     return finish(trainer)
+
+
+def epoch_steps(trainer: Trainer):
+    cfg, state, acc = trainer.cfg, trainer.state, trainer.accelerator
+    order = sampling.epoch_order(len(trainer.task.train), cfg.run.seed, state.epoch, cfg.data.shuffle)
+    return sampling.epoch_steps(order, cfg.data.batch_size, cfg.data.drop_last, state.samples_in_epoch,
+                                cfg.train.grad_accum_steps, acc.process_index, acc.num_processes)
 
 
 def after_step(trainer: Trainer) -> None:

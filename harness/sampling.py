@@ -57,3 +57,38 @@ def validation_shards(num_samples: int, batch_size: int, rank: int, world_size: 
     """Global validation batches in order, each split across ranks with no padding."""
     for start in range(0, num_samples, batch_size):
         yield shard(torch.arange(start, min(start + batch_size, num_samples)), rank, world_size)
+
+
+def local_micro_batches(global_indices: torch.Tensor, accumulation_steps: int, rank: int,
+                        world_size: int) -> list[tuple[torch.Tensor, float]]:
+    """This rank's (indices, weight) for each micro-batch of one global batch.
+
+    A rank with no sample in a micro-batch still runs DDP's backward: on one real sample with
+    weight 0, which adds nothing to the gradient."""
+    micro = (global_indices,) if accumulation_steps == 1 else micro_batches(global_indices, accumulation_steps)
+    out = []
+    for indices in micro:
+        local = indices if world_size == 1 else shard(indices, rank, world_size)
+        out.append((local, 1.0) if len(local) else (global_indices[:1], 0.0))
+    return out
+
+
+def epoch_steps(order: torch.Tensor, batch_size: int, drop_last: bool, start_sample: int, accumulation_steps: int,
+                rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor, float]]]]:
+    """(global batch, this rank's micro-batches) for the rest of an epoch, from ``start_sample``:
+    resuming mid-epoch starts here at once, nothing replayed."""
+    for global_indices in global_batches(order, batch_size, drop_last, start_sample):
+        yield global_indices, local_micro_batches(global_indices, accumulation_steps, rank, world_size)
+
+
+class LocalIndexBatches:
+    """The index lists a rank loads in one epoch, in training order; iterable more than once (a
+    DataLoader's batch sampler, read lazily as its workers prefetch)."""
+
+    def __init__(self, make_steps):
+        self.make_steps = make_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, micro in self.make_steps():
+            for local, _ in micro:
+                yield local

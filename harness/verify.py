@@ -423,8 +423,8 @@ def install_pause_hook(step: int, ready_dir: Path) -> None:
 
     original = loop.train_step
 
-    def train_step_then_maybe_pause(trainer, global_indices):
-        original(trainer, global_indices)
+    def train_step_then_maybe_pause(trainer, *args, **kwargs):
+        original(trainer, *args, **kwargs)
         if trainer.state.step == step:
             loop.flush_step_logs(trainer, close_window=False)  # LR points past the checkpoint: on disk
             trainer.tb.flush()
