@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 from typing import Any
 
 from torch import nn
 
 from harness import components
 from harness.contracts import ConfigError, TaskData, TaskSpec
-from harness.data import as_task_data
+from harness.data import LoaderSettings, as_task_data
+
+logger = logging.getLogger("harness")
 
 # Model arguments the data can fill in, and from which part of the TaskSpec.
 FROM_DATA = {"in_dim": "in_dim", "num_features": "in_dim", "in_channels": "in_dim",
@@ -20,10 +24,23 @@ def build_data(cfg, seed: int, folders=()) -> TaskData:
     target = components.resolve("data", cfg.name, folders)
     kwargs = dict(cfg.options)
     parameters = getattr(components.signature_of(target), "parameters", {}) or {}
-    if "seed" in parameters and "seed" not in kwargs:
-        kwargs["seed"] = seed
+    for name, value in (("seed", seed), ("num_workers", cfg.num_workers)):
+        if name in parameters and name not in kwargs:
+            kwargs[name] = value
     result = components.build(target, kwargs, f"building the data {cfg.name!r}")
-    return as_task_data(result, f"data ({cfg.name})")
+    return as_task_data(result, f"data ({cfg.name})", seed, loader_settings(cfg, folders))
+
+
+def loader_settings(cfg, folders=()) -> LoaderSettings:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.num_workers > cores:
+        logger.warning("WARNING: data.num_workers=%d is more than the %d CPU cores this process may use: the "
+                       "workers will compete with each other and with training", cfg.num_workers, cores)
+    collate = None
+    if cfg.collate_fn:
+        collate = components.import_target(cfg.collate_fn, "data.collate_fn", folders)
+    return LoaderSettings(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers, cfg.prefetch_factor, collate,
+                          cfg.target_key)
 
 
 def model_arguments(target: Any, options: dict, spec: TaskSpec) -> dict:
@@ -32,7 +49,11 @@ def model_arguments(target: Any, options: dict, spec: TaskSpec) -> dict:
     kwargs = dict(options)
     for name, field in FROM_DATA.items():
         if name in parameters and name not in kwargs:
-            kwargs[name] = getattr(spec, field)
+            value = getattr(spec, field)
+            if not value:
+                raise ConfigError(f"model.{name}: not given, and the data does not say it (task {spec.kind}); "
+                                  f"set model.{name}, or return 'num_classes' with the data")
+            kwargs[name] = value
     return kwargs
 
 

@@ -216,6 +216,7 @@ def with_exit_codes(command) -> int:
     from harness.checkpoint import CheckpointError
     from harness.components import UserCodeError, user_frames
     from harness.config import ConfigError
+    from harness.data import SampleError
     from harness.preemption import Preempted
     from harness.distributed import RankDivergence
 
@@ -235,6 +236,16 @@ def with_exit_codes(command) -> int:
     except RankDivergence as exc:
         print(f"harness: ranks diverged: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    except SampleError as exc:
+        print(f"harness: data error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except RuntimeError as exc:
+        if "DataLoader worker" in str(exc) and "signal: Killed" in str(exc):
+            print(f"harness: data error: {exc}: a DataLoader worker was killed with SIGKILL, most likely by the "
+                  "out-of-memory killer. Lower data.num_workers or data.prefetch_factor, or the memory an item "
+                  "takes.", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        raise
     except UserCodeError as exc:
         # Raised while building a component (before training): like a bad recipe.
         print(f"harness: {exc}", file=sys.stderr, flush=True)

@@ -63,12 +63,25 @@ class DataConfig:
     val_batch_size: int = 256
     shuffle: bool = True
     drop_last: bool = False
+    # How a torch Dataset returned by the factory is read (torch DataLoader settings). Workers
+    # load this rank's share of the harness's global batches ahead of the training step.
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: Optional[int] = None
+    # "module:function" collating a list of items into a batch; null: torch's default (PyG's for graphs).
+    collate_fn: Optional[str] = None
+    # The target's key in dict items.
+    target_key: str = "y"
     # The data factory's own arguments (the keys beside ``name``), checked against its signature.
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         _require(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "an integer >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        _require(not self.persistent_workers or self.num_workers > 0, "data.persistent_workers",
+                 self.persistent_workers, "false with data.num_workers: 0 (no workers to keep)")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
@@ -237,10 +238,20 @@ def _table_split(pair, name: str, kind: str) -> TensorSplit:
     return TensorSplit(x, y)
 
 
-def as_task_data(result: Any, where: str = "data") -> TaskData:
+def as_task_data(result: Any, where: str = "data", run_seed: int = 0,
+                 settings: Optional[LoaderSettings] = None) -> TaskData:
     """Turn what a data factory returned into a TaskData (see the module docstring)."""
     if isinstance(result, TaskData):
         return result
+    if isinstance(result, dict) and isinstance(result.get("train"), torch.utils.data.Dataset) \
+            and not isinstance(result["train"], (list, tuple)):
+        if isinstance(result["train"], torch.utils.data.IterableDataset):
+            raise ConfigError(f"{where}: an IterableDataset cannot be split across ranks by the harness's sampler "
+                              "nor resumed mid-epoch without replaying it; give a map-style Dataset "
+                              "(__getitem__ and __len__)")
+        if "val" not in result:
+            raise ConfigError(f"{where}: the factory's dict lacks 'val'; expected keys train, val (and test)")
+        return _dataset_task(result, where, run_seed, settings or LoaderSettings())
     if _is_pyg_data(result):
         return _node_task(result, where)
     if isinstance(result, dict) and "train" in result:
@@ -294,3 +305,271 @@ def _graph_task(result: dict, where: str) -> TaskData:
     splits = {name: GraphSplit(list(result[name])) for name in ("train", "val", "test") if name in result}
     return TaskData(spec, splits["train"], splits["val"], splits.get("test"),
                     description=f"your graphs: {len(train)} train, {len(splits['val'])} val")
+
+
+# --------------------------------------------------------------------------------------------
+# Your own torch Dataset, read through a DataLoader
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """``data.num_workers`` etc.: how a Dataset split is read (not what is read)."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: Optional[int] = None
+    collate_fn: Any = None  # None: torch's default_collate, PyG's Collater for Data items
+    target_key: str = "y"  # the target of dict items
+
+
+def item_seed(run_seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's randomness in one epoch: the same whatever the number of workers,
+    ranks, or interruptions (epoch -1: outside training, e.g. validation)."""
+    return (run_seed * 1_000_003 + (epoch + 1) * 7_919 + index * 104_729 + 12_345) % (2**63 - 1)
+
+
+_current_item_seed: Optional[int] = None
+
+
+def item_generator(device: str = "cpu") -> torch.Generator:
+    """A generator for the sample being loaded, seeded from (run seed, epoch, sample index): the
+    one line a Dataset's ``__getitem__`` writes for augmentations that do not depend on how the
+    data is loaded (``g = harness.data.item_generator(); torch.rand(3, generator=g)``). The
+    global torch, random and numpy generators are seeded the same way while an item loads, so
+    code that uses them is reproducible too."""
+    if _current_item_seed is None:
+        raise RuntimeError("harness.data.item_generator() is meant for a Dataset's __getitem__ while the "
+                           "harness loads it")
+    return torch.Generator(device).manual_seed(_current_item_seed)
+
+
+class SampleError(RuntimeError):
+    """A sample that could not be loaded: names the split, the index and the dataset's own error."""
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Wraps the user's Dataset: key (index, epoch) -> its item, loaded with that item's seed;
+    checks each item against the first one's structure."""
+
+    def __init__(self, dataset, split_name: str, run_seed: int, reference: Optional[tuple], in_worker_safe: bool):
+        self.dataset, self.split_name, self.run_seed = dataset, split_name, run_seed
+        self.reference = reference  # (kind, shapes) of item 0
+        self.in_main_process = not in_worker_safe
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        global _current_item_seed
+        import random
+
+        seed = item_seed(self.run_seed, epoch, index)
+        saved = None
+        if torch.utils.data.get_worker_info() is None:
+            # In the training process: keep its own random streams (dropout) untouched.
+            saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        _current_item_seed = seed
+        try:
+            item = self.dataset[index]
+        except Exception as exc:
+            import traceback
+
+            raise SampleError(f"loading sample {index} of the {self.split_name} split "
+                              f"({type(self.dataset).__name__}) failed:\n{traceback.format_exc()}") from exc
+        finally:
+            _current_item_seed = None
+            if saved is not None:
+                torch.set_rng_state(saved[0])
+                random.setstate(saved[1])
+                np.random.set_state(saved[2])
+        if self.reference is not None:
+            check_item(item, self.reference, index, self.split_name)
+        return item
+
+
+def describe_item(item) -> tuple:
+    """(kind, shapes) of an item: what every other item of the data set must look like."""
+    if _is_pyg_data(item):
+        return ("graph", (None if item.x is None else item.x.shape[1:],))
+    if isinstance(item, dict):
+        return ("dict", tuple(sorted((k, _shape(v)) for k, v in item.items())))
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return ("pair", (_shape(item[0]), _shape(item[1])))
+    return ("other", type(item).__name__)
+
+
+def _shape(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype))
+    if isinstance(value, np.ndarray):
+        return ("array", value.shape, str(value.dtype))
+    if isinstance(value, (tuple, list)):
+        return ("seq", tuple(_shape(v) for v in value))
+    return (type(value).__name__,)
+
+
+def check_item(item, reference: tuple, index: int, split_name: str) -> None:
+    seen = describe_item(item)
+    if seen[0] == "graph" and reference[0] == "graph":
+        if seen != reference:
+            raise SampleError(f"sample {index} of the {split_name} split: node features of shape {seen[1][0]}, "
+                              f"expected {reference[1][0]} (as sample 0)")
+        return
+    if seen != reference:
+        raise SampleError(f"sample {index} of the {split_name} split is {_readable(seen)}; expected "
+                          f"{_readable(reference)} (as sample 0): every item must have the same structure, "
+                          "types and shapes (or give data.collate_fn)")
+
+
+def _readable(described: tuple) -> str:
+    kind, detail = described
+    if kind == "pair":
+        return f"an (input, target) pair of {detail[0]} and {detail[1]}"
+    if kind == "dict":
+        return "a dict " + ", ".join(f"{k}: {v}" for k, v in detail)
+    return f"a {detail}" if kind == "other" else f"a {kind} {detail}"
+
+
+class ItemBatch(Batch):
+    """A collated batch of (input, target) pairs or dicts; the model gets the input(s)."""
+
+    def __init__(self, inputs, targets: torch.Tensor):
+        self.inputs, self.targets = inputs, targets
+
+    def predict(self, model) -> torch.Tensor:
+        if isinstance(self.inputs, dict):
+            (first, x), *rest = self.inputs.items()
+            return call_model(model, x, dict(rest))
+        if isinstance(self.inputs, (tuple, list)):
+            return model(*self.inputs)
+        return call_model(model, self.inputs, {})
+
+    def to(self, device) -> "ItemBatch":
+        move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        inputs = ({k: move(v) for k, v in self.inputs.items()} if isinstance(self.inputs, dict)
+                  else type(self.inputs)(move(v) for v in self.inputs) if isinstance(self.inputs, (tuple, list))
+                  else move(self.inputs))
+        return ItemBatch(inputs, move(self.targets))
+
+
+def as_batch(collated, target_key: str) -> Batch:
+    if _is_pyg_data(collated) or type(collated).__name__ in ("Batch", "DataBatch"):
+        return GraphBatch(collated)
+    if isinstance(collated, dict):
+        if target_key not in collated:
+            raise ConfigError(f"data.target_key: items are dicts without {target_key!r} (keys: {sorted(collated)})")
+        inputs = {k: v for k, v in collated.items() if k != target_key}
+        return ItemBatch(inputs, _targets(collated[target_key]))
+    inputs, targets = collated
+    return ItemBatch(inputs, _targets(targets))
+
+
+def _targets(targets: torch.Tensor) -> torch.Tensor:
+    return targets.view(-1, 1) if targets.is_floating_point() and targets.dim() == 1 else targets
+
+
+class DatasetSplit(Split):
+    """A map-style torch Dataset; batches are the harness's index lists for this rank, loaded by a
+    DataLoader (``batch_sampler``), so nothing is replayed on resume and a sample's randomness
+    depends on (seed, epoch, index) only."""
+
+    def __init__(self, dataset, name: str, run_seed: int, settings: LoaderSettings):
+        if len(dataset) == 0:
+            raise ConfigError(f"data: the {name} split is empty")
+        self.dataset, self.name, self.run_seed, self.settings = dataset, name, run_seed, settings
+        first = _SeededItems(dataset, name, run_seed, None, False)[(0, -1)]
+        self.reference = describe_item(first)
+        self.first_item = first
+        self.collate = settings.collate_fn or self._default_collate()
+        self._loader = None
+        self._index_lists: Iterable = ()
+
+    def _default_collate(self):
+        if self.reference[0] == "graph":
+            from torch_geometric.loader.dataloader import Collater
+
+            return Collater(self.dataset)
+        return torch.utils.data.default_collate
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _items(self) -> _SeededItems:
+        return _SeededItems(self.dataset, self.name, self.run_seed, self.reference, self.settings.num_workers > 0)
+
+    def fetch(self, indices: torch.Tensor, epoch: int = -1) -> Batch:
+        items = self._items()
+        return as_batch(self.collate([items[(int(i), epoch)] for i in indices]), self.settings.target_key)
+
+    def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[Batch]:
+        if self.settings.num_workers == 0:
+            for indices in index_batches:
+                yield self.fetch(indices, epoch)
+            return
+        self._index_lists = _Keyed(index_batches, epoch)
+        if self._loader is None or not self.settings.persistent_workers:
+            self._loader = self._make_loader()
+        for collated in self._loader:
+            yield as_batch(collated, self.settings.target_key)
+
+    def _make_loader(self):
+        s = self.settings
+        extra = {} if s.prefetch_factor is None else {"prefetch_factor": s.prefetch_factor}
+        split = self
+
+        class Sampler:  # reads the split's current index lists each time the loader iterates
+            def __iter__(self):
+                return iter(split._index_lists)
+
+        return torch.utils.data.DataLoader(self._items(), batch_sampler=Sampler(), num_workers=s.num_workers,
+                                           collate_fn=self.collate, pin_memory=s.pin_memory,
+                                           persistent_workers=s.persistent_workers, **extra)
+
+
+class _Keyed:
+    """Index lists as lists of (index, epoch) keys, lazily."""
+
+    def __init__(self, index_batches, epoch: int):
+        self.index_batches, self.epoch = index_batches, epoch
+
+    def __iter__(self):
+        for indices in self.index_batches:
+            yield [(int(i), self.epoch) for i in indices]
+
+
+def _dataset_task(result: dict, where: str, run_seed: int, settings: LoaderSettings) -> TaskData:
+    splits = {name: DatasetSplit(result[name], name, run_seed, settings)
+              for name in ("train", "val", "test") if result.get(name) is not None}
+    train = splits["train"]
+    kind, out_dim = result.get("task"), result.get("num_classes") or result.get("out_dim")
+    first = train.first_item
+    if train.reference[0] == "graph":
+        in_dim, target = int(first.num_node_features), first.y
+        graph = "graph"
+    elif train.reference[0] == "dict":
+        inputs = {k: v for k, v in first.items() if k != settings.target_key}
+        x = next(iter(inputs.values()))
+        in_dim, target, graph = int(_tensor(x, "input").shape[-1]) if _tensor(x, "input").dim() else 1, \
+            _tensor(first[settings.target_key], "target"), "none"
+    else:
+        x = first[0][0] if isinstance(first[0], (tuple, list)) else first[0]
+        x = _tensor(x, "input")
+        in_dim, target, graph = int(x.shape[-1]) if x.dim() else 1, _tensor(first[1], "target"), "none"
+    target = torch.as_tensor(target)
+    if kind is None:
+        kind = "regression" if target.is_floating_point() else "multiclass"
+        if kind == "multiclass" and out_dim is None:
+            out_dim = getattr(train.dataset, "num_classes", None)
+    if out_dim is None:
+        out_dim = 1 if kind in ("binary", "regression") and target.numel() <= 1 else (
+            int(target.numel()) if kind == "regression" else 0)
+    spec = TaskSpec(kind, in_dim, int(out_dim), graph=graph)
+    return TaskData(spec, splits["train"], splits["val"], splits.get("test"),
+                    description=f"your dataset ({type(train.dataset).__name__}): {len(train)} train, "
+                                f"{len(splits['val'])} val samples; {settings.num_workers} loader workers")
