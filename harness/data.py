@@ -527,9 +527,12 @@ class DatasetSplit(Split):
             def __iter__(self):
                 return iter(split._index_lists)
 
+        # Its own generator: the loader draws its workers' base seed from it, not from the global RNG
+        # (which drives dropout: with or without workers, the training stream stays the same).
         return torch.utils.data.DataLoader(self._items(), batch_sampler=Sampler(), num_workers=s.num_workers,
                                            collate_fn=self.collate, pin_memory=s.pin_memory,
-                                           persistent_workers=s.persistent_workers, **extra)
+                                           persistent_workers=s.persistent_workers,
+                                           generator=torch.Generator().manual_seed(self.run_seed), **extra)
 
 
 class _Keyed:

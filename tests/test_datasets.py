@@ -1,0 +1,195 @@
+"""Your own torch Dataset through DataLoader workers: exact resume, randomness independent of workers and ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_harness, subprocess_env
+
+DATASET = textwrap.dedent('''
+    import torch
+    from torch_geometric.data import Data
+
+
+    class Augmented(torch.utils.data.Dataset):
+        """Each item gets fresh random noise from the global RNG (an augmentation) and costs a
+        little work, as decoding would."""
+
+        def __init__(self, n, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.x = torch.randn(n, 8, generator=g)
+            self.y = (self.x[:, :4].sum(1) > 0).long()
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            noise = torch.randn(8)  # seeded by the harness from (run seed, epoch, i)
+            return self.x[i] + 0.3 * noise, self.y[i]
+
+
+    def table(n: int = 300):
+        return {"train": Augmented(n, 0), "val": Augmented(100, 1), "task": "multiclass", "num_classes": 2}
+
+
+    class Graphs(torch.utils.data.Dataset):
+        def __init__(self, n, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.graphs = []
+            for _ in range(n):
+                nodes = int(torch.randint(4, 9, (1,), generator=g))
+                x = torch.randn(nodes, 3, generator=g)
+                src = torch.arange(1, nodes)
+                dst = torch.randint(0, nodes - 1, (nodes - 1,), generator=g).clamp(max=src - 1)
+                edge_index = torch.stack([torch.cat([src, dst]), torch.cat([dst, src])])
+                self.graphs.append(Data(x=x, edge_index=edge_index, y=x.sum().view(1, 1)))
+
+        def __len__(self):
+            return len(self.graphs)
+
+        def __getitem__(self, i):
+            graph = self.graphs[i].clone()
+            graph.x = graph.x + 0.05 * torch.randn_like(graph.x)  # augmentation
+            return graph
+
+
+    def graphs():
+        return {"train": Graphs(200, 0), "val": Graphs(40, 1), "task": "regression"}
+
+
+    class Broken(Augmented):
+        def __getitem__(self, i):
+            if i == 17:
+                raise ValueError("corrupt record 17")
+            return super().__getitem__(i)
+
+
+    def broken():
+        return {"train": Broken(100, 0), "val": Augmented(20, 1), "task": "multiclass", "num_classes": 2}
+
+
+    class Ragged(Augmented):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return (x[:5] if i == 23 else x), y
+
+
+    def ragged():
+        return {"train": Ragged(100, 0), "val": Augmented(20, 1), "task": "multiclass", "num_classes": 2}
+
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(8), torch.tensor(0)
+
+
+    def stream():
+        return {"train": Stream(), "val": Augmented(20, 1)}
+''')
+
+RECIPE = textwrap.dedent('''
+    data: {name: userdata:table, batch_size: 32, num_workers: 2}
+    model: {name: mlp, hidden: [16], dropout: 0.1}
+    schedule: {name: cosine, interval: step}
+    train: {epochs: 3, log_every_steps: 2}
+    checkpoint: {every_steps: 4, keep_last: 10}
+''')
+# 300 samples / 32 -> 10 steps per epoch, 30 in all; killed at step 14 (mid epoch 2), resumed from 12.
+KILL_AT = 14
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("userdata")
+    (folder / "userdata.py").write_text(DATASET)
+    (folder / "recipe.yaml").write_text(RECIPE)
+    return folder
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_bitwise(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max()}"
+
+
+def trace(prefix: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted(prefix.parent.glob(prefix.name + ".rank*"))
+            for line in path.read_text().splitlines()]
+
+
+def test_zero_and_two_workers_train_bitwise_alike_with_random_augmentation(folder, tmp_path):
+    zero, two = tmp_path / "zero", tmp_path / "two"
+    run_harness(folder / "recipe.yaml", [f"run.output_dir={zero}", "data.num_workers=0"], nproc=1, launcher="python")
+    run_harness(folder / "recipe.yaml", [f"run.output_dir={two}", "data.num_workers=2"], nproc=1, launcher="python")
+    assert_bitwise(weights(zero), weights(two))
+
+
+def test_two_ranks_with_workers_killed_mid_epoch_resume_bitwise_and_see_each_sample_once(folder, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    recipe = folder / "recipe.yaml"
+    run_harness(recipe, [f"run.output_dir={straight}"], nproc=2)
+    before, after = tmp_path / "before", tmp_path / "after"
+    proc = run_harness(recipe, [f"run.output_dir={killed}"], nproc=2, check=False,
+                       env=subprocess_env(HARNESS_TEST_KILL_AT_STEP=str(KILL_AT), HARNESS_TRACE_SAMPLES=str(before)))
+    assert proc.returncode != 0
+    run_harness(recipe, [f"run.output_dir={killed}"], nproc=2, env=subprocess_env(HARNESS_TRACE_SAMPLES=str(after)))
+    assert_bitwise(weights(straight), weights(killed))
+    # Epoch 1 (steps 11-20): steps 11-12 before the checkpoint the resume took, 13-20 after it.
+    seen = [i for record in trace(before) if record["epoch"] == 1 and record["step"] <= 12 for i in record["indices"]]
+    seen += [i for record in trace(after) if record["epoch"] == 1 for i in record["indices"]]
+    assert sorted(seen) == list(range(300)), "every sample of the interrupted epoch exactly once, across ranks"
+
+
+def test_graph_level_data_from_a_dataset_of_pyg_graphs_resumes_mid_epoch_exactly(folder, tmp_path):
+    recipe = folder / "graphs.yaml"
+    recipe.write_text("data: {name: userdata:graphs, batch_size: 16, num_workers: 2}\n"
+                      "model: {name: gin, hidden: 16, layers: 2}\n"
+                      "train: {epochs: 2}\ncheckpoint: {every_steps: 5}\n")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_harness(recipe, [f"run.output_dir={straight}"], nproc=1, launcher="python")
+    run_harness(recipe, [f"run.output_dir={killed}"], nproc=1, launcher="python", check=False,
+                env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="17"))
+    proc = run_harness(recipe, [f"run.output_dir={killed}"], nproc=1, launcher="python")
+    assert "resumed from" in proc.stdout and "step-000015" in proc.stdout
+    assert_bitwise(weights(straight), weights(killed))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_sample_that_fails_to_load_names_its_index_and_the_datasets_own_traceback(folder, tmp_path, workers):
+    proc = run_harness(folder / "recipe.yaml", [f"run.output_dir={tmp_path / 'run'}", "data.name=userdata:broken",
+                                                f"data.num_workers={workers}"],
+                       nproc=1, launcher="python", check=False)
+    assert proc.returncode == 1
+    assert "sample 17 of the train split" in proc.stderr and "corrupt record 17" in proc.stderr
+    assert "userdata.py" in proc.stderr, "the dataset's own file and line"
+
+
+def test_an_item_of_another_shape_names_its_index_and_what_was_expected(folder, tmp_path):
+    proc = run_harness(folder / "recipe.yaml", [f"run.output_dir={tmp_path / 'run'}", "data.name=userdata:ragged",
+                                                "data.num_workers=0"], nproc=1, launcher="python", check=False)
+    assert proc.returncode == 1
+    assert "sample 23 of the train split" in proc.stderr and "(5,)" in proc.stderr and "(8,)" in proc.stderr
+
+
+def test_an_iterable_dataset_without_state_is_refused_saying_what_to_give(folder, tmp_path):
+    proc = run_harness(folder / "recipe.yaml", [f"run.output_dir={tmp_path / 'run'}", "data.name=userdata:stream"],
+                       nproc=1, launcher="python", check=False)
+    assert proc.returncode == 2 and "IterableDataset" in proc.stderr and "__getitem__" in proc.stderr
+
+
+def test_more_workers_than_cores_warn(folder, tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    proc = run_harness(folder / "recipe.yaml", [f"run.output_dir={tmp_path / 'run'}", f"data.num_workers={cores + 1}",
+                                                "train.epochs=1"], nproc=1, launcher="python")
+    assert f"data.num_workers={cores + 1} is more than the {cores} CPU cores" in proc.stdout + proc.stderr
