@@ -126,11 +126,24 @@ class NodeSplit(Split):
     nodes across ranks shares the work without changing the result. None: the whole graph.
     """
 
-    def __init__(self, graph, node_index: torch.Tensor, hops: Optional[int]):
-        self.graph, self.node_index, self.hops = graph, node_index, hops
+    def __init__(self, graph, node_index: torch.Tensor, hops: Optional[int], num_workers: int = 0):
+        self.graph, self.node_index, self.hops, self.num_workers = graph, node_index, hops, num_workers
 
     def __len__(self) -> int:
         return len(self.node_index)
+
+    def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[NodeBatch]:
+        """With workers (and subgraphs), each batch's k-hop subgraph is cut in a loader worker."""
+        if self.num_workers == 0 or self.hops is None:
+            yield from super().batches(index_batches, epoch)
+            return
+        loader = torch.utils.data.DataLoader(_Positions(len(self)), batch_sampler=_Lists(index_batches),
+                                             num_workers=self.num_workers, collate_fn=self._fetch_list,
+                                             generator=torch.Generator().manual_seed(0))
+        yield from loader
+
+    def _fetch_list(self, positions: list[int]) -> NodeBatch:
+        return self.fetch(torch.tensor(positions, dtype=torch.long))
 
     def fetch(self, indices: torch.Tensor) -> NodeBatch:
         seeds = self.node_index[indices]
@@ -147,6 +160,28 @@ class NodeSplit(Split):
 
             sub = Data(x=self.graph.x[subset], edge_index=edge_index)
         return NodeBatch(sub, mapping, targets)
+
+
+class _Positions(torch.utils.data.Dataset):
+    """Positions 0..n-1 as items: the split's fetch builds the batch in the worker."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class _Lists:
+    def __init__(self, index_batches):
+        self.index_batches = index_batches
+
+    def __iter__(self):
+        for indices in self.index_batches:
+            yield [int(i) for i in indices]
 
 
 def _edge_attributes(graph) -> bool:

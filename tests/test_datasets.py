@@ -193,3 +193,18 @@ def test_more_workers_than_cores_warn(folder, tmp_path):
     proc = run_harness(folder / "recipe.yaml", [f"run.output_dir={tmp_path / 'run'}", f"data.num_workers={cores + 1}",
                                                 "train.epochs=1"], nproc=1, launcher="python")
     assert f"data.num_workers={cores + 1} is more than the {cores} CPU cores" in proc.stdout + proc.stderr
+
+
+def test_node_mini_batches_with_k_hop_neighbourhoods_cut_in_workers_resume_mid_epoch_exactly(tmp_path):
+    from tests.conftest import ROOT
+
+    recipe = ROOT / "recipes/gcn_plateau.yaml"
+    settings = ["data.subgraph_hops=3", "data.num_workers=2", "data.batch_size=64", "train.epochs=2",
+                "checkpoint.every_steps=5"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_harness(recipe, [f"run.output_dir={straight}", *settings], nproc=1, launcher="python")
+    run_harness(recipe, [f"run.output_dir={killed}", *settings], nproc=1, launcher="python", check=False,
+                env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="17"))
+    proc = run_harness(recipe, [f"run.output_dir={killed}", *settings], nproc=1, launcher="python")
+    assert "resumed from" in proc.stdout and "step-000015" in proc.stdout
+    assert_bitwise(weights(straight), weights(killed))

@@ -157,7 +157,8 @@ def sbm_nodes(
         train_fraction: float = 0.6,
         val_fraction: float = 0.2,
         subgraph_hops: Optional[int] = 3,
-        graph_seed: int = 0) -> TaskData:
+        graph_seed: int = 0,
+        num_workers: int = 0) -> TaskData:
     """A stochastic-block-model graph whose node features are noisy class centroids.
 
     Neighbours mostly share a class, so a GCN that averages over them beats a per-node MLP.
@@ -181,7 +182,7 @@ def sbm_nodes(
     n_val = int(val_fraction * num_nodes)
     train, val, test = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
     spec = TaskSpec("multiclass", num_features, num_classes, graph="node")
-    return TaskData(spec, NodeSplit(graph, train, subgraph_hops), NodeSplit(graph, val, subgraph_hops),
+    return TaskData(spec, NodeSplit(graph, train, subgraph_hops, num_workers), NodeSplit(graph, val, subgraph_hops),
                     NodeSplit(graph, test, subgraph_hops),
                     description=f"SBM graph: {num_nodes} nodes, {edge_index.size(1)} edges, "
                                 f"{num_classes} classes; {len(train)}/{len(val)}/{len(test)} train/val/test nodes")
