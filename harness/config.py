@@ -168,6 +168,12 @@ class TrainConfig:
     # DDP: let parameters that get no gradient in a step (a layer forward() does not use) pass
     # instead of failing with "Expected to have finished reduction". Costs a graph traversal a step.
     find_unused_parameters: bool = False
+    # ddp: a full copy of the model per rank; fsdp: FSDP2 shards parameters, gradients and optimizer
+    # state over the ranks (harness/sharding.py); auto: fsdp when the Accelerate config asks for it.
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # FSDP units by module class name (e.g. [TransformerBlock]); null: the outermost modules that
+    # own parameters (each Linear of an MLP, each GCNConv).
+    fsdp_wrap: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from harness import faults, sampling
+from harness import faults, sampling, sharding
 from harness.assemble import build_data, build_model
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.contracts import Split, TaskData
@@ -82,6 +82,7 @@ class Trainer:
     loss: object = None  # per_sample / summed (harness.contracts.Loss)
     metrics: list = field(default_factory=list)  # harness.contracts.Metric
     components: dict = field(default_factory=dict)  # import path + source hash of each component
+    sharded: bool = False  # FSDP2: parameters are DTensors holding this rank's rows
     # The monitored value (checkpoint.monitor) of the latest validation, for keep_best.
     last_monitored: Optional[float] = None
     preemption: Optional[PreemptionWatcher] = None
@@ -184,6 +185,7 @@ def build_components(cfg: Config, given: GivenComponents):
 
 
 def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Trainer:
+    strategy = sharding.strategy_from_launch(cfg.train.strategy)  # before Accelerator reads the launch's env
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters)
     warn_if_ranks_lost(accelerator.num_processes)
     if cfg.run.deterministic:
@@ -197,6 +199,13 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if cfg.data.batch_size > len(task.train) and cfg.data.drop_last:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {len(task.train)} "
                           "training samples and data.drop_last is true: no step would run")
+    sharded = strategy == "fsdp" and accelerator.num_processes > 1
+    if sharded:
+        # Sharded before the optimizer is built: its state then holds this rank's rows only.
+        model = sharding.shard(model, accelerator.device, accelerator.num_processes, cfg.train.fsdp_wrap,
+                               accelerator.mixed_precision)
+    elif strategy == "fsdp" and accelerator.is_main_process:
+        logger.info("train.strategy fsdp with one process: nothing to shard, training unsharded")
     optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)
     horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last),
                       cfg.train.epochs)
@@ -205,12 +214,14 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     # steps it once per process. Nor the optimizer: AcceleratedOptimizer re-checks installed packages
     # and inspects signatures on every step()/zero_grad(), ~1 ms a step; we do its one job (fp16
     # loss scaling) ourselves in optimizer_step().
-    model = accelerator.prepare(model)
+    if not sharded:
+        model = accelerator.prepare(model)  # DDP on several ranks (FSDP2 modules are already distributed)
     store = CheckpointStore(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                             cfg.checkpoint.monitor_mode)
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
                       TensorBoardLog(cfg.run_dir, enabled=False), store=store, loss=loss, metrics=metrics,
-                      raw_model=accelerator.unwrap_model(model), components=origins)
+                      raw_model=model if sharded else accelerator.unwrap_model(model), components=origins,
+                      sharded=sharded)
     check_monitors(trainer)
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
     # python's and numpy's generators too, for user code (datasets, factors) that draws from them.
@@ -267,7 +278,7 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loade
         if acc.device.type != "cpu":
             batch = batch.to(acc.device)
         last = i == len(micro) - 1
-        sync = contextlib.nullcontext() if last else acc.no_sync(trainer.model)
+        sync = contextlib.nullcontext() if last else no_gradient_sync(trainer)
         with sync:
             outputs = batch.predict(trainer.model)
             loss_sum = trainer.loss.summed(outputs.float(), batch.targets)
@@ -282,6 +293,20 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loade
     trainer.state.window_count += global_count
     trainer.state.epoch_count += global_count
     trainer.window_samples += global_count
+
+
+@contextlib.contextmanager
+def no_gradient_sync(trainer: Trainer):
+    """A micro-batch before the last: accumulate locally, reduce once at the last (DDP or FSDP)."""
+    if trainer.sharded:
+        sharding.set_gradient_sync(trainer.model, False)
+        try:
+            yield
+        finally:
+            sharding.set_gradient_sync(trainer.model, True)
+    else:
+        with trainer.accelerator.no_sync(trainer.model):
+            yield
 
 
 def backward(trainer: Trainer, loss_sum: torch.Tensor, scale: float) -> None:
@@ -399,10 +424,16 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
     every = trainer.cfg.preemption.check_every_val_batches
     with torch.no_grad(), acc.autocast():
         for start in range(0, len(shards), every):
-            chunk = [s for s in shards[start:start + every] if len(s)]
-            for batch in split.batches(chunk):
+            chunk = shards[start:start + every]
+            if trainer.sharded:  # every rank runs every forward (each all-gathers parameters)
+                loaded = sharding.lockstep(split.batches, chunk)
+            else:
+                loaded = ((batch, True) for batch in split.batches([s for s in chunk if len(s)]))
+            for batch, counts in loaded:
                 batch = batch.to(acc.device)
                 outputs = batch.predict(model).float()
+                if not counts:
+                    continue
                 sums[0] += trainer.loss.per_sample(outputs, batch.targets).double().sum()
                 sums[1] += len(outputs)
                 if widths:
@@ -662,7 +693,17 @@ def finish(trainer: Trainer) -> dict:
 
 
 def write_final_model(trainer: Trainer) -> None:
-    """Final weights of the unwrapped model, loadable with safetensors alone."""
+    """Final weights of the unwrapped model, loadable with safetensors alone (FSDP: gathered whole,
+    every rank takes part)."""
+    if trainer.sharded:
+        from safetensors.torch import save_file
+
+        tensors = sharding.full_tensors(trainer.raw_model.state_dict())
+        if trainer.is_main:
+            (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(trainer.run_dir / "final" / "model.safetensors"),
+                      metadata={"format": "pt"})
+        return
     if not trainer.is_main:
         return
     from safetensors.torch import save_model

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from harness import checkpoint as ckpt
+from harness import sharding
 from harness.config import to_plain_dict
 from harness.schedules import lrs_rebuilt_from_last_epoch, replay_lrs
 
@@ -66,8 +67,7 @@ def restore(trainer, folder: Path) -> list[dict]:
     warn_about_changed_components(meta.get("components") or {}, trainer.components, trainer.is_main)
     refuse_unapproved_changes(trainer.cfg, changes, folder, meta.get("step"))
     changed_keys = [c["key"] for c in changes]
-    model = trainer.raw_model
-    ckpt.load_model_weights(model, folder / "model.safetensors")
+    load_model_state(trainer.raw_model, folder)
     # This recipe's optimizer hyperparameters, before loading replaces them with the saved ones.
     recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
     restore_optimizer(trainer, folder)
@@ -118,7 +118,8 @@ def restore(trainer, folder: Path) -> list[dict]:
 # a step computes: never compared. A key ending in "." covers its whole section.
 IGNORED_KEYS = ("run.resume", "run.on_change", "run.init_from", "run.init_optimizer", "run.output_dir", "run.name",
                 "train.max_steps", "train.log_every_steps", "train.progress_every_s", "train.device",
-                "train.early_stopping_patience", "train.early_stopping_min_delta", "data.num_workers",
+                "train.early_stopping_patience", "train.early_stopping_min_delta", "train.strategy", "train.fsdp_wrap",
+                "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
                 "checkpoint.", "preemption.")
 # Changed without run.on_change=allow as long as the LR check on resume passes (a longer run of a
 # schedule that does not depend on the run's length): extending a run is the common case.
@@ -257,7 +258,8 @@ def resolve_init_checkpoint(path: str) -> Path:
 def load_weights_that_fit(model: torch.nn.Module, path: Path) -> None:
     """Like checkpoint.load_model_weights, but every tensor that does not fit is listed (a warm
     start from another recipe is where a user needs the whole list)."""
-    tensors = ckpt._load_tensors(path)
+    reader = sharding.Reader(path.parent, "model")
+    tensors = {name: reader.full(name) for name in reader.names()}
     own = model.state_dict()
     problems = [f"{name}: missing from the checkpoint" for name in sorted(set(own) - set(tensors))]
     problems += [f"{name}: in the checkpoint, not in this model" for name in sorted(set(tensors) - set(own))]
@@ -268,7 +270,7 @@ def load_weights_that_fit(model: torch.nn.Module, path: Path) -> None:
         raise ckpt.CheckpointError(f"run.init_from: {path} does not fit this model ({len(problems)} tensors):\n  {shown}")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            own[name].copy_(tensor)
+            sharding.local(own[name]).copy_(sharding.local(sharding.place_like(tensor, own[name])))
 
 
 def initialize_from(trainer, path: str) -> Path:
@@ -277,7 +279,7 @@ def initialize_from(trainer, path: str) -> Path:
     folder = resolve_init_checkpoint(path)
     load_weights_that_fit(trainer.raw_model, folder / "model.safetensors")
     if trainer.cfg.run.init_optimizer:
-        tensors = {k: v.clone() for k, v in ckpt._load_tensors(folder / "optimizer.safetensors").items()}
+        tensors = optimizer_tensors(trainer, folder)
         saved = ckpt.optimizer_from_files(tensors, ckpt._read_json(folder / "optimizer.json"))
         params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
         problems = []
@@ -306,10 +308,42 @@ def initialize_from(trainer, path: str) -> Path:
     return folder
 
 
+def load_model_state(model: torch.nn.Module, folder: Path) -> None:
+    """The checkpoint's weights, sharded or not, into ``model``, sharded or not (each rank takes
+    its own rows of an FSDP parameter: resuming on another number of ranks reshards)."""
+    reader = sharding.Reader(folder, "model")
+    path = folder / ("model.safetensors" if not (folder / sharding.SHARDING).is_file() else sharding.SHARDING)
+    own = model.state_dict()
+    names = set(reader.names())
+    missing, unexpected = sorted(set(own) - names), sorted(names - set(own))
+    if missing or unexpected:
+        raise ckpt.CheckpointError(f"{path}: does not fit this model: missing {missing[:5]}, unexpected "
+                                   f"{unexpected[:5]} (a checkpoint from another recipe?)")
+    with torch.no_grad():
+        for name in sorted(own):
+            full = reader.full(name)
+            if tuple(full.shape) != tuple(own[name].shape):
+                raise ckpt.CheckpointError(f"{path}: tensor {name!r} has shape {tuple(full.shape)}, this model has "
+                                           f"{tuple(own[name].shape)} (a checkpoint from a recipe with other shapes?)")
+            sharding.local(own[name]).copy_(sharding.local(sharding.place_like(full, own[name])))
+
+
+def optimizer_tensors(trainer, folder: Path) -> dict[str, torch.Tensor]:
+    """The optimizer state tensors ("<param index>/<name>"), laid out like their parameters."""
+    reader = sharding.Reader(folder, "optimizer")
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    out = {}
+    for name in reader.names():
+        full = reader.full(name)
+        index = int(name.partition("/")[0])
+        param = params[index] if index < len(params) else None
+        out[name] = (sharding.place_like(full, param) if param is not None and full.dim() > 0
+                     and tuple(full.shape) == tuple(param.shape) else full)
+    return out
+
+
 def restore_optimizer(trainer, folder: Path) -> None:
-    # Cloned: load_file maps the file, and the optimizer would keep a pruned checkpoint's file
-    # mapped (its disk space held) for the rest of the run.
-    tensors = {k: v.clone() for k, v in ckpt._load_tensors(folder / "optimizer.safetensors").items()}
+    tensors = optimizer_tensors(trainer, folder)
     meta = ckpt._read_json(folder / "optimizer.json")
     state_dict = ckpt.optimizer_from_files(tensors, meta)
     groups_now = trainer.optimizer.state_dict()["param_groups"]
@@ -432,22 +466,37 @@ class CheckpointSnapshot:
     rank_json: str
     rank_tensors: dict[str, torch.Tensor]
     main: Optional[dict] = None  # rank 0: file name -> JSON text or tensors
+    rank_files: dict = dataclasses.field(default_factory=dict)  # FSDP: this rank's shards, file name -> tensors
 
     @classmethod
     def take(cls, trainer, saved_state: dict, reason: str, staging: Optional[dict]) -> "CheckpointSnapshot":
         acc, state = trainer.accelerator, trainer.state
+        rank, world = acc.process_index, acc.num_processes
         rng_meta, rng_tensors = ckpt.rng_state()  # fresh copies already
-        snapshot = cls(acc.process_index, ckpt.json_text(rng_meta), rng_tensors)
-        if not acc.is_main_process:
+        snapshot = cls(rank, ckpt.json_text(rng_meta), rng_tensors)
+        sharded = sharding.is_sharded(trainer.raw_model)
+        if not acc.is_main_process and not sharded:
             return snapshot
         model_tensors = trainer.raw_model.state_dict()
         optimizer_tensors, optimizer_meta = ckpt.optimizer_to_files(trainer.optimizer.state_dict())
+        if sharded:
+            # Each rank writes its own rows; sharding.json (rank 0) says whose rows are where.
+            model_tensors, model_layout = sharding.split_for_files(model_tensors, rank, world)
+            optimizer_tensors, optimizer_layout = sharding.split_for_files(optimizer_tensors, rank, world)
         if staging is not None:
             model_tensors = _stage(model_tensors, staging, "model/")
             optimizer_tensors = _stage(optimizer_tensors, staging, "optimizer/")
+        if sharded:
+            snapshot.rank_files = {f"model-rank-{rank}.safetensors": model_tensors,
+                                   f"optimizer-rank-{rank}.safetensors": optimizer_tensors}
+            if not acc.is_main_process:
+                return snapshot
+            tensor_files = {sharding.SHARDING: ckpt.json_text({"world_size": world, "model": model_layout,
+                                                                 "optimizer": optimizer_layout})}
+        else:
+            tensor_files = {"model.safetensors": model_tensors, "optimizer.safetensors": optimizer_tensors}
         snapshot.main = {
-            "model.safetensors": model_tensors,
-            "optimizer.safetensors": optimizer_tensors,
+            **tensor_files,
             "optimizer.json": ckpt.json_text(optimizer_meta),
             "scheduler.json": ckpt.json_text(trainer.schedule.state_dict()),
             "trainer.json": ckpt.json_text({
@@ -473,6 +522,9 @@ class CheckpointSnapshot:
         return snapshot
 
     def write_rank(self, folder: Path, counter) -> None:
+        for name, tensors in self.rank_files.items():
+            ckpt.save_tensors(tensors, folder / name)
+            counter.wrote(folder / name)
         path = folder / f"rng-rank-{self.rank}.json"
         path.write_text(self.rank_json)
         counter.wrote(path)

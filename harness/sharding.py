@@ -1,0 +1,223 @@
+"""FSDP2 (train.strategy: fsdp): the model, its gradients and the optimizer state sharded over ranks.
+
+``torch.distributed.fsdp.fully_shard`` is called directly, on an explicit device mesh (CPU/gloo or
+CUDA/NCCL): Accelerate keeps the launch, the process group and the device, not the sharding (its
+FSDP plugin is enabled only from GPU launch types and its FSDP2 sharded save/load has open bugs,
+accelerate#3971, #3896).
+
+Every parameter is a DTensor sharded along dim 0 (torch.chunk sizes: the first ranks hold one row
+more). Checkpoints keep that: each rank writes its own rows (``model-rank-<r>.safetensors``,
+``optimizer-rank-<r>.safetensors``) and ``sharding.json`` says which rows are whose, so a resume on
+any number of ranks, sharded or not, reads the rows it needs (see :func:`read_full`). No pickle:
+PyTorch's DCP default format keeps its metadata as one.
+
+Which modules become FSDP units (all-gathered for their forward, resharded after): the classes
+named in ``train.fsdp_wrap``, or by default the outermost modules below the root that own
+parameters directly (each Linear of an MLP, each GCNConv); the root takes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from harness.contracts import ConfigError
+
+SHARDING = "sharding.json"
+REFUSED_LAUNCHERS = {
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
+
+
+def strategy_from_launch(configured: str) -> str:
+    """The strategy this run uses: the recipe's ``train.strategy``, or FSDP when the Accelerate
+    config asks for it. DeepSpeed, Megatron-LM and XLA configs are refused: never a silent DDP."""
+    for variable, name in REFUSED_LAUNCHERS.items():
+        if os.environ.get(variable, "").lower() in ("true", "1"):
+            raise ConfigError(f"the Accelerate config asks for {name} ({variable}=true). The harness supports "
+                              "DDP (distributed_type: MULTI_GPU, or MULTI_GPU with use_cpu: true for CPU ranks) and "
+                              "its own FSDP2 (distributed_type: FSDP, or train.strategy: fsdp); use one of "
+                              "recipes/accelerate/*.yaml")
+    if os.environ.get("PJRT_DEVICE") or os.environ.get("XRT_TPU_CONFIG"):
+        raise ConfigError("the launch asks for XLA/TPU; the harness supports DDP and FSDP2 on CPUs and CUDA GPUs")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
+        # Accelerator() would build its own FSDP plugin from this: the harness shards the model itself.
+        del os.environ["ACCELERATE_USE_FSDP"]
+        if configured == "ddp":
+            raise ConfigError("train.strategy: the recipe says ddp but the Accelerate config asks for FSDP "
+                              "(distributed_type: FSDP); drop one of the two")
+        return "fsdp"
+    return "ddp" if configured == "auto" else configured
+
+
+def units(model: nn.Module, wrap: Optional[list[str]]) -> list[nn.Module]:
+    """The submodules that become FSDP units (outermost first)."""
+    if wrap:
+        wanted = set(wrap)
+        found = [m for m in model.modules() if m is not model and type(m).__name__ in wanted]
+        missing = wanted - {type(m).__name__ for m in found}
+        if missing:
+            classes = sorted({type(m).__name__ for m in model.modules()})
+            raise ConfigError(f"train.fsdp_wrap: no module of class {sorted(missing)} in the model; its classes: "
+                              f"{', '.join(classes)}")
+        return found
+    out = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if any(True for _ in child.parameters(recurse=False)):
+                out.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return out
+
+
+def shard(model: nn.Module, device: torch.device, world_size: int, wrap: Optional[list[str]],
+          mixed_precision: Optional[str]) -> nn.Module:
+    """fully_shard each unit, then the root, on a 1-D mesh of all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(device)
+    mesh = init_device_mesh(device.type, (world_size,))
+    kwargs = {"mesh": mesh}
+    if device.type == "cuda" and mixed_precision == "bf16":
+        # bf16 parameters for compute, fp32 gradient reduction: the usual FSDP2 policy.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for unit in units(model, wrap):
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def is_dtensor(value) -> bool:
+    return type(value).__name__ == "DTensor"
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP's no_sync: skip the reduce-scatter of micro-batches before the last."""
+    model.set_requires_gradient_sync(enabled)
+
+
+def local(value):
+    return value.to_local() if is_dtensor(value) else value
+
+
+def row_ranges(rows: int, world_size: int) -> list[tuple[int, int]]:
+    """The rows of dim 0 each rank holds under Shard(0) (torch.chunk: ceil-sized chunks, the last
+    ranks may hold fewer or none)."""
+    size = -(-rows // world_size) if rows else 0
+    return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world_size)]
+
+
+def split_for_files(tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> tuple[dict, dict]:
+    """(this rank's local rows of each DTensor + plain tensors on rank 0, layout of the DTensors)."""
+    out, layout = {}, {}
+    for name, value in tensors.items():
+        if is_dtensor(value):
+            placements = [type(p).__name__ + str(getattr(p, "dim", "")) for p in value.placements]
+            if placements != ["Shard0"]:
+                raise NotImplementedError(f"{name}: placements {value.placements}; only Shard(0) is saved")
+            shape = list(value.shape)
+            layout[name] = {"shape": shape, "dtype": str(value.dtype).removeprefix("torch."),
+                            "rows": row_ranges(shape[0], world_size)}
+            out[name] = value.to_local()
+        elif rank == 0:
+            out[name] = value
+    return out, layout
+
+
+class Reader:
+    """Full tensors from a checkpoint, sharded (``sharding.json``) or not, one at a time."""
+
+    def __init__(self, folder: Path, part: str):
+        from safetensors import safe_open
+
+        self.folder, self.part = Path(folder), part
+        self.layout = {}
+        layout_path = self.folder / SHARDING
+        if layout_path.is_file():
+            self.layout = json.loads(layout_path.read_text()).get(part, {})
+        self.world = json.loads(layout_path.read_text())["world_size"] if layout_path.is_file() else 1
+        self._open = safe_open
+        self._files = {}
+
+    def _file(self, name: str):
+        if name not in self._files:
+            path = self.folder / name
+            if not path.is_file():
+                from harness.checkpoint import CheckpointError
+
+                raise CheckpointError(f"{path}: missing")
+            try:
+                self._files[name] = self._open(str(path), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a damaged or foreign file
+                from harness.checkpoint import CheckpointError
+
+                raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); it may be truncated, "
+                                      "damaged or of another format (pickles are never loaded)") from None
+        return self._files[name]
+
+    def names(self) -> list[str]:
+        if not (self.folder / SHARDING).is_file():
+            return list(self._file(f"{self.part}.safetensors").keys())
+        names = set(self.layout)
+        for r in range(self.world):
+            names |= set(self._file(f"{self.part}-rank-{r}.safetensors").keys())
+        return sorted(names)
+
+    def full(self, name: str) -> torch.Tensor:
+        if not (self.folder / SHARDING).is_file():
+            return self._file(f"{self.part}.safetensors").get_tensor(name).clone()  # own memory, not the file's
+        if name not in self.layout:
+            return self._file(f"{self.part}-rank-0.safetensors").get_tensor(name)
+        entry = self.layout[name]
+        pieces = [self._file(f"{self.part}-rank-{r}.safetensors").get_tensor(name)
+                  for r, (start, stop) in enumerate(entry["rows"]) if stop > start]
+        full = torch.cat(pieces) if pieces else torch.empty(entry["shape"], dtype=getattr(torch, entry["dtype"]))
+        if list(full.shape) != entry["shape"]:
+            from harness.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{self.folder}: {self.part} tensor {name!r} assembles to {list(full.shape)}, "
+                                  f"{SHARDING} says {entry['shape']}")
+        return full
+
+
+def place_like(full: torch.Tensor, current) -> torch.Tensor:
+    """``full`` laid out like ``current``: this rank's rows of a DTensor (no communication), or as is."""
+    if is_dtensor(current):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(current.device), current.device_mesh, current.placements, src_data_rank=None)
+    return full
+
+
+def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every DTensor gathered whole (a collective: every rank calls it)."""
+    return {name: (value.full_tensor() if is_dtensor(value) else value) for name, value in state.items()}
+
+
+def exported(folder: Path) -> dict[str, torch.Tensor]:
+    reader = Reader(folder, "model")
+    return {name: reader.full(name).contiguous() for name in reader.names()}
+
+
+def lockstep(batches_of: Callable[[list], Iterable], shards: list[torch.Tensor]):
+    """(batch, counts) for every shard, empty ones replaced by sample 0 (counts False): under FSDP
+    every rank must run the same number of forwards (each all-gathers parameters)."""
+    dummy = torch.zeros(1, dtype=torch.long)
+    filled = [s if len(s) else dummy for s in shards]
+    for batch, shard_indices in zip(batches_of(filled), shards):
+        yield batch, len(shard_indices) > 0

@@ -1,0 +1,212 @@
+"""A user's own model, data, loss and metric, named by import path in a recipe beside their module.
+
+Everything here lives outside the package, in a temporary project folder, the way a user works:
+``mymodels.py`` and ``recipe.yaml`` side by side, ``harness train recipe.yaml`` from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.tracking import read_scalars
+from tests.conftest import ROOT, read_json, run_harness, subprocess_env
+
+SEEDS = ROOT / "recipes" / "seeds"
+
+USER_MODULE = '''\
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 16, dropout: float = 0.1):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(hidden, out_dim))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def blobs(samples: int = 400, features: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, features, generator=g)
+    w = torch.randn(features, generator=g)
+    y = (x @ w > 0).long()
+    a, b = int(0.7 * samples), int(0.85 * samples)
+    return {"train": (x[:a], y[:a]), "val": (x[a:b], y[a:b]), "test": (x[b:], y[b:]), "task": "binary"}
+
+
+def weighted_bce(outputs, targets, pos_weight: float = 1.0):
+    return F.binary_cross_entropy_with_logits(outputs.reshape(-1), targets.reshape(-1).float(),
+                                              pos_weight=torch.tensor(pos_weight), reduction="none")
+
+
+def hit_rate(outputs, targets):
+    return ((outputs.reshape(-1) > 0).long() == targets.reshape(-1)).float()
+'''
+
+# 400 samples -> 280 train; global batch 28 -> 10 steps per epoch, 30 steps in 3 epochs.
+RECIPE = '''\
+run: {name: mine}
+data: {name: "MODULE:blobs", batch_size: 28, samples: 400}
+model: {name: "MODULE:TinyNet", hidden: 12}
+loss: {name: "MODULE:weighted_bce", pos_weight: 1.5}
+metrics: ["MODULE:hit_rate"]
+optim: {name: SGD, lr: 0.2, momentum: 0.9}
+schedule: {name: step, interval: step, step_size: 7, gamma: 0.5}
+train: {epochs: 3, log_every_steps: 1}
+'''
+STEPS = 30
+
+
+def write_project(folder: Path, module: str = "mymodels", extra_code: str = "") -> Path:
+    """A user's project: their module and a recipe naming it; returns the recipe."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{module}.py").write_text(USER_MODULE + extra_code)
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("MODULE", module))
+    return recipe
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max()}"
+
+
+def stock_step_lrs(lr: float, step_size: int, gamma: float, steps: int) -> list[float]:
+    """What torch's own StepLR gives when stepped after every optimizer step."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def float32(values) -> list[float]:
+    return torch.tensor(values, dtype=torch.float32).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The user's own components on two ranks: LR, exact resume, verify-resume, inspect, check
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """One project trained on 2 ranks straight through, and again killed at step 14 (after the
+    mid-epoch checkpoint of step 12) with its module edited before the rerun resumes."""
+    root = tmp_path_factory.mktemp("project")
+    recipe = write_project(root / "project")
+    every = ["checkpoint.every_steps=4"]
+    straight, killed = root / "straight", root / "killed"
+    run_harness(recipe, [f"run.output_dir={straight}", *every], nproc=2)
+    crashed = run_harness(recipe, [f"run.output_dir={killed}", *every], nproc=2, check=False,
+                          env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="14"))
+    # A comment only: the code computes the same, but the file is not the one the checkpoint saw.
+    with (root / "project" / "mymodels.py").open("a") as handle:
+        handle.write("# edited after the crash\n")
+    resumed = run_harness(recipe, [f"run.output_dir={killed}", *every], nproc=2)
+    return {"recipe": recipe, "straight": straight, "killed": killed, "crashed": crashed, "resumed": resumed}
+
+
+def test_the_lr_of_a_users_run_on_two_ranks_is_torchs_own_steplr_stepped_every_step(two_rank_runs):
+    logged = read_scalars(two_rank_runs["straight"])["lr/default"]
+    assert [step for step, _ in logged] == list(range(1, STEPS + 1))
+    assert [lr for _, lr in logged] == float32(stock_step_lrs(0.2, 7, 0.5, STEPS))
+
+
+def test_a_users_metric_is_reported_as_val_and_test_with_its_own_name(two_rank_runs):
+    summary = read_json(two_rank_runs["straight"] / "metrics.json")
+    assert summary["world_size"] == 2 and summary["steps"] == STEPS
+    # A linearly separable problem: the user's hit rate is high on both held-out splits.
+    assert summary["val_hit_rate"] >= 0.85 and summary["test_hit_rate"] >= 0.85
+    scalars = read_scalars(two_rank_runs["straight"])
+    assert [s for s, _ in scalars["val/hit_rate"]] == [10, 20, 30]
+
+
+def test_a_users_run_killed_mid_epoch_resumes_to_the_same_weights_bit_for_bit(two_rank_runs):
+    crashed, killed = two_rank_runs["crashed"], two_rank_runs["killed"]
+    assert crashed.returncode != 0
+    log = two_rank_runs["resumed"].stdout + two_rank_runs["resumed"].stderr
+    assert "resumed from" in log and "step 12, 56 samples into the epoch" in log
+    assert_bitwise_equal(weights(two_rank_runs["straight"]), weights(killed))
+    assert read_scalars(killed)["lr/default"] == read_scalars(two_rank_runs["straight"])["lr/default"]
+
+
+def test_resuming_after_the_users_module_changed_warns_and_names_the_file(two_rank_runs):
+    log = two_rank_runs["resumed"].stdout + two_rank_runs["resumed"].stderr
+    assert "changed since the checkpoint was written" in log
+    assert "mymodels.py" in log and "mymodels:TinyNet" in log
+
+
+def test_the_checkpoint_records_each_components_import_path_file_and_hash(two_rank_runs):
+    folder = two_rank_runs["straight"] / "checkpoints" / "step-000030"
+    components = read_json(folder / "trainer.json")["components"]
+    module = two_rank_runs["recipe"].parent / "mymodels.py"
+    assert components["model"]["target"] == "mymodels:TinyNet"
+    assert components["data"]["target"] == "mymodels:blobs"
+    assert components["loss"]["target"] == "mymodels:weighted_bce"
+    assert [m["target"] for m in components["metrics"]] == ["mymodels:hit_rate"]
+    assert components["optim"] == {"target": "sgd"}
+    assert Path(components["model"]["file"]) == module.resolve()
+    assert len(components["model"]["sha256"]) == 64
+
+
+def test_verify_resume_passes_on_a_users_recipe(two_rank_runs, tmp_path):
+    proc = run_harness_tool(["verify-resume", str(two_rank_runs["recipe"]), "--nproc", "1",
+                             "--workdir", str(tmp_path / "verify")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PASS" in proc.stdout
+
+
+def test_check_previews_a_users_recipe_with_its_own_model_and_planned_lr(two_rank_runs):
+    proc = run_harness_tool(["check", str(two_rank_runs["recipe"]), "--no-png", "--world-size", "2"])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "model: mymodels:TinyNet, 121 parameters" in out  # 8*12+12 + 12*1+1
+    assert "steps per epoch: 10" in out and "total steps: 30" in out
+    assert "samples per rank per step: 14" in out
+    planned = {int(line.split()[0]): float(line.split()[2]) for line in out.splitlines()
+               if line.strip() and line.split()[0].isdigit()}
+    stock = stock_step_lrs(0.2, 7, 0.5, STEPS)
+    assert planned and all(lr == pytest.approx(stock[step - 1]) for step, lr in planned.items())
+
+
+def test_ckpt_inspect_lists_the_components_without_importing_the_users_module(tmp_path):
+    recipe = write_project(tmp_path / "project", module="gone_soon")
+    run_dir = tmp_path / "run"
+    run_harness(recipe, [f"run.output_dir={run_dir}", "train.max_steps=4", "checkpoint.every_steps=2"], nproc=1,
+                launcher="python")
+    shutil.rmtree(tmp_path / "project")  # the module is gone: inspecting must not need it
+    proc = run_harness_tool(["ckpt", "inspect", str(run_dir / "checkpoints" / "step-000004")])
+    assert proc.returncode == 0, proc.stderr
+    for target in ("model: gone_soon:TinyNet", "data: gone_soon:blobs", "loss: gone_soon:weighted_bce",
+                   "metrics: gone_soon:hit_rate", "optim: sgd"):
+        assert target in proc.stdout
+    assert "gone_soon.py" in proc.stdout
+    assert "manifest: verified" in proc.stdout
+
+
+def run_harness_tool(args: list[str], timeout: float = 300):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
