@@ -66,8 +66,9 @@ exit codes: 0 valid, 2 bad recipe/override, a schedule that fails inside the pla
 CKPT_EPILOG = """examples:
   harness ckpt list runs/breast_cancer_mlp
   harness ckpt inspect runs/breast_cancer_mlp/checkpoints/step-000750
+  harness ckpt export runs/breast_cancer_mlp model.safetensors
 
-exit codes: 0 every checkpoint verified (list) / the checkpoint verified (inspect),
+exit codes: 0 every checkpoint verified (list) / the checkpoint verified (inspect) / written (export),
             3 one does not verify against its MANIFEST.json, or none found, 2 no such folder
 """
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ckpt = _command(sub, "ckpt", "list a run's checkpoints or inspect one",
                     "List a run's checkpoints, or inspect one, verifying them against their manifests.", CKPT_EPILOG)
-    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{list,inspect}")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{list,inspect,export}")
     listing = _command(ckpt_sub, "list", "every checkpoint of a run: step, epoch, LRs, metric, verified",
                        "Every checkpoint of RUN_DIR (and any interrupted save), oldest first.", CKPT_EPILOG)
     listing.add_argument("run_dir", type=Path, help="a run folder (run.output_dir), or its checkpoints/ folder")
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "Files, counters, LRs per param group, metric, world size, versions and the manifest "
                        "check of one checkpoint folder.", CKPT_EPILOG)
     inspect.add_argument("checkpoint", type=Path, help="a checkpoint folder, e.g. runs/x/checkpoints/step-000120")
+    export = _command(ckpt_sub, "export", "one full model file from a checkpoint, sharded (FSDP) or not",
+                      "Write the model weights of CHECKPOINT (verified first) as one safetensors file, loadable "
+                      "with safetensors.torch.load_file alone.", CKPT_EPILOG)
+    export.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run folder (its newest complete one)")
+    export.add_argument("out", type=Path, help="the .safetensors file to write (not overwritten if it exists)")
 
     plot = _command(sub, "plot-lr", "plot a run's LR per param group and its losses (PNG)",
                     "Plot the LR of every param group of RUN_DIR against the optimizer step, losses beside it.",
@@ -293,6 +299,8 @@ def run_check(args) -> int:
 def run_ckpt(args) -> int:
     from harness.inspection import format_checkpoint, format_checkpoint_list, list_checkpoints, read_checkpoint
 
+    if args.ckpt_command == "export":
+        return run_ckpt_export(args)
     if args.ckpt_command == "list":
         try:
             reports = list_checkpoints(args.run_dir)
@@ -317,6 +325,34 @@ def run_ckpt(args) -> int:
     for line in format_checkpoint(report):
         print(line)
     return EXIT_OK if report.verified else EXIT_CHECKPOINT
+
+
+def run_ckpt_export(args) -> int:
+    from safetensors.torch import save_file
+
+    from harness import checkpoint as ckpt
+    from harness.sharding import exported
+
+    folder = args.checkpoint
+    if (folder / "checkpoints").is_dir():
+        info = ckpt.CheckpointStore(folder).latest_complete()
+        if info is None:
+            print(f"harness: ckpt export: {folder}: no complete checkpoint", file=sys.stderr, flush=True)
+            return EXIT_CHECKPOINT
+        folder = info.path
+    if not folder.is_dir():
+        print(f"harness: ckpt export: {folder}: no such checkpoint folder", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if args.out.exists():
+        print(f"harness: ckpt export: {args.out} exists; not overwritten", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    ckpt.verify(folder)
+    tensors = exported(folder)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(args.out), metadata={"format": "pt"})
+    print(f"wrote {args.out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters "
+          f"from {folder}")
+    return EXIT_OK
 
 
 def run_plot_lr(args) -> int:
