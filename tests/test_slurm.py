@@ -433,6 +433,9 @@ def test_gpu_scripts_ask_for_gpus_and_map_slurm_to_the_launcher():
     assert "#SBATCH --ntasks-per-node=1" in multi
     assert '--machine_rank "$SLURM_NODEID"' in multi and '--num_machines "$SLURM_NNODES"' in multi
     assert '--main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"' in multi
+    assert "HARNESS_LAUNCH_CONFIG=${HARNESS_LAUNCH_CONFIG:-recipes/accelerate/gpu_ddp.yaml}" in multi
+    assert 'accelerate launch --config_file "$HARNESS_LAUNCH_CONFIG"' in multi
+    assert "recipes/accelerate/fsdp_gpu.yaml" in multi and (ROOT / "recipes/accelerate/fsdp_gpu.yaml").is_file()
 
     per_task = (SLURM_DIR / "multi_node_per_task.sbatch").read_text()
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in per_task

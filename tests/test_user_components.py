@@ -289,3 +289,100 @@ def test_plateau_on_the_train_loss_or_a_users_metric_drops_the_lr_alike_on_both_
         stock.step(value)
     assert logged == float32(expected)
     assert ranks[0]["lrs"]["default"] == optimizer.param_groups[0]["lr"]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Errors: the message, exit 2, nothing written
+# --------------------------------------------------------------------------------------------
+
+MORE_CODE = '''
+
+class NeedsWidth(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, width: int):
+        super().__init__()
+        self.body = nn.Linear(in_dim, out_dim)
+
+
+class BrokenNet(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        raise ValueError("BrokenNet cannot be built: no pretrained weights here")
+
+
+def mean_bce(outputs, targets):
+    return F.binary_cross_entropy_with_logits(outputs.reshape(-1), targets.reshape(-1).float())
+'''
+BROKEN_INIT_LINE = len((USER_MODULE + MORE_CODE).splitlines()) - 4  # the raise in BrokenNet.__init__
+
+# case -> (overrides, what the message says). Checked when the recipe loads: no process starts.
+CONFIG_ERRORS = {
+    "unknown argument": (["model.hiden=12"], ["unknown key 'model.hiden'", "Did you mean 'model.hidden'?"]),
+    "missing argument": (["model.name=MODULE:NeedsWidth"], ["model.width: missing", "NeedsWidth requires it"]),
+    "wrong type": (["model.hidden=twelve"], ["model.hidden: got 'twelve', expected an integer"]),
+    "unknown module": (["model.name=nosuchmodule:TinyNet"], ["cannot import module 'nosuchmodule'",
+                                                            "no nosuchmodule.py"]),
+    "unknown attribute": (["model.name=MODULE:TinyNte"], ["has no 'TinyNte'", "Did you mean MODULE:TinyNet?"]),
+}
+
+
+def assert_nothing_written(run_dir: Path) -> None:
+    """A lock file may exist; checkpoints, TensorBoard files and final weights may not."""
+    for name in ("checkpoints", "tb", "final", "metrics.json"):
+        assert not (run_dir / name).exists(), name
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS)
+def test_a_bad_component_argument_or_import_path_is_a_config_error_naming_the_key(case, tmp_path, capsys):
+    from harness.cli import main
+
+    module = f"mine_{case.replace(' ', '_')}"  # a module name of its own: imported in this process
+    recipe = write_project(tmp_path / "project", module=module, extra_code=MORE_CODE)
+    overrides, expected = CONFIG_ERRORS[case]
+    run_dir = tmp_path / "run"
+    code = main(["train", str(recipe), f"run.output_dir={run_dir}", *(o.replace("MODULE", module) for o in overrides)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "harness: config error:" in err
+    for text in expected:
+        assert text.replace("MODULE", module) in err
+    assert_nothing_written(run_dir)
+
+
+def test_an_exception_while_importing_the_users_module_shows_their_file_and_line(tmp_path, capsys):
+    from harness.cli import main
+
+    recipe = write_project(tmp_path / "project", module="raises_on_import")
+    path = tmp_path / "project" / "raises_on_import.py"
+    path.write_text("import torch\n\nraise RuntimeError('cannot find my weights file')\n")
+    run_dir = tmp_path / "run"
+    code = main(["train", str(recipe), f"run.output_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{path}, line 3" in err and "RuntimeError: cannot find my weights file" in err
+    assert "harness/components.py" not in err and "importlib" not in err
+    assert_nothing_written(run_dir)
+
+
+def test_an_exception_in_the_users_model_init_shows_their_file_and_line_and_exits_2(tmp_path):
+    recipe = write_project(tmp_path / "project", extra_code=MORE_CODE)
+    run_dir = tmp_path / "run"
+    proc = run_harness(recipe, [f"run.output_dir={run_dir}", "model.name=mymodels:BrokenNet"], nproc=1,
+                       launcher="python", check=False)
+    assert proc.returncode == 2, proc.stderr
+    path = tmp_path / "project" / "mymodels.py"
+    assert f"{path}, line {BROKEN_INIT_LINE}, in __init__" in proc.stderr
+    assert "ValueError: BrokenNet cannot be built: no pretrained weights here" in proc.stderr
+    assert "harness/" not in proc.stderr  # no harness internals: not components.py, not loop.py
+    assert_nothing_written(run_dir)
+
+
+def test_a_loss_returning_one_number_per_batch_is_refused_at_the_first_step(tmp_path):
+    recipe = write_project(tmp_path / "project", extra_code=MORE_CODE)
+    run_dir = tmp_path / "run"
+    proc = run_harness(recipe, [f"run.output_dir={run_dir}", "loss.name=mymodels:mean_bce"], nproc=1,
+                       launcher="python", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "mymodels:mean_bce returned () for a batch of 28 samples" in proc.stderr
+    assert "one value per sample" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert_nothing_written(run_dir)
