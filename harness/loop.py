@@ -199,7 +199,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if cfg.data.batch_size > len(task.train) and cfg.data.drop_last:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {len(task.train)} "
                           "training samples and data.drop_last is true: no step would run")
-    sharded = strategy == "fsdp" and accelerator.num_processes > 1
+    sharded = strategy == "fsdp" and (accelerator.num_processes > 1 or sharding.join_single_rank_group(accelerator))
     if sharded:
         # Sharded before the optimizer is built: its state then holds this rank's rows only.
         model = sharding.shard(model, accelerator.device, accelerator.num_processes, cfg.train.fsdp_wrap,

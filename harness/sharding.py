@@ -56,6 +56,18 @@ def strategy_from_launch(configured: str) -> str:
     return "ddp" if configured == "auto" else configured
 
 
+def join_single_rank_group(accelerator) -> bool:
+    """One process started by torchrun (RANK set): a one-rank process group, so FSDP2 runs for real
+    (e.g. on one GPU). A plain ``python -m harness`` has no launcher: it trains unsharded."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if accelerator.device.type == "cuda" else "gloo")
+    return True
+
+
 def units(model: nn.Module, wrap: Optional[list[str]]) -> list[nn.Module]:
     """The submodules that become FSDP units (outermost first)."""
     if wrap:
