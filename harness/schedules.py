@@ -163,18 +163,31 @@ NAMED_FACTORS: dict[str, Callable[[int, int], float]] = {
 }
 
 
-class _Factor:
-    """A picklable-free callable LambdaLR can hold; clamps at min_factor."""
+class LambdaFactor:
+    """The factor LambdaLR calls, held by name; clamps at min_factor.
 
-    def __init__(self, fn: Callable, total: int, min_factor: float, kwargs: dict, named: bool):
-        self.fn, self.total, self.min_factor, self.kwargs, self.named = fn, total, min_factor, kwargs, named
+    torch saves a callable object's ``__dict__`` as LambdaLR state, so only plain data lives there:
+    the factor's name (or ``package.module:function``), its horizon and arguments. The function
+    itself sits in a slot outside ``__dict__``, resolved from the name, and again whenever loaded
+    state changes the name, so a checkpoint holds a name that is re-imported on resume.
+    """
+
+    __slots__ = ("__dict__", "_resolved")
+
+    def __init__(self, factor: str, total: int, min_factor: float = 0.0, kwargs: Optional[dict] = None):
+        self.factor, self.total, self.min_factor, self.kwargs = factor, total, min_factor, dict(kwargs or {})
+        self._resolved = (factor, *resolve_factor(factor))
 
     def __call__(self, t: int) -> float:
-        value = self.fn(t, self.total) if self.named else self.fn(t, **self.kwargs)
+        name, fn, named = self._resolved
+        if name != self.factor:
+            name, fn, named = self._resolved = (self.factor, *resolve_factor(self.factor))
+        value = fn(t, self.total) if named else fn(t, **self.kwargs)
         return max(self.min_factor, float(value))
 
 
 def resolve_factor(name: str) -> tuple[Callable, bool]:
+    """(function, is a named factor) for a factor name or a ``package.module:function`` path."""
     if name in NAMED_FACTORS:
         return NAMED_FACTORS[name], True
     if ":" not in name:
@@ -186,11 +199,35 @@ def resolve_factor(name: str) -> tuple[Callable, bool]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"schedule.factor: cannot import module {module_name!r} for {name!r}: {exc}") from None
+        raise ConfigError(f"schedule.factor: cannot import module {module_name!r} for {name!r}: {exc} "
+                          "(is the folder that holds it on PYTHONPATH, in every process?)") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"schedule.factor: {module_name!r} has no function {attr!r}")
+        raise ConfigError(f"schedule.factor: {module_name!r} has no function {attr!r} (for {name!r})")
     return fn, False
+
+
+def _check_saved_factors(main, saved: dict) -> None:
+    """Before torch copies saved factor state over the recipe's: the checkpoint's factor must be
+    importable here and be the one the recipe names (torch would silently take the saved name)."""
+    for own, entry in zip(getattr(main, "lr_lambdas", ()), saved.get("lr_lambdas") or ()):
+        if not isinstance(own, LambdaFactor) or entry is None:
+            continue
+        if "factor" not in entry:
+            # Written before factors were saved by name: its function was lost ("fn": null). Keep
+            # the recipe's factor, take the saved horizon and arguments.
+            entry.pop("fn", None)
+            entry.pop("named", None)
+            entry["factor"] = own.factor
+        name = entry["factor"]
+        try:
+            resolve_factor(name)
+        except ConfigError as exc:
+            raise ValueError(f"the LambdaLR factor {name!r} this checkpoint was written with cannot be used "
+                             f"here: {str(exc).removeprefix('schedule.factor: ')}") from None
+        if name != own.factor:
+            raise ValueError(f"the checkpoint's LambdaLR factor is {name!r}, the recipe asks for {own.factor!r}. "
+                             f"Resume with schedule.factor={name}, or start a new run folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +240,7 @@ def _group_lrs(optimizer) -> list[float]:
 
 
 def _build_none(opt, o: NoOptions, horizon: int):
-    return torch_sched.LambdaLR(opt, lambda t: 1.0)
+    return torch_sched.LambdaLR(opt, LambdaFactor("constant", horizon))
 
 
 def _build_step(opt, o: StepOptions, horizon: int):
@@ -236,9 +273,7 @@ def _build_polynomial(opt, o: PolynomialOptions, horizon: int):
 
 
 def _build_lambda(opt, o: LambdaOptions, horizon: int):
-    fn, named = resolve_factor(o.factor)
-    factor = _Factor(fn, o.total or horizon, o.min_factor, o.factor_kwargs, named)
-    return torch_sched.LambdaLR(opt, factor)
+    return torch_sched.LambdaLR(opt, LambdaFactor(o.factor, o.total or horizon, o.min_factor, o.factor_kwargs))
 
 
 def _build_plateau(opt, o: PlateauOptions, horizon: int):
@@ -329,6 +364,7 @@ class LRSchedule:
                                                           main_schedule_length(cfg, horizon))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"schedule ({cfg.name}): {exc}") from None
+        self.state_dict()  # state that JSON cannot hold fails here, before any training, not at the first save
         self._apply_warmup()
 
     # The loop calls these three, in this order within an epoch.
@@ -379,34 +415,62 @@ class LRSchedule:
         return {name: g["lr"] for name, g in zip(self.group_names, self.optimizer.param_groups)}
 
     def state_dict(self) -> dict:
-        """Plain JSON data (no pickles): Counters and infinities are tagged, see to_json_safe."""
-        return {"kind": self.kind, "steps_done": self.steps_done, "main": to_json_safe(self.main.state_dict())}
+        """Plain JSON data (no pickles), see to_json_safe; a TypeError names any value that is not."""
+        try:
+            main = to_json_safe(self.main.state_dict(), "main")
+        except TypeError as exc:
+            raise TypeError(f"schedule {self.kind!r} ({type(self.main).__name__}): cannot write its state to "
+                            f"scheduler.json: {exc}") from None
+        return {"kind": self.kind, "steps_done": self.steps_done, "main": main}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
             raise ValueError(f"checkpoint holds a {state.get('kind')!r} schedule, the recipe asks for {self.kind!r}")
         self.steps_done = int(state["steps_done"])
-        self.main.load_state_dict(from_json_safe(state["main"]))
+        main = from_json_safe(state["main"])
+        _check_saved_factors(self.main, main)
+        self.main.load_state_dict(main)
         for group, lr in zip(self.optimizer.param_groups, self.main_lrs()):
             group["lr"] = lr
         self._apply_warmup()
 
 
-def to_json_safe(value):
-    """Scheduler state as strict JSON: MultiStepLR's Counter keeps int keys, inf survives."""
+def to_json_safe(value, where: str = "state"):
+    """Scheduler state as strict JSON that from_json_safe restores exactly: Counters (MultiStepLR's
+    milestones, int keys), tuples and inf/nan are tagged. Anything else JSON cannot hold (a function,
+    an arbitrary object, a dict with non-string keys) is a TypeError naming its key path (``where``
+    is the root's): written as null, it would break the resume instead of the save."""
     from collections import Counter
 
     if isinstance(value, Counter):
-        return {"__counter__": [[k, v] for k, v in value.items()]}
+        return {"__counter__": [[to_json_safe(k, f"{where} key"), to_json_safe(v, f"{where}[{k!r}]")]
+                                for k, v in value.items()]}
     if isinstance(value, dict):
-        return {k: to_json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"__float__": repr(value)}
-    if callable(value):
-        return None  # LambdaLR functions are rebuilt from the recipe, never stored
-    return value
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has a key {key!r} of type {_type_name(key)}; JSON keys are strings")
+        return {k: to_json_safe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, tuple):
+        return {"__tuple__": [to_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [to_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else {"__float__": repr(float(value))}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    raise TypeError(
+        f"{where} is {_type_name(value)}, which JSON cannot hold; it would be lost on resume. A scheduler's "
+        "state must be numbers, strings, lists and dicts: torch saves a callable object by its __dict__, so "
+        "keep a name or import path there to rebuild the function from (as LambdaFactor does), not the "
+        "function or object itself")
+
+
+def _type_name(value) -> str:
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def from_json_safe(value):
@@ -414,7 +478,9 @@ def from_json_safe(value):
 
     if isinstance(value, dict):
         if set(value) == {"__counter__"}:
-            return Counter({k: v for k, v in value["__counter__"]})
+            return Counter({from_json_safe(k): from_json_safe(v) for k, v in value["__counter__"]})
+        if set(value) == {"__tuple__"}:
+            return tuple(from_json_safe(v) for v in value["__tuple__"])
         if set(value) == {"__float__"}:
             return float(value["__float__"])
         return {k: from_json_safe(v) for k, v in value.items()}
@@ -563,3 +629,26 @@ class _ScratchOptimizer:
     def like(optimizer):
         params = [torch.nn.Parameter(torch.zeros(1)) for _ in optimizer.param_groups]
         return torch.optim.Adam([{"params": [p], "lr": g["initial_lr"]} for p, g in zip(params, optimizer.param_groups)])
+
+
+def advance(schedule: "LRSchedule", horizon: Horizon, steps_done: int, epochs_done: int,
+            validations: list[tuple[Optional[float], Optional[float]]]) -> None:
+    """Step ``schedule`` as the loop would through ``epochs_done`` whole epochs and then up to
+    ``steps_done`` optimizer steps, feeding each epoch's recorded validation (val_loss, val_metric;
+    None where that epoch did not validate) to ReduceLROnPlateau. No optimizer step is taken."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns when no optimizer.step() happened
+        step = 0
+        for epoch in range(epochs_done):
+            for _ in range(horizon.steps_per_epoch):
+                schedule.after_optimizer_step()
+                step += 1
+            schedule.after_epoch()
+            val_loss, val_metric = validations[epoch] if epoch < len(validations) else (None, None)
+            if val_loss is not None:
+                schedule.after_validation(val_loss, val_metric)
+        while step < steps_done:
+            schedule.after_optimizer_step()
+            step += 1

@@ -87,7 +87,7 @@ class EventFile:
         folder.mkdir(parents=True, exist_ok=True)
         # The name TensorBoard's writers use; the counter keeps two files of one process apart.
         self.path = folder / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                              f"{os.getpid()}.{next(_file_numbers)}")
+                              f"{os.getpid()}.{next(_file_numbers):04d}")
         self._file = open(self.path, "ab")
         self._flushed_at = time.monotonic()
         self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
