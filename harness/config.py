@@ -138,6 +138,9 @@ class ScheduleConfig:
     # the main schedule starts counting when the warmup ends. Composes with every kind.
     warmup_steps: int = 0
     warmup_start_factor: float = 0.01
+    # torch's own argument, accepted so recipes written from torch's documentation load: the
+    # harness logs every LR change anyway (console per epoch, TensorBoard per step).
+    verbose: bool = False
     options: Any = None
 
     def __post_init__(self) -> None:
@@ -428,6 +431,11 @@ def _component_section(section: str, cls: type, section_raw: dict, folders):
 
 def _kind_section(section: str, cls: type, section_raw: dict):
     from harness import registry  # the registries import nothing heavy at module level
+
+    if "last_epoch" in section_raw:
+        raise ConfigError(f"{section}.last_epoch: set by the harness itself when it resumes a run (from the "
+                          "checkpoint's scheduler state, with the LR checked); remove it. To start a new run part-way "
+                          "through another's schedule, resume that run, or use run.init_from for its weights")
 
     common = {f.name for f in dataclasses.fields(cls)} - {"options"}
     default_name = cls().name if section != "data" else DataConfig().name

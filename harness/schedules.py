@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch.optim import lr_scheduler as torch_sched
@@ -88,6 +88,43 @@ class LambdaOptions:
     # Horizon of the named factors; null: the planned run after warmup.
     total: Optional[int] = None
     min_factor: float = 0.0
+
+
+@dataclass
+class ConstantOptions:
+    """torch's ConstantLR: the LR times ``factor`` for the first ``total_iters`` steps, then the LR."""
+
+    factor: float = 1.0 / 3
+    total_iters: int = 5
+
+
+@dataclass
+class MultiplicativeOptions:
+    # MultiplicativeLR: each step multiplies the LR by factor(t): a named factor or your own
+    # "package.module:function", called as f(t, **factor_kwargs) -> float.
+    factor: str = "constant"
+    factor_kwargs: dict[str, float] = field(default_factory=dict)
+    total: Optional[int] = None
+    min_factor: float = 0.0
+
+
+@dataclass
+class SequentialOptions:
+    """SequentialLR: the schedulers as recipe sections, switched at ``milestones`` (one fewer than
+    schedulers; in the schedule's interval units). A horizon left null in one of them is its
+    segment's length."""
+
+    schedulers: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"name": "linear", "start_factor": 0.1, "total_iters": 5}, {"name": "cosine"}])
+    milestones: list[int] = field(default_factory=lambda: [5])
+
+
+@dataclass
+class ChainedOptions:
+    """ChainedScheduler: every scheduler steps at once, their factors multiply."""
+
+    schedulers: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"name": "constant", "factor": 0.5, "total_iters": 5}, {"name": "exponential", "gamma": 0.95}])
 
 
 @dataclass
@@ -276,6 +313,53 @@ def _build_lambda(opt, o: LambdaOptions, horizon: int):
     return torch_sched.LambdaLR(opt, LambdaFactor(o.factor, o.total or horizon, o.min_factor, o.factor_kwargs))
 
 
+def _build_constant(opt, o: ConstantOptions, horizon: int):
+    return torch_sched.ConstantLR(opt, factor=o.factor, total_iters=o.total_iters)
+
+
+def _build_multiplicative(opt, o: MultiplicativeOptions, horizon: int):
+    return torch_sched.MultiplicativeLR(opt, LambdaFactor(o.factor, o.total or horizon, o.min_factor,
+                                                          o.factor_kwargs))
+
+
+def sub_schedule_configs(o) -> list[tuple[str, Any]]:
+    """(kind, options) of each scheduler inside a SequentialLR/ChainedScheduler, validated."""
+    from harness.config import ConfigError
+    from harness.registry import canonical_name, options_class
+    from harness.values import parse_dataclass
+
+    out = []
+    for i, entry in enumerate(o.schedulers):
+        where = f"schedule.schedulers[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}: expected a section with a name, e.g. {{name: linear, total_iters: 5}}")
+        kind = canonical_name("schedule", entry["name"])
+        if kind in ("plateau", "sequential", "chained"):
+            raise ConfigError(f"{where}: {kind} cannot be nested (torch steps it differently)")
+        out.append((kind, parse_dataclass(options_class("schedule", kind),
+                                          {k: v for k, v in entry.items() if k != "name"}, where)))
+    return out
+
+
+def _build_sequential(opt, o: SequentialOptions, horizon: int):
+    from harness.registry import lookup
+
+    subs = sub_schedule_configs(o)
+    if len(o.milestones) != len(subs) - 1:
+        raise ValueError(f"{len(subs)} schedulers need {len(subs) - 1} milestones, got {o.milestones}")
+    bounds = [0, *o.milestones, horizon]
+    built = [lookup("schedule", kind).build(opt, options, max(1, bounds[i + 1] - bounds[i]))
+             for i, (kind, options) in enumerate(subs)]
+    return torch_sched.SequentialLR(opt, built, milestones=o.milestones)
+
+
+def _build_chained(opt, o: ChainedOptions, horizon: int):
+    from harness.registry import lookup
+
+    built = [lookup("schedule", kind).build(opt, options, horizon) for kind, options in sub_schedule_configs(o)]
+    return torch_sched.ChainedScheduler(built, optimizer=opt)
+
+
 def _build_plateau(opt, o: PlateauOptions, horizon: int):
     return torch_sched.ReduceLROnPlateau(
         opt, mode=o.mode, factor=o.factor, patience=o.patience, threshold=o.threshold,
@@ -302,7 +386,11 @@ def _build_cyclic(opt, o: CyclicOptions, horizon: int):
 
 
 SCHEDULES: dict[str, Kind] = {
-    "none": Kind(NoOptions, _build_none, ("constant", "constantlr"), "constant LR"),
+    "none": Kind(NoOptions, _build_none, (), "constant LR"),
+    "constant": Kind(ConstantOptions, _build_constant, ("constantlr",), "ConstantLR"),
+    "multiplicative": Kind(MultiplicativeOptions, _build_multiplicative, ("multiplicativelr",), "MultiplicativeLR"),
+    "sequential": Kind(SequentialOptions, _build_sequential, ("sequentiallr",), "SequentialLR"),
+    "chained": Kind(ChainedOptions, _build_chained, ("chainedscheduler",), "ChainedScheduler"),
     "step": Kind(StepOptions, _build_step, ("steplr",), "StepLR"),
     "multistep": Kind(MultiStepOptions, _build_multistep, ("multisteplr",), "MultiStepLR"),
     "exponential": Kind(ExponentialOptions, _build_exponential, ("exponentiallr",), "ExponentialLR"),
@@ -549,7 +637,7 @@ def replay_lrs(cfg: ScheduleConfig, horizon: Horizon, group_names: list[str], ma
 
 # Kinds whose LR torch can compute from last_epoch alone (closed form, or get_lr a pure function of it).
 _REBUILDABLE = {"none", "step", "multistep", "exponential", "cosine", "linear", "polynomial", "lambda", "onecycle",
-                "cyclic"}
+                "cyclic", "constant"}
 
 
 def lrs_rebuilt_from_last_epoch(cfg: ScheduleConfig, horizon: Horizon, restored_groups: list[dict],

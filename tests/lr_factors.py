@@ -10,3 +10,8 @@ def differs_per_rank(t: int) -> float:
     import os
 
     return 1.0 + int(os.environ.get("RANK", "0"))
+
+
+def multiplicative_095(t: int) -> float:
+    """A MultiplicativeLR factor: the LR shrinks by 5% every step."""
+    return 0.95
