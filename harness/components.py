@@ -296,8 +296,8 @@ _HARNESS_DIR = str(Path(__file__).resolve().parent)
 class UserCodeError(RuntimeError):
     """An exception raised inside a user's component; ``str()`` shows the user's frames only."""
 
-    def __init__(self, doing: str, error: BaseException):
-        self.doing, self.error = doing, error
+    def __init__(self, doing: str, error: BaseException, while_training: bool = False):
+        self.doing, self.error, self.while_training = doing, error, while_training
         super().__init__(self.describe())
 
     def user_frames(self) -> list[traceback.FrameSummary]:
@@ -328,8 +328,9 @@ def _is_user_file(filename: str) -> bool:
 
 
 @contextmanager
-def user_code(doing: str):
-    """Wrap a call into a user's component: its exception becomes a UserCodeError."""
+def user_code(doing: str, while_training: bool = False):
+    """Wrap a call into a user's component: its exception becomes a UserCodeError (the command
+    line exits 2 for one raised while building, 1 for one raised while training)."""
     try:
         yield
     except (ConfigError, UserCodeError, KeyboardInterrupt, SystemExit):
@@ -337,7 +338,7 @@ def user_code(doing: str):
     except Exception as exc:  # noqa: BLE001 - re-raised with the user's frames
         if not any(_is_user_file(f.filename) for f in traceback.extract_tb(exc.__traceback__)):
             raise  # not the user's code: a harness or library error keeps its own traceback
-        raise UserCodeError(doing, exc) from exc
+        raise UserCodeError(doing, exc, while_training) from exc
 
 
 def build(target: Callable, kwargs: dict, doing: str):

@@ -421,6 +421,11 @@ def _component_section(section: str, cls: type, section_raw: dict, folders):
     target = components.resolve(section, parsed.name, folders)
     if not components.is_import_path(parsed.name):
         parsed.name = components.lookup(section, parsed.name).name
+    if section == "optim":
+        from harness.optimizers import UNSUPPORTED
+
+        if parsed.name.lower() in UNSUPPORTED:
+            raise ConfigError(f"optim.name: {parsed.name}: {UNSUPPORTED[parsed.name.lower()]}")
     provided = PROVIDED[section]
     if section == "loss" and components.is_import_path(parsed.name) and not isinstance(target, type):
         provided = components.leading_parameters(target, 2)  # a loss function's (outputs, targets)

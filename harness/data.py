@@ -264,12 +264,9 @@ def _table_split(pair, name: str, kind: str) -> TensorSplit:
     if len(x) != len(y):
         raise ConfigError(f"data: split {name!r} has {len(x)} feature rows but {len(y)} targets")
     x = x.float() if not x.is_floating_point() else x
-    if kind == "multiclass":
-        y = y.long().view(-1)
-    elif kind == "binary":
-        y = y.float().view(-1, 1)
-    else:
-        y = y.float().view(len(y), -1)
+    # Targets keep the shape they were given (your loss and metrics see them as you made them);
+    # class labels become integers, other targets floats.
+    y = y.long().view(-1) if kind == "multiclass" else y.float()
     return TensorSplit(x, y)
 
 
@@ -300,8 +297,9 @@ def as_task_data(result: Any, where: str = "data", run_seed: int = 0,
         if kind not in ("binary", "multiclass", "regression"):
             raise ConfigError(f"{where}: task {kind!r}: expected binary, multiclass or regression")
         splits = {name: _table_split(result[name], name, kind) for name in ("train", "val", "test") if name in result}
+        targets = splits["train"].targets
         out_dim = (int(train_targets.max().item()) + 1 if kind == "multiclass"
-                   else splits["train"].targets.shape[1])
+                   else (targets.shape[1] if targets.dim() > 1 else 1))
         spec = TaskSpec(kind, int(splits["train"].features.shape[1]), out_dim)
         return TaskData(spec, splits["train"], splits["val"], splits.get("test"),
                         description=f"your data: {len(splits['train'])} train, {len(splits['val'])} val samples, "

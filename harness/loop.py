@@ -184,6 +184,25 @@ def build_components(cfg: Config, given: GivenComponents):
     return task, model, loss, metrics, origins
 
 
+def probe_objective(trainer: Trainer) -> None:
+    """A forward of two training samples (eval mode, no gradient), before anything is written: a
+    model, loss or metric that does not fit the data (a loss returning one number, a forward that
+    needs what the batch lacks) fails here with its message, not after the run folder is made."""
+    split, acc = trainer.task.train, trainer.accelerator
+    model = trainer.raw_model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch = split.fetch(torch.arange(min(2, len(split)))).to(acc.device)
+            outputs = batch.predict(model).float()
+            trainer.loss.per_sample(outputs, batch.targets)
+            for metric in trainer.metrics:
+                metric.sums(outputs, batch.targets)
+    finally:
+        model.train(was_training)
+
+
 def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Trainer:
     strategy = sharding.strategy_from_launch(cfg.train.strategy)  # before Accelerator reads the launch's env
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters)
@@ -223,6 +242,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
                       raw_model=model if sharded else accelerator.unwrap_model(model), components=origins,
                       sharded=sharded)
     check_monitors(trainer)
+    probe_objective(trainer)
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
     # python's and numpy's generators too, for user code (datasets, factors) that draws from them.
     rank_seed = cfg.run.seed * 1000 + 17 + accelerator.process_index

@@ -52,7 +52,7 @@ class FunctionLoss:
             from harness.builtin.objectives import float_targets_like
 
             targets = float_targets_like(outputs, targets)
-        with components.user_code(f"computing the loss {self.label}"):
+        with components.user_code(f"computing the loss {self.label}", while_training=True):
             values = self.fn(outputs, targets)
         if not self.checked:
             self._check(values, outputs)
@@ -107,9 +107,10 @@ class PerSampleFunction:
         self.fn, self.name, self.higher_is_better = fn, name, higher_is_better
 
     def sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with components.user_code(f"computing the metric {self.name}"):
+        with components.user_code(f"computing the metric {self.name}", while_training=True):
             values = self.fn(outputs, targets)
-        if not isinstance(values, torch.Tensor) or values.dim() == 0 or len(values) != len(outputs):
+        if not isinstance(values, torch.Tensor) or values.dim() == 0 or len(values) != len(outputs) or (
+                values.dim() > 1 and values.shape != outputs.shape):
             raise ConfigError(f"metrics: {self.name} returned {getattr(values, 'shape', type(values).__name__)} for "
                               f"{len(outputs)} samples; a metric function returns one value per sample (or give a "
                               "class with sums/compute, see harness.contracts.Metric)")

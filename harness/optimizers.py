@@ -36,12 +36,24 @@ def param_groups(model: nn.Module, cfg) -> tuple[list[dict], list[str]]:
     return groups, names
 
 
+# torch optimizers the loop cannot drive, and why.
+UNSUPPORTED = {
+    "lbfgs": "LBFGS needs a closure that re-evaluates the loss several times per step; the harness takes one "
+             "step per global batch (use Adam, SGD, ... or your own loop)",
+    "sparseadam": "SparseAdam takes sparse gradients only (nn.Embedding(sparse=True)), which DDP, FSDP and "
+                  "gradient clipping here do not handle",
+}
+
+
 def build_optimizer(model: nn.Module, cfg, folders=()) -> tuple[torch.optim.Optimizer, list[str]]:
     """``optim.name`` (any torch.optim class, or an import path) over the named param groups."""
     groups, names = param_groups(model, cfg)
     target = components.resolve("optim", cfg.name, folders)
-    optimizer = components.build(target, {"params": groups, "lr": cfg.lr, **cfg.options},
-                                 f"building the optimizer {cfg.name!r}")
+    try:
+        optimizer = components.build(target, {"params": groups, "lr": cfg.lr, **cfg.options},
+                                     f"building the optimizer {cfg.name!r}")
+    except (ValueError, TypeError) as exc:  # torch's own refusal (e.g. Muon and 1-D parameters)
+        raise ConfigError(f"optim.name: {cfg.name} refused this model's parameters or settings: {exc}") from None
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"optim.name: {cfg.name!r} built a {type(optimizer).__name__}, not a torch.optim.Optimizer")
     return optimizer, names
