@@ -61,8 +61,8 @@ def patched_train(after_build=None, around_fit=None):
 
     original_build, original_fit = loop.build_trainer, loop.fit
 
-    def build_trainer(cfg):
-        trainer = original_build(cfg)
+    def build_trainer(cfg, *args, **kwargs):  # train() passes the components given from Python too
+        trainer = original_build(cfg, *args, **kwargs)
         if after_build is not None:
             after_build(trainer)
         return trainer

@@ -264,6 +264,7 @@ def defaults_of(target: Callable, skip: Iterable[str] = ()) -> dict:
     if signature is None:
         return {}
     skip = set(skip)
+    hints = type_hints(target)
     out = {}
     for name, parameter in signature.parameters.items():
         if name in skip or parameter.default is inspect.Parameter.empty:
@@ -271,7 +272,10 @@ def defaults_of(target: Callable, skip: Iterable[str] = ()) -> dict:
         if parameter.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
             continue
         if _plain(parameter.default):
-            out[name] = list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+            value = list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+            if hints.get(name) is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # weight_decay: float = 0 -> 0.0, as a recipe would say it
+            out[name] = value
     return out
 
 

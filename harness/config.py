@@ -162,6 +162,9 @@ class TrainConfig:
     # Without a terminal (SLURM, CI), a plain progress line this often instead of a bar.
     progress_every_s: float = 30.0
     val_every_epochs: int = 1
+    # Also validate every N optimizer steps inside epochs (long epochs); ReduceLROnPlateau steps
+    # once per validation either way. null: at epoch ends only.
+    val_every_steps: Optional[int] = None
     # Stop after this many optimizer steps in total (null: train all epochs). For smoke runs.
     max_steps: Optional[int] = None
     # Stop when checkpoint.monitor has not improved for this many validations (null: never).
@@ -183,6 +186,8 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
         _require(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "an integer >= 1")
         _require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, "an integer >= 1")
+        _require(self.val_every_steps is None or self.val_every_steps >= 1, "train.val_every_steps",
+                 self.val_every_steps, "null or an integer >= 1")
 
 
 @dataclass
@@ -263,7 +268,7 @@ _KIND_SECTIONS = ("data", "model", "loss", "optim", "schedule")
 _COMPONENT_SECTIONS = ("data", "model", "loss", "optim")
 # Arguments the harness gives a component itself (from the data, or its own objects).
 PROVIDED = {
-    "data": ("seed",),
+    "data": ("seed", "num_workers"),
     "model": ("in_dim", "out_dim", "num_features", "num_classes", "in_channels", "out_channels"),
     "loss": (),
     "optim": ("params",),
@@ -429,8 +434,11 @@ def _component_section(section: str, cls: type, section_raw: dict, folders):
     provided = PROVIDED[section]
     if section == "loss" and components.is_import_path(parsed.name) and not isinstance(target, type):
         provided = components.leading_parameters(target, 2)  # a loss function's (outputs, targets)
-    parsed.options = components.check_arguments(target, rest, section, provided=provided,
-                                                refused=REFUSED.get(section))
+    given = components.check_arguments(target, rest, section, provided=provided, refused=REFUSED.get(section))
+    # Every argument in force, defaults included: config.yaml, the checkpoints' recipe and the
+    # change check on resume show them all.
+    skip = [*provided, *REFUSED.get(section, {}), *common]
+    parsed.options = {**components.defaults_of(target, skip=skip), **given}
     return parsed
 
 

@@ -59,3 +59,13 @@ def trace_samples(rank: int, step: int, epoch: int, indices) -> None:
         return
     with Path(f"{_TRACE}.rank{rank}").open("a") as handle:
         handle.write(json.dumps({"step": step, "epoch": epoch, "indices": [int(i) for i in indices]}) + "\n")
+
+
+_SIGNAL_IN_VALIDATION_AT_STEP = os.environ.get("HARNESS_TEST_SIGNAL_IN_VALIDATION_AT_STEP")
+
+
+def before_validation(step: int, rank: int) -> None:
+    """HARNESS_TEST_SIGNAL_IN_VALIDATION_AT_STEP=N: rank 0 sends itself SIGTERM as the validation
+    inside the epoch at step N starts, so the preemption lands inside that validation."""
+    if _SIGNAL_IN_VALIDATION_AT_STEP is not None and step == int(_SIGNAL_IN_VALIDATION_AT_STEP) and rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)

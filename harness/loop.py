@@ -63,6 +63,9 @@ class TrainState:
     early_stopped: bool = False
     # The checkpoint this run's weights started from (run.init_from), for the record.
     init_from: Optional[str] = None
+    # The step of the latest validation inside an epoch (train.val_every_steps): a run preempted
+    # during one resumes by redoing it.
+    validated_at_step: int = 0
 
 
 @dataclass
@@ -565,9 +568,11 @@ def fit(trainer: Trainer) -> dict:
         steps = epoch_steps(trainer)
         loaded = trainer.task.train.batches(sampling.LocalIndexBatches(lambda: epoch_steps(trainer)),
                                             epoch=state.epoch)
+        validate_mid_epoch_if_due(trainer)  # one a preemption interrupted: redone first
         for global_indices, micro in steps:
             train_step(trainer, global_indices, micro, loaded)  # forward, backward, optimizer + schedule step
             after_step(trainer)  # test hooks, preemption agreement, logs, progress
+            validate_mid_epoch_if_due(trainer)  # train.val_every_steps
             reason = policy.after_step(state.step, epoch_done=state.samples_in_epoch >= trainer.epoch_length())
             if reason:
                 save_checkpoint(trainer, trainer.store, reason)
@@ -636,6 +641,32 @@ def end_epoch(trainer: Trainer) -> None:
     trainer.tb.scalars(state.step, scalars)
     state.history.append(record)
     log_epoch(trainer, record, lrs)
+
+
+def validate_mid_epoch_if_due(trainer: Trainer) -> None:
+    """train.val_every_steps: a validation inside the epoch, recorded and fed to the schedule like
+    an epoch-end one (not at an epoch's last step: the epoch end validates there)."""
+    cfg, state = trainer.cfg, trainer.state
+    every = cfg.train.val_every_steps
+    if not every or state.step == 0 or state.step % every or state.validated_at_step == state.step:
+        return
+    if state.samples_in_epoch == 0 or state.samples_in_epoch >= trainer.epoch_length():
+        return
+    flush_step_logs(trainer, close_window=False)
+    faults.before_validation(state.step, trainer.accelerator.process_index)
+    validation = evaluate(trainer, trainer.task.val, interruptible=True)  # a preemption here: redone on resume
+    state.validated_at_step = state.step
+    record = {"epoch": state.epoch, "step": state.step, "mid_epoch": True,
+              **{f"val_{name}": value for name, value in validation.items()}}
+    trainer.schedule.after_validation(*schedule_inputs(trainer, record))
+    trainer.last_monitored = monitored_value(record, cfg.checkpoint.monitor, trainer.metrics)
+    update_best(trainer, trainer.last_monitored)
+    trainer.tb.scalars(state.step, {**{f"val/{name}": value for name, value in validation.items()},
+                                    **{f"lr_validation/{n}": lr for n, lr in trainer.schedule.lrs().items()}})
+    state.history.append(record)
+    if trainer.is_main:
+        logger.info("step %d (epoch %d) %s", state.step, state.epoch + 1,
+                    " ".join(f"val_{k}={v:.4f}" for k, v in validation.items()))
 
 
 def monitored_value(record: dict, name: str, metrics: list) -> Optional[float]:

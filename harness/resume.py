@@ -197,10 +197,13 @@ def apply_recipe_hyperparameters(optimizer, recipe_groups: list[dict]) -> None:
 
 
 def recorded_validations(trainer) -> list[tuple]:
-    """(val_loss, the plateau's monitored value) of every epoch so far, for replaying the schedule."""
+    """(step, at an epoch's end, val_loss, the plateau's monitored value) of every record so far
+    (epoch ends, and validations inside epochs with train.val_every_steps), for replaying the
+    schedule: see schedules.advance."""
     from harness.loop import schedule_inputs
 
-    return [schedule_inputs(trainer, record) for record in trainer.state.history]
+    return [(record["step"], not record.get("mid_epoch"), *schedule_inputs(trainer, record))
+            for record in trainer.state.history]
 
 
 def fast_forward_schedule(trainer) -> None:

@@ -607,31 +607,15 @@ def preview_lrs(optimizer_factory: Callable[[], torch.optim.Optimizer], cfg: Sch
 
 
 def replay_lrs(cfg: ScheduleConfig, horizon: Horizon, group_names: list[str], make_optimizer: Callable,
-               steps_done: int, epochs_done: int, validations: list[tuple[Optional[float], Optional[float]]],
+               steps_done: int, epochs_done: int, validations: list[tuple],
                max_steps: int = 2_000_000) -> Optional[list[float]]:
     """The LRs a fresh schedule reaches after ``steps_done`` steps and ``epochs_done`` epochs,
-    fed the recorded validation values: an independent recomputation to check a resume against.
-    None when the run is too long to replay cheaply."""
-    import warnings
-
+    fed the recorded validations (see :func:`advance`): an independent recomputation to check a
+    resume against. None when the run is too long to replay cheaply."""
     if steps_done > max_steps:
         return None
     optimizer = make_optimizer()
-    schedule = LRSchedule(optimizer, cfg, horizon, group_names)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # no optimizer.step() in a replay
-        step = 0
-        for epoch in range(epochs_done):
-            for _ in range(horizon.steps_per_epoch):
-                schedule.after_optimizer_step()
-                step += 1
-            schedule.after_epoch()
-            val_loss, val_metric = validations[epoch] if epoch < len(validations) else (None, None)
-            if val_loss is not None:
-                schedule.after_validation(val_loss, val_metric)
-        while step < steps_done:
-            schedule.after_optimizer_step()
-            step += 1
+    advance(LRSchedule(optimizer, cfg, horizon, group_names), horizon, steps_done, epochs_done, validations)
     return [g["lr"] for g in optimizer.param_groups]
 
 
@@ -720,23 +704,32 @@ class _ScratchOptimizer:
 
 
 def advance(schedule: "LRSchedule", horizon: Horizon, steps_done: int, epochs_done: int,
-            validations: list[tuple[Optional[float], Optional[float]]]) -> None:
+            validations: list[tuple]) -> None:
     """Step ``schedule`` as the loop would through ``epochs_done`` whole epochs and then up to
-    ``steps_done`` optimizer steps, feeding each epoch's recorded validation (val_loss, val_metric;
-    None where that epoch did not validate) to ReduceLROnPlateau. No optimizer step is taken."""
+    ``steps_done`` optimizer steps, feeding the recorded validations to ReduceLROnPlateau where they
+    happened. ``validations``: (step, at an epoch's end, val_loss, monitored value) in the order
+    they ran; a None value did not feed the schedule. No optimizer step is taken."""
     import warnings
+
+    pending = list(validations)
+
+    def feed(step: int, epoch_end: bool) -> None:
+        while pending and pending[0][0] == step and bool(pending[0][1]) == epoch_end:
+            _, _, val_loss, monitored = pending.pop(0)
+            if val_loss is not None or monitored is not None:
+                schedule.after_validation(val_loss, monitored)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns when no optimizer.step() happened
         step = 0
-        for epoch in range(epochs_done):
+        for _ in range(epochs_done):
             for _ in range(horizon.steps_per_epoch):
                 schedule.after_optimizer_step()
                 step += 1
+                feed(step, False)
             schedule.after_epoch()
-            val_loss, val_metric = validations[epoch] if epoch < len(validations) else (None, None)
-            if val_loss is not None:
-                schedule.after_validation(val_loss, val_metric)
+            feed(step, True)
         while step < steps_done:
             schedule.after_optimizer_step()
             step += 1
+            feed(step, False)
