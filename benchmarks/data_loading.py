@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import functools
 import math
+import resource
 import shutil
 import tempfile
 import time
@@ -138,6 +139,11 @@ def baseline(dataset, epochs: int, batch_size: int, workers: int, skip: int, chu
     return clock.rates(skip, chunk)
 
 
+def worker_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 @contextlib.contextmanager
 def cpu_only_manual_seed():
     """Ablation 9a: ``torch.manual_seed`` as a CPU-only run needs it, ``default_generator.manual_seed``.
@@ -200,7 +206,13 @@ def throughput(args) -> None:
             order = names[r % len(names):] + names[:r % len(names)]
             record = {"order": order, "loadavg": loadavg()}
             for name in order:
+                before = worker_cpu_s()
                 record[name] = variants[name]()
+                # Load-insensitive cross-check: CPU seconds the loader workers used per step. They
+                # exit at each epoch's end (neither side keeps them), so RUSAGE_CHILDREN has them all.
+                # The harness's also load the validation split once (64 items, ~2% more).
+                record[name]["worker_cpu_s_per_step"] = (worker_cpu_s() - before) / len(CLOCK.perf)
+                record[name]["cpu_median"] = 1.0 / record[name]["worker_cpu_s_per_step"]
             rounds.append(record)
             print(f"[bench] data round {r + 1}: " + " ".join(f"{n}={record[n]['median']:.2f}/s" for n in names),
                   flush=True)

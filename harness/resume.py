@@ -324,11 +324,14 @@ def load_model_state(model: torch.nn.Module, folder: Path) -> None:
                                    f"{unexpected[:5]} (a checkpoint from another recipe?)")
     with torch.no_grad():
         for name in sorted(own):
-            full = reader.full(name)
-            if tuple(full.shape) != tuple(own[name].shape):
-                raise ckpt.CheckpointError(f"{path}: tensor {name!r} has shape {tuple(full.shape)}, this model has "
+            saved_shape = reader.shape(name)
+            if tuple(saved_shape) != tuple(own[name].shape):
+                raise ckpt.CheckpointError(f"{path}: tensor {name!r} has shape {tuple(saved_shape)}, this model has "
                                            f"{tuple(own[name].shape)} (a checkpoint from a recipe with other shapes?)")
-            sharding.local(own[name]).copy_(sharding.local(sharding.place_like(full, own[name])))
+            if sharding.is_dtensor(own[name]):
+                own[name].to_local().copy_(sharding.local_rows(reader, name, own[name]))
+            else:
+                own[name].copy_(reader.full(name))
 
 
 def optimizer_tensors(trainer, folder: Path) -> dict[str, torch.Tensor]:
@@ -337,11 +340,12 @@ def optimizer_tensors(trainer, folder: Path) -> dict[str, torch.Tensor]:
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     out = {}
     for name in reader.names():
-        full = reader.full(name)
         index = int(name.partition("/")[0])
         param = params[index] if index < len(params) else None
-        out[name] = (sharding.place_like(full, param) if param is not None and full.dim() > 0
-                     and tuple(full.shape) == tuple(param.shape) else full)
+        if param is not None and sharding.is_dtensor(param) and tuple(reader.shape(name)) == tuple(param.shape):
+            out[name] = sharding.as_dtensor_like(sharding.local_rows(reader, name, param), param)
+        else:
+            out[name] = reader.full(name)
     return out
 
 

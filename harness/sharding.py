@@ -190,6 +190,12 @@ class Reader:
             names |= set(self._file(f"{self.part}-rank-{r}.safetensors").keys())
         return sorted(names)
 
+    def shape(self, name: str) -> list[int]:
+        if (self.folder / SHARDING).is_file() and name in self.layout:
+            return list(self.layout[name]["shape"])
+        part = f"{self.part}.safetensors" if not (self.folder / SHARDING).is_file() else f"{self.part}-rank-0.safetensors"
+        return list(self._file(part).get_slice(name).get_shape())
+
     def full(self, name: str) -> torch.Tensor:
         if not (self.folder / SHARDING).is_file():
             return self._file(f"{self.part}.safetensors").get_tensor(name).clone()  # own memory, not the file's
@@ -205,6 +211,39 @@ class Reader:
             raise CheckpointError(f"{self.folder}: {self.part} tensor {name!r} assembles to {list(full.shape)}, "
                                   f"{SHARDING} says {entry['shape']}")
         return full
+
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor, read from the files that hold them and nothing else (a
+        resume on the same number of ranks reads only its own file)."""
+        if not (self.folder / SHARDING).is_file() or name not in self.layout:
+            full = self.full(name)
+            return full[start:stop].clone()
+        pieces = []
+        for r, (first, last) in enumerate(self.layout[name]["rows"]):
+            lo, hi = max(start, first), min(stop, last)
+            if hi > lo:
+                piece = self._file(f"{self.part}-rank-{r}.safetensors").get_slice(name)
+                pieces.append(piece[lo - first:hi - first])
+        if not pieces:
+            shape = list(self.layout[name]["shape"])
+            shape[0] = 0
+            return torch.empty(shape, dtype=getattr(torch, self.layout[name]["dtype"]))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def local_rows(reader: "Reader", name: str, current) -> torch.Tensor:
+    """This rank's rows of ``name`` for a DTensor like ``current`` (read without the rest)."""
+    rank = current.device_mesh.get_local_rank()
+    start, stop = row_ranges(current.shape[0], current.device_mesh.size())[rank]
+    return reader.rows(name, start, stop)
+
+
+def as_dtensor_like(local_tensor: torch.Tensor, current):
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local_tensor.to(current.device), current.device_mesh, current.placements,
+                              shape=current.shape, stride=current.stride())
 
 
 def place_like(full: torch.Tensor, current) -> torch.Tensor:

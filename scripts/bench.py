@@ -96,8 +96,35 @@ def figures() -> list[Figure]:
           "ckpt", "load_cold_resume", "load_cold_raw", "time", None, "s", info=True),
         F("ckpt_resume_warm", "5e. verify CRC-32C manifest + restore, warm", "ckpt", "load_warm_resume",
           "load_warm_raw", "time", None, "s", info=True),
+        # Issue #12: a user's own torch Dataset read by DataLoader workers; resuming mid-epoch.
+        F("data_workers", "9. steps/s, own map-style Dataset (decode + augment, ~3 ms/item), 2 loader workers, "
+          "1 process", "data", "harness", "baseline", "rate", 0.97, "steps/s",
+          note="By CPU time here: the loader workers' CPU time per step (RUSAGE_CHILDREN), not the training thread's"),
+        F("resume_mid_epoch", "10. launch to first optimizer step, resumed at sample 599,936 of a 1M-sample epoch, vs "
+          "a fresh run", "data", "resume", "fresh", "time", 1.05, "s"),
+        # Issue #13: FSDP2 vs DDP, ~100M-parameter MLP, CPU gloo ranks.
+        F("fsdp_memory_2", "11a. per-rank params + grads + Adam state, 100.8M-param MLP, FSDP vs DDP, 2 ranks", "fsdp",
+          "mem_fsdp_2", "mem_ddp_2", "time", 0.55, "GB"),
+        F("fsdp_memory_4", "11b. the same, 4 ranks", "fsdp", "mem_fsdp_4", "mem_ddp_4", "time", 0.30, "GB"),
+        F("fsdp_save", "12a. sharded checkpoint save (FSDP, 2 ranks, 1.21 GB) vs raw write of each rank's share",
+          "fsdp", "save_harness", "save_raw", "time", 1.2, "s"),
+        F("fsdp_load_cold", "12b. sharded resume load (restore + state paged in), cold cache, vs raw read of each "
+          "rank's share", "fsdp", "load_cold_harness", "load_cold_raw", "time", 1.5, "s"),
         F("launch_exit", "6a. launch to exit of a 1-step run, 2 ranks (harness also saves, tests, writes files)",
           "launch", "harness_exit", "baseline_exit", "time", None, "s", info=True),
+        F("data_workers_fast_seed", "9a. harness with torch.manual_seed made CPU-only (default_generator.manual_seed; "
+          "the harness seeds every item with it)", "data", "harness_fast_seed", "baseline", "rate", None, "steps/s",
+          info=True),
+        F("fsdp_rss_2", "11c. RSS per rank at the first optimizer step, FSDP vs DDP, 2 ranks", "fsdp", "rss_fsdp_2",
+          "rss_ddp_2", "time", None, "GB", info=True),
+        F("fsdp_rss_4", "11d. RSS per rank at the first optimizer step, FSDP vs DDP, 4 ranks", "fsdp", "rss_fsdp_4",
+          "rss_ddp_4", "time", None, "GB", info=True),
+        F("fsdp_peak_rss_2", "11e. peak RSS per rank over the run (VmHWM), FSDP vs DDP, 2 ranks", "fsdp",
+          "peak_fsdp_2", "peak_ddp_2", "time", None, "GB", info=True),
+        F("fsdp_steps_2", "11f. steps/s, 100.8M-param MLP, batch 32, FSDP vs DDP, 2 ranks", "fsdp", "steps_fsdp_2",
+          "steps_ddp_2", "rate", None, "steps/s", info=True),
+        F("fsdp_load_warm", "12c. sharded resume load, warm cache, vs raw read of each rank's share", "fsdp",
+          "load_warm_harness", "load_warm_raw", "time", None, "s", info=True),
     ]
 
 
@@ -252,6 +279,129 @@ def run_launch(ctx: Context, selected: list[Figure]) -> list[dict]:
     return rounds
 
 
+def run_data(ctx: Context, selected: list[Figure]) -> list[dict]:
+    """Figure 9 (in-process, benchmarks.data_loading) and figure 10 (launches), merged by round."""
+    names = {f.name for f in selected}
+    throughput, resumes = [], []
+    if names & {"data_workers", "data_workers_fast_seed"}:
+        variants = [v for v in variants_for(selected, "data", ()) if v not in ("resume", "fresh")]
+        out = ctx.raw / "data.json"
+        epochs = 3 if ctx.quick else 5
+        ctx.python(["benchmarks.data_loading", "throughput", "--rounds", str(ctx.rounds), "--epochs", str(epochs),
+                    "--variants", ",".join(variants), "--out", str(out)], "data")
+        data = json.loads(out.read_text())
+        throughput = [{**{k: v["median"] for k, v in r.items() if isinstance(v, dict)},
+                       **{f"{k}@cpu": v["cpu_median"] for k, v in r.items() if isinstance(v, dict) and "cpu_median" in v}}
+                      for r in data["rounds"]]
+        ctx.extra["data"] = {k: data[k] for k in ("epochs", "steps_per_epoch", "items", "item_ms_main_process",
+                                                  "workers", "batch_size")}
+    if "resume_mid_epoch" in names:
+        resumes = run_resume(ctx)
+    count = max(len(throughput), len(resumes))
+    return [{**(throughput[i] if i < len(throughput) else {}), **(resumes[i] if i < len(resumes) else {})}
+            for i in range(count)]
+
+
+def run_resume(ctx: Context) -> list[dict]:
+    """Launch -> first optimizer step of ``python -m benchmarks.probe train rows_1m.yaml``: fresh, and
+    resumed from a checkpoint at sample ~600k of the 1M-sample epoch (its folder copied anew each
+    time, untimed). Each run's sample trace (HARNESS_TRACE_SAMPLES) proves where it started."""
+    import shutil
+
+    from benchmarks.data_loading import ROWS_RECIPE
+    from harness.sampling import epoch_order
+
+    prepared = ctx.work / "resume-prepared"
+    info_path = ctx.raw / "resume-prepare.json"
+    ctx.python(["benchmarks.data_loading", "prepare-resume", "--run-dir", str(prepared), "--out", str(info_path)],
+               "resume-prepare")
+    info = json.loads(info_path.read_text())
+    order = epoch_order(info["samples"], 0, 0, True)
+
+    def run(side: str, tag: str) -> float:
+        out_dir, trace = ctx.work / f"resume-{tag}", ctx.work / f"trace-{tag}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if side == "resume":
+            shutil.copytree(prepared, out_dir)
+        steps_before = info["step"] if side == "resume" else 0
+        cmd = [sys.executable, "-m", "benchmarks.probe", "train", str(ROWS_RECIPE), f"run.output_dir={out_dir}",
+               f"train.max_steps={steps_before + 1}"]
+        log = ctx.logs / f"resume-{tag}.log"
+        result = launch(cmd, 600, log, extra_env={"HARNESS_TRACE_SAMPLES": str(trace)})
+        rank0 = result["ranks"].get(0, {})
+        if result["rc"] != 0 or not rank0.get("first_step"):
+            raise RuntimeError(f"{side}: rc {result['rc']}; log {log}:\n{log.read_text(errors='replace')[-3000:]}")
+        first = json.loads(Path(f"{trace}.rank0").read_text().splitlines()[0])
+        start = info["samples_in_epoch"] if side == "resume" else 0
+        expected = order[start:start + info["batch_size"]].tolist()
+        if first["step"] != steps_before + 1 or first["indices"] != expected:
+            raise RuntimeError(f"{side}: the first step trained step {first['step']} on samples not at position "
+                               f"{start} of the epoch's order (trace {trace}.rank0)")
+        Path(f"{trace}.rank0").unlink()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return rank0["first_step"] - result["started"]
+
+    run("fresh", "warmup-fresh")  # untimed: the page cache then holds the libraries for both
+    run("resume", "warmup-resume")
+    rounds = []
+    for r in range(ctx.rounds):
+        record = {}
+        for side in (["resume", "fresh"] if r % 2 == 0 else ["fresh", "resume"]):
+            record[side] = run(side, f"{side}-{r + 1}")
+        rounds.append(record)
+        print(f"[bench] resume round {r + 1}: resume={record['resume']:.2f}s fresh={record['fresh']:.2f}s", flush=True)
+    ctx.extra["resume"] = info
+    return rounds
+
+
+def run_fsdp(ctx: Context, selected: list[Figure]) -> list[dict]:
+    """benchmarks.sharded under ``accelerate launch``: FSDP (fsdp_cpu_2proc.yaml) and DDP
+    (cpu_2proc.yaml) at 2 ranks (steps/s; FSDP also save/load) and 4 ranks (memory only). Memory is
+    deterministic and a round takes minutes, so 1 round (quick) or 2 (full)."""
+    from benchmarks.common import BIN, CPU_2PROC, RECIPES, free_port
+
+    names = {f.name for f in selected}
+    four = bool(names & {"fsdp_memory_4", "fsdp_rss_4"})
+    io = bool(names & {"fsdp_save", "fsdp_load_cold", "fsdp_load_warm"})
+    steps = 2
+    launches = [("fsdp", 2), ("ddp", 2)] + ([("fsdp", 4), ("ddp", 4)] if four else [])
+    configs = {"fsdp": RECIPES / "accelerate" / "fsdp_cpu_2proc.yaml", "ddp": CPU_2PROC}
+    rounds = []
+    for r in range(1 if ctx.quick else min(ctx.rounds, 2)):
+        record = {}
+        for strategy, world in launches[r % len(launches):] + launches[:r % len(launches)]:
+            out = ctx.raw / f"fsdp-{strategy}-{world}-{r + 1}.json"
+            args = ["--steps", str(steps if world == 2 else 0), "--out", str(out), "--workdir", str(ctx.work)]
+            if strategy == "fsdp" and world == 2 and io:
+                args += ["--io", "--rounds", "1"]
+            cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(configs[strategy]), "--num_processes",
+                   str(world), "--main_process_port", str(free_port()), "-m", "benchmarks.sharded", *args]
+            log = ctx.logs / f"fsdp-{strategy}-{world}-{r + 1}.log"
+            result = launch(cmd, 900, log, probe=False)
+            if result["rc"] != 0 or not out.exists():
+                raise RuntimeError(f"{strategy} x{world}: rc {result['rc']}, hung {result['hung']}; log {log}:\n"
+                                   f"{log.read_text(errors='replace')[-3000:]}")
+            data = json.loads(out.read_text())
+            if data["strategy"] != strategy or data["world_size"] != world:
+                raise RuntimeError(f"{log}: asked for {strategy} x{world}, ran {data['strategy']} x{data['world_size']}")
+            memory = data["memory_max_over_ranks"]
+            record.update({f"mem_{strategy}_{world}": memory["tensors"], f"rss_{strategy}_{world}": memory["rss_at_step"],
+                           f"peak_{strategy}_{world}": data["peak_rss_max_over_ranks"],
+                           f"detail_{strategy}_{world}": memory})
+            if "steps_per_s" in data:
+                record[f"steps_{strategy}_{world}"] = data["steps_per_s"]
+            for io_round in data.get("io_rounds", []):
+                record.update({k: v for k, v in io_round.items() if isinstance(v, float) and k != "loadavg"})
+            if "checkpoint_bytes" in data:
+                ctx.extra["fsdp"] = {k: data[k] for k in ("parameters", "hidden", "checkpoint_bytes",
+                                                          "rank0_share_bytes", "drop_caches")}
+        rounds.append(record)
+        print(f"[bench] fsdp round {r + 1}: " + " ".join(f"{k}={v:.3g}" for k, v in record.items()
+                                                         if isinstance(v, float)), flush=True)
+    write_json(ctx.raw / "fsdp.json", rounds)
+    return rounds
+
+
 def check_launch(result: dict, name: str, ctx: Optional[Context] = None) -> None:
     """A launch counts if both ranks got to their steps; a failure after that (a teardown abort or
     hang, seen with gloo) is recorded, not fatal."""
@@ -277,6 +427,8 @@ GROUPS: dict[str, Callable] = {
     "ddp": run_ddp,
     "ckpt": run_ckpt,
     "launch": run_launch,
+    "data": run_data,
+    "fsdp": run_fsdp,
 }
 
 
@@ -321,7 +473,9 @@ def summarise(f: Figure) -> dict:
 
 def fmt_value(value: float, unit: str) -> str:
     if unit == "steps/s":
-        return f"{value:,.1f} steps/s"
+        return f"{value:,.1f} steps/s" if value >= 10 else f"{value:.3f} steps/s"
+    if unit == "GB":
+        return f"{value / 1e9:.3f} GB"
     return f"{value:.3f} s" if value < 10 else f"{value:.2f} s"
 
 
@@ -505,7 +659,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds and shorter runs")
     parser.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
     parser.add_argument("--only", default=None, help="figure names or groups (mlp, gcn, ddp, ckpt, launch, "
-                                                     "overhead), comma-separated; see --list")
+                                                     "data, fsdp, overhead), comma-separated; see --list")
     parser.add_argument("--soak", type=int, default=None, metavar="N", help="start and exit a 2-rank run N times")
     parser.add_argument("--soak-timeout", type=float, default=180.0, help="seconds per soak run")
     parser.add_argument("--list", action="store_true", help="list figure names and exit")
