@@ -92,15 +92,16 @@ Then compares the final weights (final/model.safetensors, bitwise) and every log
 losses, metrics; read back from TensorBoard) and reports PASS or FAIL with the first difference.
 
 Self-test: --break KEY=VALUE adds an override to the resumed run only, so the runs really differ
-and verify-resume must say FAIL, e.g. --break run.seed=1 (a data order that is not reproducible
-across restarts) or --break train.max_grad_norm=0.001. An LR change such as --break optim.lr=0.5
-is refused by the resumed run itself (exit 3: its LR replay check), also reported as FAIL.
+and verify-resume must say FAIL. A changed recipe is refused by the resumed run itself (exit 3:
+the recipe differs from the checkpoint's), reported as FAIL; to see the difference it makes in
+the series, allow it too: --break run.seed=1 --break run.on_change=allow (a data order that is not
+reproducible across restarts).
 
 examples:
   harness verify-resume recipes/breast_cancer_mlp.yaml
   harness verify-resume recipes/gnn_graphs.yaml --nproc 2 --steps 60
   harness verify-resume recipes/gcn_plateau.yaml schedule.patience=1 --workdir /tmp/vr --keep
-  harness verify-resume recipes/breast_cancer_mlp.yaml --break run.seed=1     # must FAIL
+  harness verify-resume recipes/breast_cancer_mlp.yaml --break run.seed=1     # must FAIL (refused)
 
 exit codes: 0 PASS, 1 FAIL (a difference, or a run failed), 2 bad recipe/override/arguments
 """

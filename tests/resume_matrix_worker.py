@@ -47,6 +47,11 @@ CASES: dict[str, tuple[str, list[str]]] = {
                             TWO_GROUPS]),
     "onecycle": ("onecycle", ["schedule.interval=step", TWO_GROUPS]),
     "cyclic": ("cyclic", ["schedule.interval=step", "schedule.max_lr=0.005", "schedule.step_size_up=5"]),
+    "constant": ("constant", ["schedule.interval=step", "schedule.factor=0.5", "schedule.total_iters=25"]),
+    "multiplicative": ("multiplicative", ["schedule.interval=step", "schedule.factor=tests.lr_factors:multiplicative_095",
+                                          TWO_GROUPS]),
+    "sequential": ("sequential", ["schedule.interval=step"]),
+    "chained": ("chained", ["schedule.interval=step"]),
 }
 
 

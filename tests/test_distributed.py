@@ -140,7 +140,8 @@ def test_plateau_on_two_ranks_with_different_local_losses_uses_the_global_mean(t
     ranks = [read_json(run_dir / "ranks" / f"rank-{r}.json") for r in (0, 1)]
     tb_val = [v for _, v in read_scalars(run_dir)["val/loss"]]
     for epoch in range(EPOCHS):
-        (l0, _, c0), (l1, _, c1) = (r["local_validations"][epoch] for r in ranks)
+        # Each rank's own sums: loss, count, then the metric's (correct, count).
+        (l0, c0, *_), (l1, c1, *_) = (r["local_validations"][epoch] for r in ranks)
         assert c0 + c1 == 114, "every validation sample counted once, none padded in"
         assert abs(l0 / c0 - l1 / c1) > 1e-4, "the ranks' local losses differ"
         assert tb_val[epoch] == pytest.approx((l0 + l1) / (c0 + c1), rel=1e-6)
