@@ -19,7 +19,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # train: training failed; verify-resume: the runs differ
 EXIT_CONFIG = 2
 EXIT_CHECKPOINT = 3
-EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1: requeue to resume
+EXIT_SAVE_FAILED = 4  # train: a checkpoint could not be written (disk full, quota, read-only, permission)
+EXIT_PREEMPTED = 75  # saved a checkpoint on SIGTERM/SIGUSR1 (or the launcher's death): requeue to resume
+EXIT_INTERRUPTED = 130  # Ctrl-C: saved a checkpoint (or, at a second Ctrl-C, aborted); 128 + SIGINT
 
 EPILOG = """examples:
   python -m harness train recipes/breast_cancer_mlp.yaml
@@ -34,9 +36,13 @@ EPILOG = """examples:
 exit codes:
   0   done (train), recipe valid (check), checkpoints verified (ckpt), plot written, PASS (verify-resume)
   1   training failed (train); the runs differ or one failed: FAIL (verify-resume)
-  2   bad recipe, override, argument or path; an unusable schedule (check); warnings with check --strict
+  2   bad recipe, override, argument or path; an unusable schedule (check); warnings with check --strict;
+      the run folder is in use by another run (train)
   3   unusable checkpoint (train); a checkpoint that does not verify, or none found (ckpt)
+  4   a checkpoint could not be written: disk full, quota, read-only, permission (train); the
+      partial save is removed, earlier checkpoints are kept: run again to resume
   75  saved a checkpoint on a preemption signal (SIGTERM/SIGUSR1): requeue to resume (train)
+  130 Ctrl-C: saved a checkpoint, run the same command to resume; a second Ctrl-C aborts without one
 """
 
 TRAIN_EPILOG = """examples:
@@ -44,8 +50,13 @@ TRAIN_EPILOG = """examples:
   accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m harness train recipes/gcn_plateau.yaml optim.lr=0.005
   torchrun --standalone --nproc_per_node 2 -m harness train recipes/gnn_graphs.yaml train.epochs=5
 
-exit codes: 0 done, 1 training failed, 2 bad recipe/override/arguments, 3 unusable checkpoint,
-            75 saved a checkpoint on a preemption signal (SIGTERM/SIGUSR1): requeue to resume
+exit codes: 0 done, 1 training failed, 2 bad recipe/override/arguments or the run folder in use
+            by another run, 3 unusable checkpoint, 4 a checkpoint could not be written (disk full,
+            quota, read-only, permission: earlier ones are kept, run again to resume),
+            75 saved a checkpoint on a preemption signal (SIGTERM/SIGUSR1): requeue to resume,
+            130 Ctrl-C: saved a checkpoint, run the same command to resume (a second Ctrl-C aborts
+            without one)
+Under torchrun / accelerate launch the ranks also save and exit when the launcher dies.
 """
 
 CHECK_EPILOG = """Builds the data, the model and the optimizer as training would (no Accelerator, no
@@ -220,28 +231,46 @@ def main(argv: list[str] | None = None) -> int:
 
 def with_exit_codes(command) -> int:
     """Run ``command`` and map the harness's failures to exit codes (also for harness.train())."""
-    from harness.checkpoint import CheckpointError
-    from harness.components import UserCodeError, user_frames
-    from harness.config import ConfigError
-    from harness.data import SampleError
-    from harness.preemption import Preempted
-    from harness.distributed import RankDivergence
-
     try:
+        # Inside the try: a Ctrl-C while torch is imported is an interruption, not a traceback.
+        from harness.checkpoint import CheckpointError, CheckpointSaveError
+        from harness.components import UserCodeError, user_frames
+        from harness.config import ConfigError
+        from harness.data import SampleError
+        from harness.distributed import RankDivergence, RankLost
+        from harness.preemption import Preempted
+        from harness.run_lock import RunFolderInUse
+
         return command()
+    except KeyboardInterrupt:  # first: the names below may not be imported yet
+        # Training handles Ctrl-C itself (harness.preemption); this is one outside it.
+        print("harness: interrupted by Ctrl-C", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         print(f"harness: config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    except Preempted:
+    except Preempted as exc:
         from harness.distributed import shutdown_process_group
 
-        shutdown_process_group(exit_code=EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
+        code = EXIT_INTERRUPTED if exc.interrupted else EXIT_PREEMPTED
+        shutdown_process_group(exit_code=code)
+        return code
+    except RunFolderInUse as exc:  # every rank raises it together
+        print(f"harness: run folder in use: {exc}", file=sys.stderr, flush=True)
+        _leave_together(EXIT_CONFIG)
+        return EXIT_CONFIG
+    except CheckpointSaveError as exc:  # every rank raises it together, after the cleanup
+        print(f"harness: checkpoint save failed: {exc}", file=sys.stderr, flush=True)
+        _leave_together(EXIT_SAVE_FAILED)
+        return EXIT_SAVE_FAILED
     except CheckpointError as exc:
         print(f"harness: checkpoint error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT
     except RankDivergence as exc:
         print(f"harness: ranks diverged: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except RankLost as exc:
+        print(f"harness: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except SampleError as exc:
         print(f"harness: data error: {exc}", file=sys.stderr, flush=True)
@@ -266,6 +295,32 @@ def with_exit_codes(command) -> int:
             raise
         print(f"harness: {UserCodeError('training', exc, True)}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+
+
+def _leave_together(exit_code: int) -> None:
+    """For a failure every rank raised at the same point: wait for each other (30 s at most), deaf
+    to SIGTERM, then leave the process group. Otherwise the first rank to exit makes the launcher
+    SIGTERM the others while they unwind, and they end with -15 instead of ``exit_code``."""
+    import signal
+    import threading
+
+    import torch.distributed as dist
+    from harness.distributed import shutdown_process_group
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting anyway; the launcher SIGKILLs after its timeout
+
+    def barrier() -> None:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: leave anyway
+            pass
+
+    waiting = threading.Thread(target=barrier, name="harness-leave", daemon=True)
+    waiting.start()
+    waiting.join(30.0)
+    shutdown_process_group(exit_code=exit_code)
 
 
 def run_train(args) -> int:

@@ -223,6 +223,9 @@ class PreemptionConfig:
     check_interval_s: float = 0.2
     # Inside validation, check every N batches.
     check_every_val_batches: int = 20
+    # Ctrl-C (SIGINT) saves a checkpoint at the next step and exits 130; a second Ctrl-C aborts at
+    # once. false: the first Ctrl-C aborts without saving. Ignored when SIGINT is listed in signals.
+    graceful_interrupt: bool = True
 
     def __post_init__(self) -> None:
         from harness.preemption import parse_signal_names

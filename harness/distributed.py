@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -16,6 +17,29 @@ logger = logging.getLogger("harness")
 
 class RankDivergence(RuntimeError):
     """Ranks disagree on something that must be identical (the LR of a param group)."""
+
+
+class RankLost(RuntimeError):
+    """A collective failed because another rank (or the launcher's store) is gone. Its traceback
+    would only say where this rank happened to be; the lost rank's own output says why."""
+
+
+# What a collective's error says when the other end has gone: gloo's TCP transport, NCCL's watchdog.
+PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                     "remote process exited", "NCCL communicator was aborted")
+
+
+def lost_rank_error(exc: BaseException) -> Optional[RankLost]:
+    """A one-line RankLost for ``exc`` if it is a collective failing because a peer is gone, else None."""
+    store_gone = isinstance(exc, (torch.distributed.DistNetworkError, torch.distributed.DistStoreError))
+    text = str(exc).strip()
+    if not store_gone and not (isinstance(exc, RuntimeError) and any(m in text for m in PEER_LOST_MARKERS)):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(exc).__name__)  # gloo's [file.cc:N]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
+    return RankLost(f"rank {rank} lost contact with the other ranks ({first.split('. ')[0].rstrip('.')}); "
+                    "the output of the rank that stopped first says why. Run the same command again to "
+                    "resume from the newest complete checkpoint")
 
 
 def make_accelerator(device: str, mixed_precision: Optional[str], find_unused_parameters: bool = False):
@@ -34,20 +58,68 @@ def make_accelerator(device: str, mixed_precision: Optional[str], find_unused_pa
     return accelerator
 
 
+# What a launcher's command line starts with: its console script (argv[0] or, after the
+# interpreter, argv[1]) or the module run with `python -m`.
+LAUNCHER_SCRIPTS = ("accelerate", "accelerate-launch", "torchrun")
+LAUNCHER_MODULES = ("accelerate.commands.launch", "accelerate.commands.accelerate_cli", "torch.distributed.run",
+                    "torch.distributed.launch")
+
+
+def is_launcher_command(argv: Sequence[str]) -> bool:
+    """Whether a command line is ``accelerate launch`` or torchrun. Only the program and module
+    names count, so a shell running ``~/accelerate-tests/train.sh`` or ``nohup python -m harness``
+    is not mistaken for a launcher."""
+    if not argv:
+        return False
+    if Path(argv[0]).name in LAUNCHER_SCRIPTS:
+        return True
+    if not Path(argv[0]).name.startswith("python"):
+        return False
+    rest = list(argv[1:])
+    while rest and rest[0].startswith("-") and rest[0] != "-m":  # interpreter options: -u, -X dev, ...
+        rest = rest[2:] if rest[0] in ("-X", "-W") else rest[1:]
+    if rest and Path(rest[0]).name in LAUNCHER_SCRIPTS:
+        return True
+    return len(rest) > 1 and rest[0] == "-m" and rest[1] in LAUNCHER_MODULES
+
+
+def launcher_argv(pid: int) -> Optional[list[str]]:
+    """The command line of process ``pid`` if it is a launcher (is_launcher_command), else None."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    argv = [a for a in argv if a]
+    return argv if is_launcher_command(argv) else None
+
+
+def launcher_pid() -> Optional[int]:
+    """The pid of the launcher that started this process (our parent), or None when the parent is
+    anything else: a shell, nohup, srun's step daemon. Under torchrun's elastic agent
+    (TORCHELASTIC_RUN_ID set) a Python parent is taken as the launcher even when it is a script
+    of the user's that calls torch.distributed.launcher itself."""
+    parent = os.getppid()
+    if parent <= 1:
+        return None
+    if launcher_argv(parent) is not None:
+        return parent
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        try:
+            name = Path(f"/proc/{parent}/comm").read_text().strip()
+        except OSError:
+            return None
+        return parent if name.startswith("python") else None
+    return None
+
+
 def requested_process_count(pid: Optional[int] = None) -> Optional[int]:
     """How many processes the launcher above us was asked for, read from its command line.
 
     ``accelerate launch --cpu --num_processes 2`` (or a MULTI_CPU config file) silently starts ONE
     process with world size 1; this lets us say so loudly instead of training alone.
     """
-    pid = os.getppid() if pid is None else pid
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    argv = [a for a in argv if a]
-    joined = " ".join(argv)
-    if "accelerate" not in joined and "torchrun" not in joined and "torch.distributed.run" not in joined:
+    argv = launcher_argv(os.getppid() if pid is None else pid)
+    if argv is None:
         return None
     for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node", "--num-processes"):
         for i, arg in enumerate(argv):

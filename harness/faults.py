@@ -8,6 +8,9 @@ All off unless an environment variable is set; each check is one dict lookup at 
   checkpoint save of this process (S defaults to 1): a crash at any point inside a save.
 * HARNESS_TEST_SAVE_FILE_DELAY_S=T: sleep T seconds after writing each checkpoint file, so a
   background save is still writing while training goes on (its snapshot must not change).
+* HARNESS_TEST_SAVE_ERROR=ERRNO[,save=S][,file=K][,rank=R]: the K-th file (default 1) of the S-th
+  checkpoint save (default 1) of rank R (default: every rank) fails with OSError ERRNO (a name
+  such as EROFS, EACCES, EDQUOT, ENOSPC), as a write or fsync refused by the file system would.
 * HARNESS_TRACE_SAMPLES=PATH: each rank appends one JSON line per optimizer step to
   PATH.rank<r>: {"step", "epoch", "indices"}, the global sample indices it trained on.
 """
@@ -23,6 +26,7 @@ from typing import Optional
 _KILL_AT_STEP = os.environ.get("HARNESS_TEST_KILL_AT_STEP")
 _KILL_AFTER_FILES = os.environ.get("HARNESS_TEST_KILL_AFTER_FILES")
 _SAVE_FILE_DELAY_S = float(os.environ.get("HARNESS_TEST_SAVE_FILE_DELAY_S", "0"))
+_SAVE_ERROR = os.environ.get("HARNESS_TEST_SAVE_ERROR")
 _TRACE = os.environ.get("HARNESS_TRACE_SAMPLES")
 TRACE_SAMPLES = _TRACE is not None
 _saves_started = 0
@@ -33,21 +37,33 @@ def after_step(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_started() -> Optional[int]:
-    """Returns K (kill after the K-th file of this save) when this save is the one to crash in."""
+def save_started() -> tuple[int, Optional[int]]:
+    """This save's number in the process, and K (kill after the K-th file of this save) when it is
+    the one to crash in."""
     global _saves_started
     _saves_started += 1
     if _KILL_AFTER_FILES is None:
-        return None
+        return _saves_started, None
     save, _, files = _KILL_AFTER_FILES.rpartition(":")
-    return int(files) if int(save or 1) == _saves_started else None
+    return _saves_started, int(files) if int(save or 1) == _saves_started else None
 
 
-def after_checkpoint_file() -> None:
+def after_checkpoint_file(save: int, file: int, path: Path) -> None:
+    """After the ``file``-th file of the ``save``-th save is written (and fsynced)."""
     if _SAVE_FILE_DELAY_S > 0:
         import time
 
         time.sleep(_SAVE_FILE_DELAY_S)
+    if _SAVE_ERROR is not None:
+        import errno
+
+        name, *options = _SAVE_ERROR.split(",")
+        where = {"save": 1, "file": 1, "rank": None}
+        where.update({k: int(v) for k, v in (o.split("=") for o in options)})
+        rank = int(os.environ.get("RANK", "0"))
+        if (save, file) == (where["save"], where["file"]) and where["rank"] in (None, rank):
+            code = getattr(errno, name)
+            raise OSError(code, os.strerror(code), str(path))
 
 
 def kill_now() -> None:

@@ -324,7 +324,7 @@ def read_checkpoint(folder: Path | str) -> CheckpointReport:
     from harness import checkpoint as ckpt
 
     folder = Path(folder)
-    match = ckpt.STEP_DIR.match(folder.name.removeprefix(".tmp-"))
+    match = ckpt.STEP_DIR.match(folder.name) or ckpt.TEMP_DIR.match(folder.name)
     step = int(match.group(1)) if match else None
     files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     committed = not folder.name.startswith(".tmp-")
@@ -382,7 +382,7 @@ def list_checkpoints(run_dir: Path | str) -> list[CheckpointReport]:
     from harness import checkpoint as ckpt
 
     root = checkpoints_folder(run_dir)
-    folders = [p for p in root.iterdir() if p.is_dir() and ckpt.STEP_DIR.match(p.name.removeprefix(".tmp-"))]
+    folders = [p for p in root.iterdir() if p.is_dir() and (ckpt.STEP_DIR.match(p.name) or ckpt.TEMP_DIR.match(p.name))]
     reports = [read_checkpoint(p) for p in folders]
     return sorted(reports, key=lambda r: (r.step if r.step is not None else -1, r.committed))
 

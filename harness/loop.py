@@ -25,14 +25,15 @@ from harness import faults, sampling, sharding
 from harness.assemble import build_data, build_model
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.contracts import Split, TaskData
-from harness.distributed import (all_reduce_sum, check_lrs_agree, gather_rows, make_accelerator, raise_if_lrs_differ,
-                                 shutdown_process_group, warn_if_ranks_lost)
+from harness.distributed import (all_reduce_sum, check_lrs_agree, gather_rows, launcher_pid, lost_rank_error,
+                                 make_accelerator, raise_if_lrs_differ, shutdown_process_group, warn_if_ranks_lost)
 from harness.objectives import build_loss, build_metrics
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
 from harness.checkpoint import CheckpointStore
 from harness.progress import Progress
-from harness.preemption import Preempted, PreemptionWatcher, clear_marker, write_marker
+from harness.preemption import Preempted, PreemptionWatcher, clear_marker
+from harness.run_lock import lock_run_folder
 from harness.tracking import TensorBoardLog, flatten
 
 
@@ -210,6 +211,8 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     strategy = sharding.strategy_from_launch(cfg.train.strategy)  # before Accelerator reads the launch's env
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters)
     warn_if_ranks_lost(accelerator.num_processes)
+    # Before anything in the run folder is read or written: one run per folder (exit 2 otherwise).
+    lock_run_folder(cfg.run_dir, accelerator)
     if cfg.run.deterministic:
         import os
 
@@ -361,7 +364,9 @@ def add_loss(trainer: Trainer, loss_sum: torch.Tensor) -> None:
 def fold(losses: list[torch.Tensor]) -> None:
     """Replace the entries by their sum (one tensor)."""
     if len(losses) > 1:
-        losses[:] = [torch.stack(losses).sum()]
+        # In float64: a few float32 values add up exactly there, so the sum does not depend on where
+        # a checkpoint split the window (a resumed run logs the same loss as an uninterrupted one).
+        losses[:] = [torch.stack([loss.double() for loss in losses]).sum()]
 
 
 def local_loss_sum(losses: list[torch.Tensor]) -> float:
@@ -480,13 +485,13 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
 
 def stop_for_preemption(trainer: Trainer) -> None:
     """Save at this step boundary, leave a marker for batch scripts, unwind to the CLI."""
-    trainer.preemption.drain()
+    watcher = trainer.preemption
+    watcher.drain()
+    watcher.announce_stop(trainer.is_main, trainer.state.step)
     folder = save_checkpoint(trainer, trainer.store, "preempted")
-    name = trainer.preemption.requested or "a signal to another rank"
     if trainer.is_main:
-        write_marker(trainer.run_dir, name, folder, trainer.state.step, trainer.preemption.received_at)
-        logger.warning("preempted by %s: saved %s; exiting with code 75 (requeue to resume)", name, folder)
-    raise Preempted(name, folder)
+        watcher.report_stop(trainer.run_dir, folder, trainer.state.step)
+    raise Preempted(watcher.requested or "a signal to another rank", folder, watcher.interrupted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,7 +501,8 @@ def stop_for_preemption(trainer: Trainer) -> None:
 
 def train(cfg: Config, given: Optional[GivenComponents] = None) -> dict:
     # Installed first, so a signal during start-up is not lost: it is acted on at the first step.
-    watcher = PreemptionWatcher(cfg.preemption).install()
+    # Under torchrun / accelerate launch it also watches the launcher: if it dies, we stop too.
+    watcher = PreemptionWatcher(cfg.preemption, launcher_pid()).install()
     try:
         trainer = build_trainer(cfg, given)
         trainer.preemption = watcher
@@ -522,8 +528,11 @@ def train(cfg: Config, given: Optional[GivenComponents] = None) -> dict:
         # the process during teardown instead of it exiting with EXIT_PREEMPTED.
         watcher.ignore_further()
         raise
-    except BaseException:
+    except BaseException as exc:
         watcher.uninstall()
+        lost = lost_rank_error(exc)  # a peer is gone: one line instead of this rank's traceback
+        if lost is not None:
+            raise lost from exc
         raise
     watcher.uninstall()
     shutdown_process_group()

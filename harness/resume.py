@@ -450,8 +450,11 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     saved_state["window_loss_sum"], saved_state["epoch_loss_sum"] = sums
     snapshot = CheckpointSnapshot.take(trainer, saved_state, reason,
                                        staging=trainer.checkpoint_staging if background else None)
+    # What this rank writes, for the message when a save fails (disk full...).
+    size = ckpt.estimated_bytes({**(snapshot.main or {}), **snapshot.rank_files, "rng.json": snapshot.rank_json,
+                                 "rng.safetensors": snapshot.rank_tensors})
     folder = store.save(acc, state.step, snapshot.write_main, snapshot.write_rank, trainer.last_monitored,
-                        background=background)
+                        background=background, size_bytes=size)
     if acc.is_main_process:
         # Routine saves stay out of the console (harness ckpt list shows them); the others are news.
         log = logger.debug if reason in ("epoch_end", "every_steps") else logger.info

@@ -27,7 +27,7 @@ def run(run_dir: Path, extra=(), check=True):
 
 def snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "RUN.lock"}
 
 
 @pytest.fixture(scope="module")

@@ -248,6 +248,11 @@ harness_slurm_launch() {
     [[ -n "$_hs_signal" ]] && since=", $((SECONDS - _hs_signal_at)) s after SIG$_hs_signal"
     hs_log "launcher exited with code $rc after ${took} s${since}"
 
+    if [[ -f "$marker" ]] && grep -q '"signal": "SIGINT"' "$marker"; then
+        # Ctrl-C (scancel -s INT): the ranks saved, but someone meant to stop. Keep the checkpoint.
+        hs_log "stopped by SIGINT after saving: $(_hs_marker_summary "$marker"); NOT requeueing (rerun to resume)"
+        exit 130
+    fi
     if [[ -f "$marker" ]] || ((rc == HARNESS_SLURM_EXIT_PREEMPTED)); then
         if [[ -f "$marker" ]]; then
             hs_log "checkpoint saved on a preemption signal: $(_hs_marker_summary "$marker")"
