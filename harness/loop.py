@@ -211,8 +211,6 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     strategy = sharding.strategy_from_launch(cfg.train.strategy)  # before Accelerator reads the launch's env
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters)
     warn_if_ranks_lost(accelerator.num_processes)
-    # Before anything in the run folder is read or written: one run per folder (exit 2 otherwise).
-    lock_run_folder(cfg.run_dir, accelerator)
     if cfg.run.deterministic:
         import os
 
@@ -257,6 +255,9 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     np.random.seed(rank_seed % 2**32)
     from harness.resume import choose_checkpoint, initialize_from, record_changes, restore
 
+    # Before anything in the run folder is read or written (building the components and probing
+    # them write nothing): one run per folder (exit 2 otherwise).
+    lock_run_folder(cfg.run_dir, accelerator)
     folder = choose_checkpoint(trainer, store)
     changes = []
     if folder is not None:

@@ -138,7 +138,17 @@ def _take(run_dir: Path) -> tuple[RunLock, int]:
     os.pwrite(fd, (json.dumps(holder, indent=1) + "\n").encode(), 0)
     os.fsync(fd)
     lock = _held[str(path.resolve())] = RunLock(path, fd, holder)
+    # A forked child (a DataLoader worker) shares the locked file: closing its copy keeps the lock
+    # with this process alone, so it ends with this process (a SIGKILLed rank's workers may linger).
+    os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
     return lock, _LOCKED
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _read_holder(fd: int) -> dict:
