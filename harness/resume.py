@@ -395,12 +395,14 @@ def verify_lrs(trainer, meta: dict, folder: Path, schedule_rebuilt: bool = False
     groups = trainer.optimizer.state_dict()["param_groups"]
     try:
         rebuilt = lrs_rebuilt_from_last_epoch(trainer.cfg.schedule, trainer.horizon, groups,
-                                              trainer.schedule.main.last_epoch, trainer.schedule.steps_done)
+                                              getattr(trainer.schedule.main, "last_epoch", None),
+                                              trainer.schedule.steps_done)
     except KeyError as exc:
         rebuilt = None
         problems.append(f"the restored optimizer lacks {exc} needed to build the scheduler with last_epoch")
     if rebuilt is not None and any(abs(a - b) > 1e-9 * max(abs(a), abs(b), 1e-30) for a, b in zip(rebuilt, loaded)):
-        problems.append(f"building the scheduler with last_epoch={trainer.schedule.main.last_epoch} gives {rebuilt}, "
+        problems.append(f"building the scheduler with last_epoch={getattr(trainer.schedule.main, 'last_epoch', None)} "
+                        f"gives {rebuilt}, "
                         f"loading its state gives {loaded}")
     if problems:
         raise ckpt.CheckpointError(f"{folder}: LR check after resume failed: {'; '.join(problems)}. "
