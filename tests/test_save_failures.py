@@ -101,7 +101,7 @@ def test_a_full_disk_fails_the_save_on_every_rank_keeps_the_earlier_checkpoints_
                     if line.startswith(f"harness: checkpoint save failed: {checkpoints / 'step-000010'}: {what}: "
                                        "[Errno 28] No space left on device (ENOSPC) (rank ")), None)
     assert message is not None, failed.stderr[-3000:]
-    sizes = re.search(r"It needs about ([\d,]+) bytes \(the size of step-000008\); ([\d,]+) bytes are free in "
+    sizes = re.search(r"It needs ([\d,]+) bytes; ([\d,]+) bytes are free in "
                       + re.escape(str(checkpoints)) + r"\.", message)
     assert sizes is not None, message
     needed, free = (int(v.replace(",", "")) for v in sizes.groups())
@@ -136,8 +136,7 @@ def test_a_read_only_file_system_at_the_first_save_exits_4_saying_no_checkpoint_
     failed = run(run_dir, 1, env=subprocess_env(HARNESS_TEST_SAVE_ERROR="EROFS,save=1,file=3"))
     assert_every_rank_exited(failed, 1, 4)
     assert (f"harness: checkpoint save failed: {run_dir / 'checkpoints' / 'step-000005'}: could not be saved: "
-            "[Errno 30] Read-only file system (EROFS) (rank 0, writing model.safetensors). It needs an unknown "
-            "number of bytes (no earlier checkpoint to compare with)") in failed.stderr
+            "[Errno 30] Read-only file system (EROFS) (rank 0, writing model.safetensors). It needs ") in failed.stderr
     assert ("there is no intact checkpoint (none: a rerun starts over). Make "
             f"{run_dir / 'checkpoints'} writable") in failed.stderr
     assert list((run_dir / "checkpoints").iterdir()) == []
