@@ -10,10 +10,7 @@ reported with the closest valid key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,122 +466,6 @@ def _kind_section(section: str, cls: type, section_raw: dict):
     parsed.name = registry.canonical_name(section, name)
     parsed.options = parse_dataclass(options_cls, rest, section)
     return parsed
-
-
-def _unknown_key_message(key: str, valid: list[str], where: str, prefix: str = "") -> str:
-    leaf = key.split(".")[-1]
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
-    hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
-    return f"unknown key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}"
-
-
-def parse_dataclass(cls: type, raw: dict, path: str):
-    """Build ``cls`` from ``raw``: unknown keys, missing keys and wrong types are ConfigErrors."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            raise ConfigError(_unknown_key_message(f"{path}.{key}", names, where=path, prefix=path))
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            kwargs[f.name] = coerce(raw[f.name], hints[f.name], f"{path}.{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}.{f.name}: missing, expected {_type_name(hints[f.name])}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        # __post_init__ messages name the key relative to the section; keep the full path.
-        message = str(exc)
-        if not message.startswith(path.split(".")[0]):
-            message = f"{path}.{message}"
-        raise ConfigError(message) from None
-
-
-def coerce(value: Any, hint: Any, path: str) -> Any:
-    """Convert a YAML value to ``hint``; YAML 1.1 reads ``1e-3`` as a string, so numbers are parsed."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{path}: got {value!r}, expected {_type_name(hint)}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{path}: got {value!r}, expected one of {', '.join(repr(a) for a in args)}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: got {value!r}, expected a list of {_type_name(args[0])}")
-        return [coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: got {value!r}, expected a mapping")
-        return {k: coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        return parse_dataclass(hint, value, path)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: got {value!r}, expected true or false")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: got {value!r}, expected an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if number.is_integer():
-                return int(number)
-        raise ConfigError(f"{path}: got {value!r}, expected an integer")
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: got {value!r}, expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # "1e-3", "5e-4": YAML 1.1 leaves these as strings
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: got {value!r}, expected a number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{path}: got {value!r}, expected a string")
-    raise ConfigError(f"{path}: unsupported type {hint!r}")
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        parts = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in args else "")
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
 def to_plain_dict(cfg: Config) -> dict:
