@@ -279,17 +279,12 @@ def with_exit_codes(command) -> int:
         # Your code failed: your file and line. Before training it is like a bad recipe.
         print(f"harness: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED if exc.while_training else EXIT_CONFIG
-    except RuntimeError as exc:
-        if "DataLoader worker" in str(exc) and "signal: Killed" in str(exc):
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc) and "signal: Killed" in str(exc):
             print(f"harness: data error: {exc}: a DataLoader worker was killed with SIGKILL, most likely by the "
                   "out-of-memory killer. Lower data.num_workers or data.prefetch_factor, or the memory an item "
                   "takes.", file=sys.stderr, flush=True)
             return EXIT_FAILED
-        if not user_frames(exc):
-            raise
-        print(f"harness: {UserCodeError('training', exc, True)}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    except Exception as exc:
         # An exception from the user's own code during training shows the user's file and line.
         if not user_frames(exc):
             raise
