@@ -81,7 +81,9 @@ def test_a_second_ctrl_c_during_the_save_aborts_at_once_with_exit_130(tmp_path, 
     ctrl_c(proc)  # under accelerate launch it reaches the ranks as the launcher's SIGTERM
     code = proc.wait(timeout=30)
     seconds = time.monotonic() - second
-    assert seconds < 3, f"took {seconds:.2f} s to abort"
+    # "At once" is proven below by the save it left uncommitted; the bound only catches a hang (a
+    # loaded CI machine takes a few seconds to tear torch down).
+    assert seconds < 20, f"took {seconds:.2f} s to abort"
     text = output(run_dir)
     assert code == (130 if launcher == "python" else 1), text[-3000:]
     assert text.count("harness: aborted by a second Ctrl-C") == nproc, text[-3000:]

@@ -120,7 +120,9 @@ def test_killing_the_launcher_makes_every_rank_save_and_exit_and_the_relaunch_re
     proc.wait()
     seconds = wait_gone(workers, killed)
     print(f"\n{launcher}: launcher SIGKILLed -> all workers gone in {seconds:.2f} s")
-    assert seconds < 10, f"workers took {seconds:.1f} s to exit"
+    # ~2-3 s here, ~5 s under heavy load; the bound catches workers that train on (the checks below
+    # prove they stopped early, at a step of their own).
+    assert seconds < 20, f"workers took {seconds:.1f} s to exit"
 
     text = output(run_dir)
     saved = checkpoints(run_dir)
@@ -151,7 +153,7 @@ def test_a_rank_whose_peer_died_with_the_launcher_exits_at_once_with_one_line(tm
     proc.wait()
     seconds = wait_gone(workers, killed)
     print(f"\nrank and launcher SIGKILLed -> the other rank gone in {seconds:.2f} s")
-    assert seconds < 10
+    assert seconds < 20
     text = output(run_dir)
     assert "lost contact with the other ranks" in text or "saving a checkpoint at step" in text, text[-3000:]
     assert "Traceback" not in text and not HARNESS_FRAME.search(text), text[-3000:]
