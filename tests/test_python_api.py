@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.tracking import read_scalars
-from tests.conftest import BIN, CPU_2PROC, ROOT, free_port, read_json, subprocess_env
+from tests.conftest import assert_bitwise_equal, weights, BIN, CPU_2PROC, ROOT, free_port, read_json, subprocess_env
 
 SCRIPT = '''\
 import os
@@ -102,16 +102,6 @@ def launch(script: Path, run_dir: Path, nproc: int = 2, **env: str) -> subproces
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max()}"
 
 
 def test_a_script_calling_harness_train_on_two_ranks_resumes_bitwise_after_a_sigkill(script, tmp_path):

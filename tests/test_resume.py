@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from harness.builtin.models import Mlp
 from harness.tracking import read_scalars
-from tests.conftest import ROOT, read_json, run_harness, subprocess_env
+from tests.conftest import assert_bitwise_equal, weights, ROOT, read_json, run_harness, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # 455 samples, global batch 64 -> 8 steps per epoch; 4 epochs = 32 steps. Dropout exercises RNG state.
@@ -31,16 +31,6 @@ def run(run_dir: Path, extra=(), nproc=1, env=None, check=True):
     # One rank runs as plain `python -m harness` so the tests see the harness's own exit code.
     return run_harness(RECIPE, [f"run.output_dir={run_dir}", *BASE, *extra], nproc=nproc, env=env, check=check,
                        launcher="python" if nproc == 1 else "accelerate")
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max()}"
 
 
 def series(run_dir: Path) -> dict:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.tracking import read_scalars
-from tests.conftest import ROOT, read_json, run_harness, subprocess_env
+from tests.conftest import assert_bitwise_equal, weights, ROOT, read_json, run_harness, subprocess_env
 
 SEEDS = ROOT / "recipes" / "seeds"
 
@@ -76,16 +76,6 @@ def write_project(folder: Path, module: str = "mymodels", extra_code: str = "") 
     recipe = folder / "recipe.yaml"
     recipe.write_text(RECIPE.replace("MODULE", module))
     return recipe
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max()}"
 
 
 def stock_step_lrs(lr: float, step_size: int, gamma: float, steps: int) -> list[float]:
