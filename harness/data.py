@@ -277,10 +277,6 @@ def as_task_data(result: Any, where: str = "data", run_seed: int = 0,
         return result
     if isinstance(result, dict) and isinstance(result.get("train"), torch.utils.data.Dataset) \
             and not isinstance(result["train"], (list, tuple)):
-        if isinstance(result["train"], torch.utils.data.IterableDataset):
-            raise ConfigError(f"{where}: an IterableDataset cannot be split across ranks by the harness's sampler "
-                              "nor resumed mid-epoch without replaying it; give a map-style Dataset "
-                              "(__getitem__ and __len__)")
         if "val" not in result:
             raise ConfigError(f"{where}: the factory's dict lacks 'val'; expected keys train, val (and test)")
         return _dataset_task(result, where, run_seed, settings or LoaderSettings())
@@ -582,7 +578,11 @@ class _Keyed:
 
 
 def _dataset_task(result: dict, where: str, run_seed: int, settings: LoaderSettings) -> TaskData:
-    splits = {name: DatasetSplit(result[name], name, run_seed, settings)
+    """Map-style splits become DatasetSplits, IterableDatasets StreamSplits (harness.streams)."""
+    from harness.streams import StreamSplit, is_stream
+
+    splits = {name: StreamSplit(result[name], name, settings, where) if is_stream(result[name])
+              else DatasetSplit(result[name], name, run_seed, settings)
               for name in ("train", "val", "test") if result.get(name) is not None}
     train = splits["train"]
     kind, out_dim = result.get("task"), result.get("num_classes") or result.get("out_dim")
@@ -609,5 +609,12 @@ def _dataset_task(result: dict, where: str, run_seed: int, settings: LoaderSetti
             int(target.numel()) if kind == "regression" else 0)
     spec = TaskSpec(kind, in_dim, int(out_dim), graph=graph)
     return TaskData(spec, splits["train"], splits["val"], splits.get("test"),
-                    description=f"your dataset ({type(train.dataset).__name__}): {len(train)} train, "
-                                f"{len(splits['val'])} val samples; {settings.num_workers} loader workers")
+                    description=f"your dataset ({type(train.dataset).__name__}): "
+                                f"{_count(train)} train, {_count(splits['val'])} val samples; "
+                                f"{settings.num_workers} loader workers")
+
+
+def _count(split) -> str:
+    if not getattr(split, "streamed", False):
+        return str(len(split))
+    return f"{len(split)} (a stream)" if len(split) else "(a stream)"

@@ -25,7 +25,7 @@ from harness import faults, sampling, sharding
 from harness.assemble import build_data, build_model
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.contracts import Split, TaskData
-from harness.distributed import (all_reduce_sum, check_lrs_agree, gather_rows, launcher_pid, lost_rank_error,
+from harness.distributed import (all_reduce_sum, any_rank, check_lrs_agree, gather_rows, launcher_pid, lost_rank_error,
                                  make_accelerator, raise_if_lrs_differ, shutdown_process_group, warn_if_ranks_lost)
 from harness.objectives import build_loss, build_metrics
 from harness.optimizers import build_optimizer
@@ -111,6 +111,8 @@ class Trainer:
     # The model without Accelerate's wrappers (DDP...): unwrapped once, in build_trainer, because
     # Accelerator.unwrap_model looks for DeepSpeed with an uncached importlib search (~0.1 ms) per call.
     raw_model: Optional[torch.nn.Module] = None
+    # A stream (IterableDataset) ran out before the epoch's planned steps: the epoch ends there.
+    stream_ended: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -120,10 +122,16 @@ class Trainer:
     def run_dir(self) -> Path:
         return self.cfg.run_dir
 
+    @property
+    def streamed(self) -> bool:
+        """The train split is a stream (an IterableDataset, harness.streams): no index to sample by."""
+        return getattr(self.task.train, "streamed", False)
+
     def epoch_length(self) -> int:
-        """Samples an epoch consumes (the last partial batch is dropped with drop_last)."""
+        """Samples an epoch consumes (the last partial batch is dropped with drop_last, and always
+        from a stream)."""
         n, batch = len(self.task.train), self.cfg.data.batch_size
-        return n - n % batch if self.cfg.data.drop_last else n
+        return n - n % batch if self.cfg.data.drop_last or self.streamed else n
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +238,14 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     elif strategy == "fsdp" and accelerator.is_main_process:
         logger.info("train.strategy fsdp with one process: nothing to shard, training unsharded")
     optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)
-    horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last),
+    streamed = getattr(task.train, "streamed", False)
+    if streamed:
+        task.train.configure(cfg.data.batch_size, cfg.train.grad_accum_steps, accelerator.num_processes)
+    if sharded and any(getattr(split, "streamed", False) for split in (task.val, task.test)):
+        raise ConfigError("data: a validation or test stream (IterableDataset) with train.strategy fsdp: every rank "
+                          "must run every sharded forward in lockstep, which a stream of unknown length per rank "
+                          "cannot promise; give map-style val/test Datasets")
+    horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last or streamed),
                       cfg.train.epochs)
     schedule = build_schedule(optimizer, cfg.schedule, horizon, group_names)
     # Only the model is prepared (DDP, device, autocast). The scheduler is not: Accelerate's wrapper
@@ -448,13 +463,18 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
     model.eval()
     widths = [metric.width for metric in trainer.metrics]
     sums = torch.zeros(2 + sum(widths), dtype=torch.float64, device=acc.device)
-    shards = list(sampling.validation_shards(len(split), trainer.cfg.data.val_batch_size,
-                                             acc.process_index, acc.num_processes))
-    every = trainer.cfg.preemption.check_every_val_batches
+    streamed = getattr(split, "streamed", False)
+    # A stream: each rank reads its own to the end, with no collective on the way (ranks may have
+    # different counts), so it is not interrupted; a preemption waits for its end.
+    shards = [None] if streamed else list(sampling.validation_shards(
+        len(split), trainer.cfg.data.val_batch_size, acc.process_index, acc.num_processes))
+    every = len(shards) if streamed else trainer.cfg.preemption.check_every_val_batches
     with torch.no_grad(), acc.autocast():
         for start in range(0, len(shards), every):
             chunk = shards[start:start + every]
-            if trainer.sharded:  # every rank runs every forward (each all-gathers parameters)
+            if streamed:
+                loaded = ((batch, True) for batch in split.whole(trainer.cfg.data.val_batch_size))
+            elif trainer.sharded:  # every rank runs every forward (each all-gathers parameters)
                 loaded = sharding.lockstep(split.batches, chunk)
             else:
                 loaded = ((batch, True) for batch in split.batches([s for s in chunk if len(s)]))
@@ -573,6 +593,7 @@ def fit(trainer: Trainer) -> dict:
     stop = state.early_stopped
     while state.epoch < cfg.train.epochs and not stop:
         trainer.model.train()
+        trainer.stream_ended = False
         # The rest of this epoch's global batches, in an order that does not depend on the world size,
         # and this rank's share of each, loaded ahead by the split (DataLoader workers where it has them).
         steps = epoch_steps(trainer)
@@ -580,6 +601,13 @@ def fit(trainer: Trainer) -> dict:
                                             epoch=state.epoch)
         validate_mid_epoch_if_due(trainer)  # one a preemption interrupted: redone first
         for global_indices, micro in steps:
+            if trainer.streamed:  # this step's batches from each rank's stream, or the epoch's end
+                loaded = step_batches_of_streams(trainer, loaded, len(micro))
+                if loaded is None:
+                    if trainer.is_main:
+                        logger.info("epoch %d: the train stream ran out after %d of %d steps", state.epoch + 1,
+                                    state.samples_in_epoch // cfg.data.batch_size, trainer.horizon.steps_per_epoch)
+                    break
             train_step(trainer, global_indices, micro, loaded)  # forward, backward, optimizer + schedule step
             after_step(trainer)  # test hooks, preemption agreement, logs, progress
             validate_mid_epoch_if_due(trainer)  # train.val_every_steps
@@ -589,7 +617,7 @@ def fit(trainer: Trainer) -> dict:
             if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
                 stop = True
                 break
-        if stop and state.samples_in_epoch < trainer.epoch_length():
+        if stop and state.samples_in_epoch < trainer.epoch_length() and not trainer.stream_ended:
             save_checkpoint(trainer, trainer.store, "max_steps")  # stopped mid-epoch: resumable there
             break
         end_epoch(trainer)  # validation, plateau, epoch-interval schedules, epoch logs
@@ -602,9 +630,39 @@ def fit(trainer: Trainer) -> dict:
 
 def epoch_steps(trainer: Trainer):
     cfg, state, acc = trainer.cfg, trainer.state, trainer.accelerator
-    order = sampling.epoch_order(len(trainer.task.train), cfg.run.seed, state.epoch, cfg.data.shuffle)
-    return sampling.epoch_steps(order, cfg.data.batch_size, cfg.data.drop_last, state.samples_in_epoch,
-                                cfg.train.grad_accum_steps, acc.process_index, acc.num_processes)
+    # A stream's order is its own: the positions only count its samples.
+    order = sampling.epoch_order(len(trainer.task.train), cfg.run.seed, state.epoch,
+                                 cfg.data.shuffle and not trainer.streamed)
+    return sampling.epoch_steps(order, cfg.data.batch_size, cfg.data.drop_last or trainer.streamed,
+                                state.samples_in_epoch, cfg.train.grad_accum_steps, acc.process_index,
+                                acc.num_processes)
+
+
+class _StepBatches(list):
+    """One step's batches from a stream; the iterator they came from goes on with the next step."""
+
+    def __init__(self, batches, source):
+        super().__init__(batches)
+        self.source, self.position = source, 0
+
+    def __next__(self):
+        self.position += 1
+        return self[self.position - 1]
+
+
+def step_batches_of_streams(trainer: Trainer, loaded, count: int):
+    """The next step's ``count`` micro-batches of this rank's stream, or None when any rank's
+    stream has run out: the ranks agree at every step (one small all-reduce), so none waits in a
+    collective for a step the others will not take."""
+    source = loaded.source if isinstance(loaded, _StepBatches) else loaded
+    batches = [next(source, None) for _ in range(count)]
+    if any_rank(trainer.accelerator, any(batch is None for batch in batches)):
+        trainer.stream_ended = True
+        return None
+    return _StepBatches(batches, source)
+
+
+
 
 
 def after_step(trainer: Trainer) -> None:

@@ -92,6 +92,8 @@ def restore(trainer, folder: Path) -> list[dict]:
         scaler.load_state_dict(meta["grad_scaler"])
     verify_lrs(trainer, meta, folder, schedule_rebuilt=rebuild)
     restore_rng(trainer, folder, meta)
+    if trainer.streamed:
+        restore_stream(trainer, folder, meta)
     if not acc.is_main_process:
         # Partial log sums were reduced over ranks at save time; rank 0 carries them.
         state.window_loss_sum = state.epoch_loss_sum = 0.0
@@ -409,6 +411,34 @@ def verify_lrs(trainer, meta: dict, folder: Path, schedule_rebuilt: bool = False
                                    "The recipe's schedule differs from the one that wrote this checkpoint.")
 
 
+def restore_stream(trainer, folder: Path, meta: dict) -> None:
+    """A train stream continues where this rank's stream was (mid-epoch: same world size and
+    loader workers only; at an epoch boundary there is nothing to continue)."""
+    from harness.streams import STREAM_FILE
+
+    state, acc = trainer.state, trainer.accelerator
+    if state.samples_in_epoch == 0:
+        return
+    saved_world, workers = meta["world_size"], trainer.cfg.data.num_workers
+    path = folder / STREAM_FILE.format(rank=acc.process_index)
+    where = f"{state.samples_in_epoch} samples into epoch {state.epoch + 1} of"
+    if saved_world != acc.num_processes:
+        raise ckpt.CheckpointError(
+            f"{folder}: this checkpoint is {where} a stream (IterableDataset) read by {saved_world} rank(s); this run "
+            f"has {acc.num_processes}. Each rank's stream saved its own position, which cannot be re-split: resume "
+            f"with {saved_world} rank(s), or from a checkpoint at an epoch's end (checkpoint.every_epochs)")
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"{folder}: {path.name} is missing: the checkpoint is {where} a stream, and holds "
+                                   "no position for it (written before the data was a stream?)")
+    saved = ckpt._read_json(path)
+    if saved.get("num_workers") != workers:
+        raise ckpt.CheckpointError(
+            f"{path}: the stream was read by {saved.get('num_workers')} loader worker(s) per rank, this run has "
+            f"data.num_workers={workers}; each worker's copy of the stream saved its own position: resume with "
+            f"data.num_workers={saved.get('num_workers')} (or change it at an epoch boundary)")
+    trainer.task.train.resume_at(saved["epoch"], saved["loader"])
+
+
 def restore_rng(trainer, folder: Path, meta: dict) -> None:
     acc = trainer.accelerator
     rank = acc.process_index
@@ -479,6 +509,7 @@ class CheckpointSnapshot:
     rank_tensors: dict[str, torch.Tensor]
     main: Optional[dict] = None  # rank 0: file name -> JSON text or tensors
     rank_files: dict = dataclasses.field(default_factory=dict)  # FSDP: this rank's shards, file name -> tensors
+    stream_json: Optional[str] = None  # a train stream's loader state on this rank (harness.streams)
 
     @classmethod
     def take(cls, trainer, saved_state: dict, reason: str, staging: Optional[dict]) -> "CheckpointSnapshot":
@@ -486,6 +517,11 @@ class CheckpointSnapshot:
         rank, world = acc.process_index, acc.num_processes
         rng_meta, rng_tensors = ckpt.rng_state()  # fresh copies already
         snapshot = cls(rank, ckpt.json_text(rng_meta), rng_tensors)
+        if trainer.streamed:
+            from harness.streams import loader_state_text
+
+            snapshot.stream_json = loader_state_text(trainer.task.train, state.epoch, world,
+                                                     trainer.cfg.data.num_workers)
         sharded = sharding.is_sharded(trainer.raw_model)
         if not acc.is_main_process and not sharded:
             return snapshot
@@ -543,6 +579,12 @@ class CheckpointSnapshot:
         path = folder / f"rng-rank-{self.rank}.safetensors"
         ckpt.save_tensors(self.rank_tensors, path)
         counter.wrote(path)
+        if self.stream_json is not None:
+            from harness.streams import STREAM_FILE
+
+            path = folder / STREAM_FILE.format(rank=self.rank)
+            path.write_text(self.stream_json)
+            counter.wrote(path)
 
     def write_main(self, folder: Path, counter) -> None:
         for name, content in self.main.items():  # model first: a crash mid-save is tested file by file

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import run_harness, subprocess_env
+from tests.conftest import assert_bitwise_equal, run_harness, subprocess_env, weights
 
 DATASET = textwrap.dedent('''
     import torch
@@ -113,16 +112,6 @@ def folder(tmp_path_factory) -> Path:
     return folder
 
 
-def weights(run_dir: Path) -> dict:
-    return load_file(run_dir / "final" / "model.safetensors")
-
-
-def assert_bitwise(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max()}"
-
-
 def trace(prefix: Path) -> list[dict]:
     return [json.loads(line) for path in sorted(prefix.parent.glob(prefix.name + ".rank*"))
             for line in path.read_text().splitlines()]
@@ -132,7 +121,7 @@ def test_zero_and_two_workers_train_bitwise_alike_with_random_augmentation(folde
     zero, two = tmp_path / "zero", tmp_path / "two"
     run_harness(folder / "recipe.yaml", [f"run.output_dir={zero}", "data.num_workers=0"], nproc=1, launcher="python")
     run_harness(folder / "recipe.yaml", [f"run.output_dir={two}", "data.num_workers=2"], nproc=1, launcher="python")
-    assert_bitwise(weights(zero), weights(two))
+    assert_bitwise_equal(weights(zero), weights(two))
 
 
 def test_two_ranks_with_workers_killed_mid_epoch_resume_bitwise_and_see_each_sample_once(folder, tmp_path):
@@ -144,7 +133,7 @@ def test_two_ranks_with_workers_killed_mid_epoch_resume_bitwise_and_see_each_sam
                        env=subprocess_env(HARNESS_TEST_KILL_AT_STEP=str(KILL_AT), HARNESS_TRACE_SAMPLES=str(before)))
     assert proc.returncode != 0
     run_harness(recipe, [f"run.output_dir={killed}"], nproc=2, env=subprocess_env(HARNESS_TRACE_SAMPLES=str(after)))
-    assert_bitwise(weights(straight), weights(killed))
+    assert_bitwise_equal(weights(straight), weights(killed))
     # Epoch 1 (steps 11-20): steps 11-12 before the checkpoint the resume took, 13-20 after it.
     seen = [i for record in trace(before) if record["epoch"] == 1 and record["step"] <= 12 for i in record["indices"]]
     seen += [i for record in trace(after) if record["epoch"] == 1 for i in record["indices"]]
@@ -162,7 +151,7 @@ def test_graph_level_data_from_a_dataset_of_pyg_graphs_resumes_mid_epoch_exactly
                 env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="17"))
     proc = run_harness(recipe, [f"run.output_dir={killed}"], nproc=1, launcher="python")
     assert "resumed from" in proc.stdout and "step-000015" in proc.stdout
-    assert_bitwise(weights(straight), weights(killed))
+    assert_bitwise_equal(weights(straight), weights(killed))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -207,4 +196,4 @@ def test_node_mini_batches_with_k_hop_neighbourhoods_cut_in_workers_resume_mid_e
                 env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="17"))
     proc = run_harness(recipe, [f"run.output_dir={killed}", *settings], nproc=1, launcher="python")
     assert "resumed from" in proc.stdout and "step-000015" in proc.stdout
-    assert_bitwise(weights(straight), weights(killed))
+    assert_bitwise_equal(weights(straight), weights(killed))

@@ -1,0 +1,220 @@
+"""Your own ``IterableDataset``: a stream that can save and restore its position.
+
+A map-style Dataset is read by index, so the harness decides which rank sees which sample and a
+resume starts at one number (samples consumed). A stream has no index: each rank reads its own
+stream, and where every stream (and every loader worker's copy of it) has got to is state only
+the stream itself can save. So a stream is accepted when it has ``state_dict()`` (JSON-able:
+numbers, strings, lists, dicts) and ``load_state_dict(state)``, and it is read through torchdata's
+``StatefulDataLoader``, which collects that state from the loader workers at every batch.
+
+The contract, in the README's words:
+
+* the stream yields **this rank's** samples: split your source with
+  ``index, count = harness.streams.shard_of_stream()`` (rank and loader worker together:
+  keep every ``count``-th item starting at ``index``), as any DDP IterableDataset must;
+* ``len(dataset)``: samples in one epoch over all ranks. It sets the steps per epoch
+  (``len // data.batch_size``), which the LR schedule and progress need; an epoch ends there, or
+  earlier when any rank's stream runs out (the ranks agree at every step);
+* each epoch starts from the state the dataset had when the run started (``set_epoch(epoch)`` is
+  called first when the dataset has it);
+* each rank takes ``batch_size / world_size`` samples per step (per micro-batch: divided by
+  ``train.grad_accum_steps`` too), so ``data.batch_size`` must divide evenly; a last partial
+  batch is dropped (with loader workers, each worker batches its own share of the stream and
+  drops its own last partial batch);
+* a checkpoint holds each rank's loader state (``stream-rank-R.json``): a run resumes mid-epoch
+  exactly at the same world size (and ``data.num_workers``); another world size is a clear error
+  mid-epoch, and fine at an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from harness.contracts import Batch, ConfigError, Split
+
+STREAM_FILE = "stream-rank-{rank}.json"
+
+
+def shard_of_stream() -> tuple[int, int]:
+    """(index, count) of the stream being read here, over all ranks and loader workers: a
+    stream keeps items ``index, index + count, ...`` of its source, so each sample is read by
+    exactly one worker of one rank."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * workers + worker, world * workers
+
+
+def is_stream(dataset: Any) -> bool:
+    return isinstance(dataset, torch.utils.data.IterableDataset)
+
+
+def check_stream(dataset, name: str, where: str) -> None:
+    missing = [m for m in ("state_dict", "load_state_dict") if not callable(getattr(dataset, m, None))]
+    cls = type(dataset).__name__
+    if missing:
+        raise ConfigError(
+            f"{where}: the {name} split is an IterableDataset ({cls}) without {' and '.join(missing)}: the "
+            "harness cannot resume it mid-epoch without replaying it. Add `def state_dict(self)` returning "
+            "where the stream is (JSON-able: numbers, strings, lists, dicts) and `def load_state_dict(self, "
+            "state)` that makes the next __iter__ continue from there; or give a map-style Dataset "
+            "(__getitem__ and __len__)")
+    if name == "train":
+        try:
+            length = len(dataset)
+        except TypeError:
+            raise ConfigError(
+                f"{where}: the train split is an IterableDataset ({cls}) without __len__: give it one returning "
+                "the number of samples in one epoch over all ranks; it sets the steps per epoch, which the LR "
+                "schedule and progress need (an epoch still ends early if a stream runs out)") from None
+        if length <= 0:
+            raise ConfigError(f"{where}: len() of the train stream ({cls}) is {length}; expected > 0")
+
+
+def _json_state(dataset, what: str) -> dict:
+    from harness.schedules import to_json_safe
+
+    try:
+        return to_json_safe(dataset.state_dict(), what)
+    except TypeError as exc:
+        raise ConfigError(f"{type(dataset).__name__}.state_dict(): {exc}") from None
+
+
+class StreamSplit(Split):
+    """One rank's stream, read by a StatefulDataLoader in fixed-size batches."""
+
+    streamed = True
+
+    def __init__(self, dataset, name: str, settings, where: str = "data"):
+        check_stream(dataset, name, where)
+        self.dataset, self.name, self.settings = dataset, name, settings
+        # What every epoch starts from; and a probe of the first item restores it after.
+        self.initial_state = dataset.state_dict()
+        _json_state(dataset, f"{type(dataset).__name__}.state_dict()")
+        self.first_item = self._first_items(1)[0]
+        from harness.data import describe_item
+
+        self.reference = describe_item(self.first_item)
+        self.collate = settings.collate_fn or self._default_collate()
+        self.epoch_samples = len(dataset) if name == "train" else None
+        self._loader = None
+        self._resume: Optional[tuple[int, dict]] = None  # (epoch, loader state) from a checkpoint
+        self._loader_epoch: Optional[int] = None
+        self.micro_batch: Optional[int] = None  # set by configure()
+
+    def _default_collate(self):
+        if self.reference[0] == "graph":
+            from torch_geometric.loader.dataloader import Collater
+
+            return Collater(self.dataset)
+        return torch.utils.data.default_collate
+
+    def _first_items(self, k: int) -> list:
+        from harness.data import SampleError
+
+        items = []
+        try:
+            for item in self.dataset:
+                items.append(item)
+                if len(items) == k:
+                    break
+        except Exception as exc:
+            import traceback
+
+            raise SampleError(f"reading the {self.name} stream ({type(self.dataset).__name__}) failed:\n"
+                              f"{traceback.format_exc()}") from exc
+        finally:
+            self.dataset.load_state_dict(self.initial_state)
+        if not items:
+            raise ConfigError(f"data: the {self.name} stream ({type(self.dataset).__name__}) yielded nothing")
+        return items
+
+    def __len__(self) -> int:
+        # Training: the epoch's samples as the steps see them; otherwise unknown until read.
+        return self.epoch_samples if self.epoch_samples is not None else 0
+
+    def configure(self, batch_size: int, accumulation: int, world_size: int) -> None:
+        """Each rank's share of a micro-batch; the batch must divide evenly (no index to split by)."""
+        parts = accumulation * world_size
+        if batch_size % parts:
+            raise ConfigError(f"data.batch_size: {batch_size} does not divide by {world_size} rank(s) x "
+                              f"{accumulation} accumulation step(s); with a stream (IterableDataset) each rank "
+                              f"reads batch_size / (ranks x grad_accum_steps) samples per micro-batch: use a "
+                              f"multiple of {parts}")
+        self.micro_batch = batch_size // parts
+
+    def fetch(self, indices: torch.Tensor) -> Batch:
+        """The stream's first ``len(indices)`` samples (the probe before a run; the stream is left
+        where it was)."""
+        from harness.data import as_batch
+
+        return as_batch(self.collate(self._first_items(len(indices))), self.settings.target_key)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def resume_at(self, epoch: int, loader_state: dict) -> None:
+        self._resume = (epoch, loader_state)
+
+    def state_dict(self) -> dict:
+        return self._loader.state_dict() if self._loader is not None else {}
+
+    def _make_loader(self, batch_size: int, for_epoch: Optional[int]):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        s = self.settings
+        self.dataset.load_state_dict(self.initial_state)
+        if for_epoch is not None and callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(for_epoch)
+        extra = {} if s.prefetch_factor is None or s.num_workers == 0 else {"prefetch_factor": s.prefetch_factor}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            return StatefulDataLoader(self.dataset, batch_size=batch_size, drop_last=for_epoch is not None,
+                                      num_workers=s.num_workers, collate_fn=self.collate, pin_memory=s.pin_memory,
+                                      persistent_workers=False, generator=torch.Generator().manual_seed(0), **extra)
+
+    def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[Optional[Batch]]:
+        """One batch of ``micro_batch`` samples per index list (only their count matters); None
+        once this rank's stream has run out."""
+        from harness.data import as_batch
+
+        self._loader = self._make_loader(self.micro_batch, epoch)
+        if self._resume is not None:
+            saved_epoch, state = self._resume
+            self._resume = None
+            if saved_epoch == epoch:
+                from harness.schedules import from_json_safe
+
+                self._loader.load_state_dict(from_json_safe(state))
+        source = iter(self._loader)
+        for _ in index_batches:
+            try:
+                collated = next(source)
+            except StopIteration:
+                yield None
+                continue
+            yield as_batch(collated, self.settings.target_key)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def whole(self, batch_size: int) -> Iterator[Batch]:
+        """Every sample of this rank's stream, from its start, in batches (the last may be short)."""
+        from harness.data import as_batch
+
+        for collated in self._make_loader(batch_size, None):
+            yield as_batch(collated, self.settings.target_key)
+
+
+def loader_state_text(split: StreamSplit, epoch: int, world_size: int, num_workers: int) -> str:
+    from harness.schedules import to_json_safe
+
+    try:
+        state = to_json_safe(split.state_dict(), f"{type(split.dataset).__name__} loader state")
+    except TypeError as exc:
+        raise ConfigError(f"{type(split.dataset).__name__}.state_dict(): {exc}") from None
+    return json.dumps({"epoch": epoch, "world_size": world_size, "num_workers": num_workers, "loader": state})
