@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -24,11 +25,14 @@ def build_data(cfg, seed: int, folders=()) -> TaskData:
     target = components.resolve("data", cfg.name, folders)
     kwargs = dict(cfg.options)
     parameters = getattr(components.signature_of(target), "parameters", {}) or {}
-    for name, value in (("seed", seed), ("num_workers", cfg.num_workers)):
+    for name, value in (("seed", seed), ("num_workers", cfg.num_workers), ("num_neighbors", cfg.num_neighbors)):
         if name in parameters and name not in kwargs:
             kwargs[name] = value
     result = components.build(target, kwargs, f"building the data {cfg.name!r}")
-    return as_task_data(result, f"data ({cfg.name})", seed, loader_settings(cfg, folders))
+    settings = loader_settings(cfg, folders)
+    if "num_neighbors" in parameters:  # the factory took it (as sbm_nodes does): not applied twice
+        settings = dataclasses.replace(settings, num_neighbors=None)
+    return as_task_data(result, f"data ({cfg.name})", seed, settings)
 
 
 def loader_settings(cfg, folders=()) -> LoaderSettings:
@@ -40,7 +44,7 @@ def loader_settings(cfg, folders=()) -> LoaderSettings:
     if cfg.collate_fn:
         collate = components.import_target(cfg.collate_fn, "data.collate_fn", folders)
     return LoaderSettings(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers, cfg.prefetch_factor, collate,
-                          cfg.target_key)
+                          cfg.target_key, cfg.hops, tuple(cfg.num_neighbors) if cfg.num_neighbors else None)
 
 
 def model_arguments(target: Any, options: dict, spec: TaskSpec) -> dict:

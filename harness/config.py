@@ -70,6 +70,11 @@ class DataConfig:
     collate_fn: Optional[str] = None
     # The target's key in dict items.
     target_key: str = "y"
+    # Node-level learning on one graph (a PyG Data with masks from the factory): a batch of seed
+    # nodes is trained on its k-hop neighbourhood (every neighbour), or on sampled neighbours
+    # (num_neighbors: [10, 5], per hop; -1: all), cut in the loader workers. Neither: the whole graph.
+    hops: Optional[int] = None
+    num_neighbors: Optional[list[int]] = None
     # The data factory's own arguments (the keys beside ``name``), checked against its signature.
     options: dict = field(default_factory=dict)
 
@@ -79,6 +84,12 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         _require(not self.persistent_workers or self.num_workers > 0, "data.persistent_workers",
                  self.persistent_workers, "false with data.num_workers: 0 (no workers to keep)")
+        _require(self.hops is None or self.hops >= 1, "data.hops", self.hops, "an integer >= 1 (or null)")
+        _require(self.num_neighbors is None or (len(self.num_neighbors) > 0 and all(
+            isinstance(k, int) and (k >= 0 or k == -1) for k in self.num_neighbors)), "data.num_neighbors",
+            self.num_neighbors, "a list of neighbours per hop, each an integer >= 0 or -1 for all (or null)")
+        _require(self.hops is None or self.num_neighbors is None, "data.hops", self.hops,
+                 "null when data.num_neighbors is set (its length is the number of hops)")
 
 
 @dataclass
@@ -268,7 +279,7 @@ _KIND_SECTIONS = ("data", "model", "loss", "optim", "schedule")
 _COMPONENT_SECTIONS = ("data", "model", "loss", "optim")
 # Arguments the harness gives a component itself (from the data, or its own objects).
 PROVIDED = {
-    "data": ("seed", "num_workers"),
+    "data": ("seed", "num_workers", "num_neighbors"),
     "model": ("in_dim", "out_dim", "num_features", "num_classes", "in_channels", "out_channels"),
     "loss": (),
     "optim": ("params",),

@@ -121,33 +121,49 @@ class NodeBatch(Batch):
 class NodeSplit(Split):
     """Nodes of one split; a batch is the subgraph around its seed nodes.
 
-    With ``hops`` = model layers + 1 the seed nodes' outputs equal the full-graph outputs (GCN's
-    degree normalisation needs the neighbours of the outermost layer too), so splitting seed
-    nodes across ranks shares the work without changing the result. None: the whole graph.
+    * ``hops``: each batch's k-hop neighbourhood, every neighbour. With ``hops`` = model layers + 1
+      the seed nodes' outputs equal the full-graph outputs (GCN's degree normalisation needs the
+      neighbours of the outermost layer too), so splitting seed nodes across ranks shares the work
+      without changing the result.
+    * ``num_neighbors`` ([10, 5]: at most 10 neighbours of each seed node, then at most 5 of each
+      of those): sampled neighbourhoods (GraphSAGE), drawn by :class:`NeighborSampler` from
+      (run seed, epoch, node) alone, so a batch is the same whatever the workers, ranks or
+      interruptions.
+    * neither: the whole graph.
     """
 
-    def __init__(self, graph, node_index: torch.Tensor, hops: Optional[int], num_workers: int = 0):
+    def __init__(self, graph, node_index: torch.Tensor, hops: Optional[int], num_workers: int = 0,
+                 num_neighbors: Optional[list[int]] = None, run_seed: int = 0):
         self.graph, self.node_index, self.hops, self.num_workers = graph, node_index, hops, num_workers
+        self.sampler = NeighborSampler(graph, num_neighbors, run_seed) if num_neighbors else None
 
     def __len__(self) -> int:
         return len(self.node_index)
 
     def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[NodeBatch]:
-        """With workers (and subgraphs), each batch's k-hop subgraph is cut in a loader worker."""
-        if self.num_workers == 0 or self.hops is None:
+        """With workers (and subgraphs), each batch's subgraph is cut in a loader worker."""
+        if self.hops is None and self.sampler is None:
             yield from super().batches(index_batches, epoch)
             return
+        if self.num_workers == 0:
+            for indices in index_batches:
+                yield self.fetch(indices, epoch)
+            return
         loader = torch.utils.data.DataLoader(_Positions(len(self)), batch_sampler=_Lists(index_batches),
-                                             num_workers=self.num_workers, collate_fn=self._fetch_list,
+                                             num_workers=self.num_workers,
+                                             collate_fn=functools.partial(self._fetch_list, epoch=epoch),
                                              generator=torch.Generator().manual_seed(0))
         yield from loader
 
-    def _fetch_list(self, positions: list[int]) -> NodeBatch:
-        return self.fetch(torch.tensor(positions, dtype=torch.long))
+    def _fetch_list(self, positions: list[int], epoch: int) -> NodeBatch:
+        return self.fetch(torch.tensor(positions, dtype=torch.long), epoch)
 
-    def fetch(self, indices: torch.Tensor) -> NodeBatch:
+    def fetch(self, indices: torch.Tensor, epoch: int = -1) -> NodeBatch:
         seeds = self.node_index[indices]
         targets = self.graph.y[seeds]
+        if self.sampler is not None:
+            sub = self.sampler.subgraph(seeds, epoch)
+            return NodeBatch(sub, torch.arange(len(seeds)), targets)
         if self.hops is None:
             return NodeBatch(self.graph, seeds, targets)
         from torch_geometric.utils import k_hop_subgraph
@@ -160,6 +176,83 @@ class NodeSplit(Split):
 
             sub = Data(x=self.graph.x[subset], edge_index=edge_index)
         return NodeBatch(sub, mapping, targets)
+
+
+class NeighborSampler:
+    """Sampled k-hop neighbourhoods (as PyG's ``NeighborLoader``, GraphSAGE), in plain torch.
+
+    Which neighbours of node v are kept in an epoch is decided by a hash of (run seed, epoch, v,
+    edge): the ``k`` incoming edges with the smallest keys. So v's sample depends on nothing but
+    those, not on the batch it is in, the loader worker that cuts it, the number of ranks or an
+    interruption, and needs neither ``pyg-lib`` nor ``torch-sparse`` (which PyG's sampler does,
+    drawing from the global RNG). The subgraph holds the seed nodes first (in order), then the
+    nodes each hop reached, and only the sampled edges (with their ``edge_attr`` / ``edge_weight``).
+    """
+
+    def __init__(self, graph, num_neighbors: list[int], run_seed: int):
+        if not num_neighbors or any(int(k) < 0 and int(k) != -1 for k in num_neighbors):
+            raise ConfigError(f"data.num_neighbors: {num_neighbors!r}; expected a list of neighbours per hop, "
+                              "each >= 0 or -1 for all")
+        self.graph, self.fanouts, self.run_seed = graph, [int(k) for k in num_neighbors], run_seed
+        self.num_nodes = int(graph.num_nodes)
+        source, target = graph.edge_index[0], graph.edge_index[1]
+        # Incoming edges of each node, contiguous (CSC): what message passing aggregates at a node.
+        self.edge_order = torch.argsort(target, stable=True)
+        self.sources = source[self.edge_order]
+        self.rowptr = torch.zeros(self.num_nodes + 1, dtype=torch.long)
+        self.rowptr[1:] = torch.cumsum(torch.bincount(target, minlength=self.num_nodes), 0)
+
+    def _keys(self, epoch: int, owners: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """24-bit pseudo-random keys from (seed, epoch, owner node, edge): a few integer mixes
+        (int64 arithmetic wraps around, which is what a hash wants)."""
+        x = owners * -7046029254386353131 + edges * 2862933555777941757 \
+            + (self.run_seed * 1_000_003 + (epoch + 1) * 7_919 + 12_345)
+        x = (x ^ (x >> 31)) * -4658895280553007687
+        x = (x ^ (x >> 29)) * -7723592293110705685
+        return (x >> 20) & 0xFFFFFF
+
+    def subgraph(self, seeds: torch.Tensor, epoch: int):
+        from torch_geometric.data import Data
+
+        local = torch.full((self.num_nodes,), -1, dtype=torch.long)
+        local[seeds] = torch.arange(len(seeds))
+        nodes, frontier = [seeds], seeds
+        kept_edges, kept_sources, kept_targets = [], [], []
+        for fanout in self.fanouts:
+            if len(frontier) == 0:
+                break
+            starts, degrees = self.rowptr[frontier], self.rowptr[frontier + 1] - self.rowptr[frontier]
+            owner_slot = torch.repeat_interleave(torch.arange(len(frontier)), degrees)
+            # Positions of every incoming edge of the frontier, owner by owner.
+            offsets = torch.arange(len(owner_slot)) - torch.repeat_interleave(torch.cumsum(degrees, 0) - degrees,
+                                                                              degrees)
+            positions = starts[owner_slot] + offsets
+            owners = frontier[owner_slot]
+            if fanout != -1:
+                edges = self.edge_order[positions]
+                order = torch.argsort(owner_slot * (1 << 24) + self._keys(epoch, owners, edges), stable=True)
+                positions, owners, owner_slot = positions[order], owners[order], owner_slot[order]
+                group_start = torch.searchsorted(owner_slot, owner_slot)
+                keep = (torch.arange(len(owner_slot)) - group_start) < fanout
+                positions, owners = positions[keep], owners[keep]
+            sources = self.sources[positions]
+            kept_edges.append(self.edge_order[positions])
+            kept_sources.append(sources)
+            kept_targets.append(owners)
+            new = torch.unique(sources[local[sources] < 0])
+            local[new] = torch.arange(len(new)) + sum(len(n) for n in nodes)
+            nodes.append(new)
+            frontier = new
+        nodes = torch.cat(nodes)
+        edge_ids = torch.cat(kept_edges) if kept_edges else torch.zeros(0, dtype=torch.long)
+        edge_index = torch.stack([local[torch.cat(kept_sources)], local[torch.cat(kept_targets)]]) if kept_edges \
+            else torch.zeros(2, 0, dtype=torch.long)
+        sub = Data(x=self.graph.x[nodes], edge_index=edge_index)
+        for key in ("edge_attr", "edge_weight"):
+            if key in self.graph:
+                sub[key] = self.graph[key][edge_ids]
+        sub.n_id = nodes
+        return sub
 
 
 class _Positions(torch.utils.data.Dataset):
@@ -279,9 +372,20 @@ def as_task_data(result: Any, where: str = "data", run_seed: int = 0,
             and not isinstance(result["train"], (list, tuple)):
         if "val" not in result:
             raise ConfigError(f"{where}: the factory's dict lacks 'val'; expected keys train, val (and test)")
-        return _dataset_task(result, where, run_seed, settings or LoaderSettings())
+        return _dataset_task(result, where, run_seed, settings)
+    settings = settings or LoaderSettings()
     if _is_pyg_data(result):
-        return _node_task(result, where)
+        return _node_task(result, where, run_seed, settings)
+    if settings.hops is not None or settings.num_neighbors is not None:
+        raise ConfigError(f"{where}: data.hops / data.num_neighbors apply to node-level learning on one graph (the "
+                          f"factory returning a PyG Data with train_mask/val_mask); this factory returned a "
+                          f"{type(result).__name__}")
+    if _is_loader(result):
+        raise ConfigError(f"{where}: the data factory returned a {type(result).__name__}; the harness does the "
+                          "loading itself (its sampler makes resume exact and ranks agree). Return the graph (a PyG "
+                          "Data with train_mask/val_mask) and set data.num_neighbors: [10, 5] for sampled "
+                          "neighbourhoods (the harness's own sampler: seeded per node and epoch, no pyg-lib or "
+                          "torch-sparse needed) or data.hops: K for whole k-hop neighbourhoods; or return Datasets")
     if isinstance(result, dict) and "train" in result:
         missing = [name for name in ("train", "val") if name not in result]
         if missing:
@@ -310,19 +414,28 @@ def _is_pyg_data(value: Any) -> bool:
     return module.startswith("torch_geometric.data") and hasattr(value, "edge_index")
 
 
-def _node_task(graph, where: str) -> TaskData:
+def _is_loader(value: Any) -> bool:
+    return isinstance(value, torch.utils.data.DataLoader) or type(value).__name__.endswith("Loader")
+
+
+def _node_task(graph, where: str, run_seed: int = 0, settings: Optional[LoaderSettings] = None) -> TaskData:
+    settings = settings or LoaderSettings()
     for key in ("x", "y", "train_mask", "val_mask"):
         if getattr(graph, key, None) is None:
             raise ConfigError(f"{where}: the graph has no {key!r}; node-level learning needs x, y, "
                               "train_mask and val_mask (and optionally test_mask)")
     kind, out_dim = infer_task(graph.y)
-    splits = [NodeSplit(graph, getattr(graph, f"{name}_mask").nonzero().view(-1), None)
+    neighbors = list(settings.num_neighbors) if settings.num_neighbors else None
+    splits = [NodeSplit(graph, getattr(graph, f"{name}_mask").nonzero().view(-1), settings.hops,
+                        settings.num_workers if name == "train" else 0, neighbors, run_seed)
               if getattr(graph, f"{name}_mask", None) is not None else None for name in ("train", "val", "test")]
     spec = TaskSpec(kind, int(graph.num_node_features), out_dim, graph="node")
     return TaskData(spec, splits[0], splits[1], splits[2],
                     description=f"your graph: {graph.num_nodes} nodes, {graph.num_edges} edges; "
                                 f"{len(splits[0])}/{len(splits[1])}/{len(splits[2]) if splits[2] else 0} "
-                                "train/val/test nodes")
+                                "train/val/test nodes" + (f"; batches of sampled neighbours {neighbors}" if neighbors
+                                                          else f"; batches of {settings.hops}-hop neighbourhoods"
+                                                          if settings.hops else ""))
 
 
 def _graph_task(result: dict, where: str) -> TaskData:
@@ -351,6 +464,8 @@ class LoaderSettings:
     prefetch_factor: Optional[int] = None
     collate_fn: Any = None  # None: torch's default_collate, PyG's Collater for Data items
     target_key: str = "y"  # the target of dict items
+    hops: Optional[int] = None  # node-level graphs: k-hop neighbourhoods of each batch's seed nodes
+    num_neighbors: Optional[tuple] = None  # ... or sampled neighbours per hop (NeighborSampler)
 
 
 def item_seed(run_seed: int, epoch: int, index: int) -> int:

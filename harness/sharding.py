@@ -165,6 +165,7 @@ class Reader:
         self.world = json.loads(layout_path.read_text())["world_size"] if layout_path.is_file() else 1
         self._open = safe_open
         self._files = {}
+        self._whole = {}  # file name -> {tensor name: tensor}, files this rank reads entirely
 
     def _file(self, name: str):
         if name not in self._files:
@@ -222,7 +223,12 @@ class Reader:
         pieces = []
         for r, (first, last) in enumerate(self.layout[name]["rows"]):
             lo, hi = max(start, first), min(stop, last)
-            if hi > lo:
+            if (lo, hi) == (first, last) and hi > lo:
+                # The whole file's rows (a resume on as many ranks: this rank's own file): one
+                # sequential read of the file serves all its tensors. Slicing through the memory
+                # map instead faults the pages in one by one, 3-4x slower from a cold cache.
+                pieces.append(self._whole_file(f"{self.part}-rank-{r}.safetensors")[name])
+            elif hi > lo:
                 piece = self._file(f"{self.part}-rank-{r}.safetensors").get_slice(name)
                 pieces.append(piece[lo - first:hi - first])
         if not pieces:
@@ -230,6 +236,65 @@ class Reader:
             shape[0] = 0
             return torch.empty(shape, dtype=getattr(torch, self.layout[name]["dtype"]))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+    def _whole_file(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._whole:
+            self._whole[name] = read_safetensors(self.folder / name)
+        return self._whole[name]
+
+
+# safetensors dtype names -> torch dtypes (the format's own table).
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file read whole, in one sequential read, its tensors views of that one buffer
+    (no second copy). The header is checked against the file's size first: a truncated or foreign
+    file is a CheckpointError, and nothing in it is ever executed (JSON header, raw bytes)."""
+    from harness.checkpoint import CheckpointError
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = bytearray(size)
+            view, done = memoryview(data), 0
+            while done < size:
+                got = f.readinto(view[done:])
+                if not got:
+                    break
+                done += got
+        if done != size or size < 8:
+            raise ValueError(f"read {done} of {size} bytes")
+        header_size = int.from_bytes(data[:8], "little")
+        if 8 + header_size > size:
+            raise ValueError(f"header of {header_size} bytes in a {size}-byte file")
+        header = json.loads(bytes(data[8:8 + header_size]))
+        base, out = 8 + header_size, {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:  # a rarer dtype: let safetensors read it
+                from safetensors.torch import load_file
+
+                return load_file(str(path))
+            begin, end = entry["data_offsets"]
+            shape = [int(n) for n in entry["shape"]]
+            count = 1
+            for n in shape:
+                count *= n
+            item = torch.empty((), dtype=dtype).element_size()
+            if not 0 <= begin <= end <= size - base or end - begin != count * item:
+                raise ValueError(f"tensor {name!r}: offsets {begin}-{end} do not fit its shape {shape} or the file")
+            out[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=base + begin).view(shape)
+                         if count else torch.empty(shape, dtype=dtype))
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); it may be truncated, damaged or "
+                              "of another format (pickles are never loaded)") from None
 
 
 def local_rows(reader: "Reader", name: str, current) -> torch.Tensor:

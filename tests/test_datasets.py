@@ -84,6 +84,19 @@ DATASET = textwrap.dedent('''
         return {"train": Ragged(100, 0), "val": Augmented(20, 1), "task": "multiclass", "num_classes": 2}
 
 
+    def node_graph():
+        """One graph of 600 nodes whose labels follow their neighbours', with train/val masks."""
+        g = torch.Generator().manual_seed(3)
+        y = torch.arange(600) % 3  # edges below mostly join nodes whose index is the same mod 3
+        src = torch.randint(0, 600, (6000,), generator=g)
+        dst = torch.where(torch.rand(6000, generator=g) < 0.8,
+                          (y[src] + 3 * torch.randint(0, 199, (6000,), generator=g)) % 600, src.flip(0))
+        x = torch.nn.functional.one_hot(y, 3).float() + 1.5 * torch.randn(600, 3, generator=g)
+        mask = torch.rand(600, generator=g)
+        return Data(x=x, y=y, edge_index=torch.stack([src, dst]), train_mask=mask < 0.6,
+                    val_mask=(mask >= 0.6) & (mask < 0.8), test_mask=mask >= 0.8)
+
+
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             yield torch.zeros(8), torch.tensor(0)
@@ -197,3 +210,19 @@ def test_node_mini_batches_with_k_hop_neighbourhoods_cut_in_workers_resume_mid_e
     proc = run_harness(recipe, [f"run.output_dir={killed}", *settings], nproc=1, launcher="python")
     assert "resumed from" in proc.stdout and "step-000015" in proc.stdout
     assert_bitwise_equal(weights(straight), weights(killed))
+
+
+def test_your_graph_in_sampled_neighbourhoods_same_with_0_or_2_workers_and_resumed_mid_epoch(folder, tmp_path):
+    recipe = folder / "nodes.yaml"
+    recipe.write_text("data: {name: userdata:node_graph, batch_size: 40, num_neighbors: [6, 4]}\n"
+                      "model: {name: gcn, hidden: [16], dropout: 0.2}\n"
+                      "optim: {lr: 0.02}\ntrain: {epochs: 3}\ncheckpoint: {every_steps: 5}\n")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_harness(recipe, [f"run.output_dir={straight}", "data.num_workers=0"], nproc=1, launcher="python")
+    assert "batches of sampled neighbours [6, 4]" in proc.stdout
+    run_harness(recipe, [f"run.output_dir={killed}", "data.num_workers=2"], nproc=1, launcher="python",
+                check=False, env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="12"))
+    proc = run_harness(recipe, [f"run.output_dir={killed}", "data.num_workers=2"], nproc=1, launcher="python")
+    assert "resumed from" in proc.stdout and "step-000010" in proc.stdout
+    assert_bitwise_equal(weights(straight), weights(killed))
+    assert json.loads((straight / "metrics.json").read_text())["val_accuracy"] > 0.6, "it learns from neighbours"

@@ -158,7 +158,9 @@ def sbm_nodes(
         val_fraction: float = 0.2,
         subgraph_hops: Optional[int] = 3,
         graph_seed: int = 0,
-        num_workers: int = 0) -> TaskData:
+        num_workers: int = 0,
+        num_neighbors: Optional[list[int]] = None,
+        seed: int = 0) -> TaskData:
     """A stochastic-block-model graph whose node features are noisy class centroids.
 
     Neighbours mostly share a class, so a GCN that averages over them beats a per-node MLP.
@@ -182,8 +184,11 @@ def sbm_nodes(
     n_val = int(val_fraction * num_nodes)
     train, val, test = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
     spec = TaskSpec("multiclass", num_features, num_classes, graph="node")
-    return TaskData(spec, NodeSplit(graph, train, subgraph_hops, num_workers), NodeSplit(graph, val, subgraph_hops),
-                    NodeSplit(graph, test, subgraph_hops),
+    if num_neighbors:  # data.num_neighbors: sampled neighbourhoods instead of whole k-hop ones
+        subgraph_hops = None
+    splits = [NodeSplit(graph, nodes, subgraph_hops, num_workers if nodes is train else 0, num_neighbors, seed)
+              for nodes in (train, val, test)]
+    return TaskData(spec, *splits,
                     description=f"SBM graph: {num_nodes} nodes, {edge_index.size(1)} edges, "
                                 f"{num_classes} classes; {len(train)}/{len(val)}/{len(test)} train/val/test nodes")
 
