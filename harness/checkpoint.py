@@ -105,22 +105,36 @@ BACKGROUND_COMMIT_TIMEOUT_S = 3600.0
 
 
 class _FileCounter:
-    """fsyncs each written file; counts them for the test hooks inside a save (faults.py)."""
+    """fsyncs each written file and takes its CRC-32C while it is in the page cache (each rank its
+    own files, in parallel: rank 0 no longer reads every rank's files to commit); counts them for
+    the test hooks inside a save (faults.py)."""
 
     def __init__(self) -> None:
         from harness import faults
 
         self.count = 0
+        self.digests: dict[str, dict] = {}  # file name -> {"size", "crc32c"} for the manifest
         self.save_number, self.kill_after = faults.save_started()
 
     def wrote(self, path: Path) -> None:
         from harness import faults
 
         _fsync_file(path)
+        self.digests[path.name] = {"size": path.stat().st_size, "crc32c": crc32c_of(path)}
         self.count += 1
         if self.kill_after is not None and self.count >= self.kill_after:
             faults.kill_now()
         faults.after_checkpoint_file(self.save_number, self.count, path)
+
+
+_DIGESTS = ".digests-rank-"
+
+
+def _hand_over_digests(tmp: Path, rank: int, counter: "_FileCounter") -> None:
+    """A rank's checksums of its own files, for rank 0's manifest (removed before the commit)."""
+    path = tmp / f"{_DIGESTS}{rank}.json"
+    path.write_text(json.dumps(counter.digests))
+    _fsync_file(path)
 
 
 def _fsync_file(path: Path) -> None:
@@ -344,6 +358,8 @@ class CheckpointStore:
             write_rank(tmp, counter)
             if is_main:
                 write_main(tmp, counter)
+            else:
+                _hand_over_digests(tmp, rank, counter)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or the others hang
             failure = _Failure(exc, _doing(exc, counter))
         self._settle(accelerator, final, tmp, failure, size_bytes)  # every rank's files are on disk
@@ -366,12 +382,23 @@ class CheckpointStore:
 
     def _commit(self, tmp: Path, final: Path, step: int, metric: Optional[float], counter: "_FileCounter") -> None:
         """Rank 0, once every rank's files are on disk: manifest, atomic rename, prune."""
+        digests = dict(counter.digests)
+        for sidecar in tmp.glob(f"{_DIGESTS}*"):  # the other ranks' files, checksummed by their writers
+            digests.update(json.loads(sidecar.read_text()))
+            sidecar.unlink()
         files = sorted(p for p in tmp.iterdir() if p.is_file())
+
+        def entry(path: Path) -> dict:
+            size, known = path.stat().st_size, digests.get(path.name)
+            if known is not None and known.get("size") == size:
+                return {"size": size, "crc32c": known["crc32c"]}
+            return {"size": size, "crc32c": crc32c_of(path)}
+
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
             "metric": metric,
-            "files": {p.name: {"size": p.stat().st_size, "crc32c": crc32c_of(p)} for p in files},
+            "files": {p.name: entry(p) for p in files},
         }
         _write_json(tmp / MANIFEST, manifest)
         counter.wrote(tmp / MANIFEST)
@@ -391,6 +418,8 @@ class CheckpointStore:
             write_rank(tmp, counter)
             if is_main:
                 write_main(tmp, counter)
+            else:
+                _hand_over_digests(tmp, rank, counter)
             marker = tmp / f"{_WRITTEN_MARKER}{rank}"
             marker.touch()
             _fsync_file(marker)
