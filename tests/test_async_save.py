@@ -82,7 +82,7 @@ def test_a_sigkill_while_a_background_save_is_writing_resumes_from_the_last_comm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [2])  # 1 rank: the same code path, minus the cross-rank commit
 def test_a_preemption_during_a_background_save_commits_both_and_saves_synchronously(tmp_path, nproc):
     run_dir = tmp_path / "run"
     # A checkpoint every 20 steps, each in flight for over a second: the signal most likely lands

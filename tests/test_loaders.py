@@ -341,3 +341,26 @@ def test_tu_folder_wrong_prefix_through_the_cli_names_the_files_it_looked_for(tm
     assert "Traceback" not in proc.stderr + proc.stdout
     assert str(root / "TOYS_A.txt") in proc.stderr and str(root / "TOYS_graph_labels.txt") in proc.stderr
     assert not run_dir.exists()
+
+
+def test_bundled_breast_cancer_is_cached_as_plain_arrays_and_a_damaged_cache_is_recomputed(tmp_path, monkeypatch):
+    import torch
+
+    from harness.builtin import datasets
+
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    computed = []
+    original = datasets._split_arrays
+    monkeypatch.setattr(datasets, "_split_arrays", lambda *a: computed.append(1) or original(*a))
+    first = datasets.breast_cancer()
+    (cached,) = tmp_path.glob("breast_cancer-*.npz")
+    second = datasets.breast_cancer()
+    assert len(computed) == 1, "the second load reads the cache"
+    for a, b in ((first.train, second.train), (first.test, second.test)):
+        assert torch.equal(a.features, b.features) and torch.equal(a.targets, b.targets)
+    other = datasets.breast_cancer(random_state=3)  # other arguments: another entry
+    assert len(computed) == 2 and len(list(tmp_path.glob("breast_cancer-*.npz"))) == 2
+    assert not torch.equal(other.train.features, first.train.features)
+    cached.write_bytes(cached.read_bytes()[:200])  # truncated: recomputed, same arrays
+    third = datasets.breast_cancer()
+    assert len(computed) == 3 and torch.equal(third.train.features, first.train.features)

@@ -42,7 +42,9 @@ def series(run_dir: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+# 2 ranks: one rank is covered by tests/test_resume_matrix.py (every schedule kind, warmup 0 and 7,
+# stopped mid-epoch) and by the SIGKILL tests of test_datasets.py, test_streams.py, test_fsdp.py.
+@pytest.mark.parametrize("nproc", [2])
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_resume_is_exact_after_a_stop_and_after_a_sigkill(tmp_path, schedule, nproc):
     extra = SCHEDULES[schedule]
@@ -115,10 +117,7 @@ def rewrite_manifest_entry(folder: Path, name: str) -> None:
     (folder / "MANIFEST.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing_file", "hash_mismatch"])
-def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_left_alone(trained, tmp_path, damage):
-    run_dir = copy_run(trained, tmp_path)
-    newest = run_dir / "checkpoints" / "step-000016"
+def damage_checkpoint(newest: Path, damage: str) -> None:
     target = newest / "optimizer.safetensors"
     if damage == "truncated":
         target.write_bytes(target.read_bytes()[:100])
@@ -128,6 +127,27 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_left_alone(tr
         data = bytearray(target.read_bytes())
         data[-1] ^= 0xFF
         target.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing_file", "hash_mismatch"])
+def test_each_kind_of_damage_makes_the_store_fall_back_to_the_previous_checkpoint(trained, tmp_path, damage, caplog):
+    from harness.checkpoint import CheckpointError, CheckpointStore, verify
+
+    run_dir = copy_run(trained, tmp_path)
+    newest = run_dir / "checkpoints" / "step-000016"
+    damage_checkpoint(newest, damage)
+    before = snapshot(newest)
+    assert CheckpointStore(run_dir).latest_complete().path.name == "step-000015"
+    assert "skipping damaged checkpoint" in caplog.text and "optimizer.safetensors" in caplog.text
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        verify(newest)
+    assert snapshot(newest) == before, "the damaged checkpoint was not touched"
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_left_alone(trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    newest = run_dir / "checkpoints" / "step-000016"
+    damage_checkpoint(newest, "truncated")
     before = snapshot(newest)
     proc = run(run_dir, ["train.epochs=3"])
     assert "skipping damaged checkpoint" in proc.stdout + proc.stderr

@@ -24,7 +24,8 @@ def run(run_dir, nproc, env=None, check=True):
                        launcher="python" if nproc == 1 else "accelerate")
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+# 2 ranks only: everything here holds on one rank too, and "equal on every rank" needs two.
+@pytest.mark.parametrize("nproc", [2])
 def test_each_validation_steps_plateau_once_on_every_rank_and_a_preemption_inside_one_redoes_it(tmp_path, nproc):
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
     run(straight, nproc)
