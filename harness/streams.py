@@ -28,6 +28,7 @@ The contract, in the README's words:
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from typing import Any, Iterable, Iterator, Optional
@@ -94,9 +95,10 @@ class StreamSplit(Split):
     def __init__(self, dataset, name: str, settings, where: str = "data"):
         check_stream(dataset, name, where)
         self.dataset, self.name, self.settings = dataset, name, settings
-        # What every epoch starts from; and a probe of the first item restores it after.
-        self.initial_state = dataset.state_dict()
-        _json_state(dataset, f"{type(dataset).__name__}.state_dict()")
+        # What every epoch starts from; and a probe of the first item restores it after. A copy:
+        # a dataset may hand out its live state dict.
+        _json_state(dataset, f"{type(dataset).__name__}.state_dict()")  # JSON-able, or a clear error
+        self.initial_state = copy.deepcopy(dataset.state_dict())
         self.first_item = self._first_items(1)[0]
         from harness.data import describe_item
 
@@ -130,7 +132,7 @@ class StreamSplit(Split):
             raise SampleError(f"reading the {self.name} stream ({type(self.dataset).__name__}) failed:\n"
                               f"{traceback.format_exc()}") from exc
         finally:
-            self.dataset.load_state_dict(self.initial_state)
+            self.dataset.load_state_dict(copy.deepcopy(self.initial_state))
         if not items:
             raise ConfigError(f"data: the {self.name} stream ({type(self.dataset).__name__}) yielded nothing")
         return items
@@ -168,7 +170,7 @@ class StreamSplit(Split):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         s = self.settings
-        self.dataset.load_state_dict(self.initial_state)
+        self.dataset.load_state_dict(copy.deepcopy(self.initial_state))
         if for_epoch is not None and callable(getattr(self.dataset, "set_epoch", None)):
             self.dataset.set_epoch(for_epoch)
         extra = {} if s.prefetch_factor is None or s.num_workers == 0 else {"prefetch_factor": s.prefetch_factor}

@@ -153,18 +153,28 @@ def test_two_ranks_with_workers_killed_mid_epoch_resume_bitwise_and_see_each_sam
     assert sorted(seen) == list(range(300)), "every sample of the interrupted epoch exactly once, across ranks"
 
 
+def killed_and_resumed_like_straight(recipe, tmp_path, kill_at: int, resumed_from: int, straight_settings=(),
+                                     settings=()):
+    """One process: a straight run, and one SIGKILLed at step ``kill_at`` then rerun, which must
+    resume from checkpoint ``resumed_from`` and end bitwise equal. Returns the straight run's
+    folder and its process."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    first = run_harness(recipe, [f"run.output_dir={straight}", *(straight_settings or settings)], nproc=1,
+                        launcher="python")
+    run_harness(recipe, [f"run.output_dir={killed}", *settings], nproc=1, launcher="python", check=False,
+                env=subprocess_env(HARNESS_TEST_KILL_AT_STEP=str(kill_at)))
+    proc = run_harness(recipe, [f"run.output_dir={killed}", *settings], nproc=1, launcher="python")
+    assert "resumed from" in proc.stdout and f"step-{resumed_from:06d}" in proc.stdout
+    assert_bitwise_equal(weights(straight), weights(killed))
+    return straight, first
+
+
 def test_graph_level_data_from_a_dataset_of_pyg_graphs_resumes_mid_epoch_exactly(folder, tmp_path):
     recipe = folder / "graphs.yaml"
     recipe.write_text("data: {name: userdata:graphs, batch_size: 16, num_workers: 2}\n"
                       "model: {name: gin, hidden: 16, layers: 2}\n"
                       "train: {epochs: 2}\ncheckpoint: {every_steps: 5}\n")
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_harness(recipe, [f"run.output_dir={straight}"], nproc=1, launcher="python")
-    run_harness(recipe, [f"run.output_dir={killed}"], nproc=1, launcher="python", check=False,
-                env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="17"))
-    proc = run_harness(recipe, [f"run.output_dir={killed}"], nproc=1, launcher="python")
-    assert "resumed from" in proc.stdout and "step-000015" in proc.stdout
-    assert_bitwise_equal(weights(straight), weights(killed))
+    killed_and_resumed_like_straight(recipe, tmp_path, kill_at=17, resumed_from=15)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -203,13 +213,7 @@ def test_node_mini_batches_with_k_hop_neighbourhoods_cut_in_workers_resume_mid_e
     recipe = ROOT / "recipes/gcn_plateau.yaml"
     settings = ["data.subgraph_hops=3", "data.num_workers=2", "data.batch_size=64", "train.epochs=2",
                 "checkpoint.every_steps=5"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_harness(recipe, [f"run.output_dir={straight}", *settings], nproc=1, launcher="python")
-    run_harness(recipe, [f"run.output_dir={killed}", *settings], nproc=1, launcher="python", check=False,
-                env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="17"))
-    proc = run_harness(recipe, [f"run.output_dir={killed}", *settings], nproc=1, launcher="python")
-    assert "resumed from" in proc.stdout and "step-000015" in proc.stdout
-    assert_bitwise_equal(weights(straight), weights(killed))
+    killed_and_resumed_like_straight(recipe, tmp_path, kill_at=17, resumed_from=15, settings=settings)
 
 
 def test_your_graph_in_sampled_neighbourhoods_same_with_0_or_2_workers_and_resumed_mid_epoch(folder, tmp_path):
@@ -217,12 +221,9 @@ def test_your_graph_in_sampled_neighbourhoods_same_with_0_or_2_workers_and_resum
     recipe.write_text("data: {name: userdata:node_graph, batch_size: 40, num_neighbors: [6, 4]}\n"
                       "model: {name: gcn, hidden: [16], dropout: 0.2}\n"
                       "optim: {lr: 0.02}\ntrain: {epochs: 3}\ncheckpoint: {every_steps: 5}\n")
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = run_harness(recipe, [f"run.output_dir={straight}", "data.num_workers=0"], nproc=1, launcher="python")
+    # Straight with no workers, killed and resumed with 2: bitwise equal proves both.
+    straight, proc = killed_and_resumed_like_straight(recipe, tmp_path, kill_at=12, resumed_from=10,
+                                                      straight_settings=["data.num_workers=0"],
+                                                      settings=["data.num_workers=2"])
     assert "batches of sampled neighbours [6, 4]" in proc.stdout
-    run_harness(recipe, [f"run.output_dir={killed}", "data.num_workers=2"], nproc=1, launcher="python",
-                check=False, env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="12"))
-    proc = run_harness(recipe, [f"run.output_dir={killed}", "data.num_workers=2"], nproc=1, launcher="python")
-    assert "resumed from" in proc.stdout and "step-000010" in proc.stdout
-    assert_bitwise_equal(weights(straight), weights(killed))
     assert json.loads((straight / "metrics.json").read_text())["val_accuracy"] > 0.6, "it learns from neighbours"
