@@ -89,14 +89,19 @@ two=("$bin/accelerate" launch --config_file recipes/accelerate/cpu_2proc.yaml --
 result two_ranks_one_gpu_gloo $? ""
 
 # The python process itself in the background (a backgrounded shell function would be a subshell,
-# and the signal would stop the subshell, not the training).
-"$py" -m harness train "$recipe" "run.output_dir=$work/term" "${base[@]}" train.epochs=200 >>"$work/log.txt" 2>&1 &
+# and the signal would stop the subshell, not the training); signalled once it has saved a checkpoint
+# (a long run: the signal must land while it trains, however fast the machine).
+"$py" -m harness train "$recipe" "run.output_dir=$work/term" "${base[@]}" train.epochs=5000 >>"$work/log.txt" 2>&1 &
 pid=$!
-sleep 8
+for _ in $(seq 600); do
+    compgen -G "$work/term/checkpoints/step-*" >/dev/null && break
+    sleep 0.2
+done
 kill -TERM "$pid"
 wait "$pid"
 code=$?
-[ "$code" = 75 ] && [ -f "$work/term/PREEMPTED.json" ] && train "$work/term" train.epochs=200 train.max_steps=400 \
+[ "$code" = 75 ] && [ -f "$work/term/PREEMPTED.json" ] && \
+    train "$work/term" train.epochs=5000 train.max_steps=$(("$("$py" -c "import json; print(json.load(open('$work/term/PREEMPTED.json'))['step'])")" + 20)) \
     && grep -q "resumed from" "$work/log.txt"
 result sigterm_preemption $? "exit=$code"
 
