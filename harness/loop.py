@@ -170,7 +170,10 @@ def build_components(cfg: Config, given: GivenComponents):
         return {"target": name}  # built in: versioned with the harness
 
     if given.data is not None:
-        task = as_task_data(given.data, "data (given from Python)")
+        from harness.assemble import loader_settings
+
+        # Datasets given from Python are read with the recipe's loader settings (data.num_workers...).
+        task = as_task_data(given.data, "data (given from Python)", cfg.run.seed, loader_settings(cfg.data, folders))
         origins["data"] = origin("data", None, given.data)
     else:
         task = build_data(cfg.data, cfg.run.seed, folders)

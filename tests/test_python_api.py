@@ -86,7 +86,7 @@ def script(tmp_path) -> Path:
     return path
 
 
-def launch(script: Path, run_dir: Path, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+def launch(script: Path, run_dir: Path, nproc: int = 2, overrides=(), **env: str) -> subprocess.CompletedProcess:
     """``accelerate launch train.py``, or plain ``python train.py`` for one process (its own exit code)."""
     if nproc == 1:
         command = [sys.executable, str(script)]
@@ -95,7 +95,7 @@ def launch(script: Path, run_dir: Path, nproc: int = 2, **env: str) -> subproces
                    str(nproc), "--main_process_port", str(free_port()), str(script)]
     # The script's folder comes first on sys.path, not the working directory: point it at this tree.
     environment = subprocess_env(PYTHONPATH=str(ROOT), **env)
-    return subprocess.run([*command, f"run.output_dir={run_dir}"], cwd=script.parent, env=environment,
+    return subprocess.run([*command, f"run.output_dir={run_dir}", *overrides], cwd=script.parent, env=environment,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -147,3 +147,39 @@ def test_a_script_preempted_by_sigterm_saves_mid_epoch_and_exits_75(script, tmp_
     assert Path(marker["checkpoint"]) == run_dir / "checkpoints" / "step-000012"
     assert read_json(run_dir / "checkpoints" / "step-000012" / "trainer.json")["samples_in_epoch"] == 48
     assert not (run_dir / "final").exists()
+
+
+DATASET_SCRIPT = '''\
+import sys
+
+import torch
+
+import harness
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(4), self.y[i]
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    harness.train(model=torch.nn.Linear(4, 2), data={"train": Rows(64, 0), "val": Rows(16, 1)},
+                  recipe={"data": {"batch_size": 16}, "train": {"epochs": 1}}, overrides=sys.argv[1:])
+'''
+
+
+def test_datasets_given_from_python_are_read_with_the_recipes_loader_settings(tmp_path):
+    script = tmp_path / "project" / "train.py"
+    script.parent.mkdir()
+    script.write_text(DATASET_SCRIPT)
+    proc = ok(launch(script, tmp_path / "run", nproc=1, overrides=["data.num_workers=2"]))
+    assert "64 train, 16 val samples; 2 loader workers" in proc.stdout, proc.stdout
