@@ -7,7 +7,10 @@ A data factory (built-in or ``mydata:load``) may return:
   optional), optionally with ``"task": "binary" | "multiclass" | "regression"``;
 * a PyTorch Geometric ``Data`` graph with ``y`` and boolean ``train_mask`` / ``val_mask``
   (and ``test_mask``): node-level learning on that graph;
-* a dict ``{"train": [Data, ...], "val": [...], "test": [...]}`` of graphs: graph-level learning.
+* a dict ``{"train": [Data, ...], "val": [...], "test": [...]}`` of graphs: graph-level learning;
+* a dict ``{"train": Dataset, "val": Dataset, ...}`` of torch Datasets: map-style ones are read by
+  index through a DataLoader (:class:`DatasetSplit`), IterableDatasets with ``state_dict`` as
+  streams (:mod:`harness.streams`).
 
 The model is called with what the batch has, matched to its ``forward`` by parameter name: the
 first parameter gets the inputs (``x``) whatever its name (``nn.Sequential`` calls it ``input``),

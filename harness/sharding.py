@@ -94,11 +94,14 @@ def units(model: nn.Module, wrap: Optional[list[str]]) -> list[nn.Module]:
 
 def shard(model: nn.Module, device: torch.device, world_size: int, wrap: Optional[list[str]],
           mixed_precision: Optional[str]) -> nn.Module:
-    """fully_shard each unit, then the root, on a 1-D mesh of all ranks."""
+    """fully_shard each unit, then the root, on a 1-D mesh of all ranks.
+
+    The model arrives built on the CPU and is not moved as a whole: ``fully_shard`` moves each
+    unit's parameters to the mesh's device as it shards them (then frees the full copy), so a
+    GPU holds its shards plus at most one unit in full, never the whole model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
     mesh = init_device_mesh(device.type, (world_size,))
     kwargs = {"mesh": mesh}
     if device.type == "cuda" and mixed_precision == "bf16":
