@@ -188,6 +188,11 @@ class TrainConfig:
     # FSDP units by module class name (e.g. [TransformerBlock]); null: the outermost modules that
     # own parameters (each Linear of an MLP, each GCNConv).
     fsdp_wrap: Optional[list[str]] = None
+    # How the FSDP model gets its initial weights. every_rank: each rank builds the whole model on
+    # its CPU (the same seed gives the same weights), then shards it. rank0: only rank 0 builds it
+    # for real; the others build it on the meta device (no memory) and receive their shards from
+    # rank 0 (host memory: one full copy per node instead of one per rank). Same weights either way.
+    fsdp_init: Literal["every_rank", "rank0"] = "every_rank"
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

@@ -150,7 +150,7 @@ class GivenComponents:
     metrics: Optional[list] = None  # metric functions or objects
 
 
-def build_components(cfg: Config, given: GivenComponents):
+def build_components(cfg: Config, given: GivenComponents, model_device: Optional[str] = None):
     """The data, model, loss and metrics of a run, from the recipe or as given; with the import
     path and source hash of each (recorded in checkpoints, compared on resume)."""
     from harness import components
@@ -181,7 +181,9 @@ def build_components(cfg: Config, given: GivenComponents):
     if given.model is not None:
         model, origins["model"] = given.model, origin("model", None, given.model)
     else:
-        model, origins["model"] = build_model(cfg.model, task.spec, folders), origin("model", cfg.model.name)
+        with torch.device(model_device) if model_device else contextlib.nullcontext():
+            model = build_model(cfg.model, task.spec, folders)
+        origins["model"] = origin("model", cfg.model.name)
     if given.loss is not None:
         loss, origins["loss"] = wrap_loss(given.loss, {}, "given from Python"), origin("loss", None, given.loss)
     else:
@@ -229,7 +231,14 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    task, model, loss, metrics, origins = build_components(cfg, given or GivenComponents())
+    given = given or GivenComponents()
+    # train.fsdp_init rank0: only rank 0 builds the model's memory; the others get theirs from it.
+    from_rank0 = strategy == "fsdp" and cfg.train.fsdp_init == "rank0" and accelerator.num_processes > 1
+    if from_rank0 and given.model is not None:
+        raise ConfigError("train.fsdp_init: rank0 builds the model on the meta device on ranks > 0, but this model was "
+                          "built in Python before harness.train(); use every_rank, or let the recipe build it")
+    task, model, loss, metrics, origins = build_components(
+        cfg, given, model_device="meta" if from_rank0 and not accelerator.is_main_process else None)
     if cfg.data.batch_size > len(task.train) and cfg.data.drop_last:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {len(task.train)} "
                           "training samples and data.drop_last is true: no step would run")
@@ -237,7 +246,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if sharded:
         # Sharded before the optimizer is built: its state then holds this rank's rows only.
         model = sharding.shard(model, accelerator.device, accelerator.num_processes, cfg.train.fsdp_wrap,
-                               accelerator.mixed_precision)
+                               accelerator.mixed_precision, from_rank0=from_rank0)
     elif strategy == "fsdp" and accelerator.is_main_process:
         logger.info("train.strategy fsdp with one process: nothing to shard, training unsharded")
     optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)

@@ -93,7 +93,7 @@ def units(model: nn.Module, wrap: Optional[list[str]]) -> list[nn.Module]:
 
 
 def shard(model: nn.Module, device: torch.device, world_size: int, wrap: Optional[list[str]],
-          mixed_precision: Optional[str]) -> nn.Module:
+          mixed_precision: Optional[str], from_rank0: bool = False) -> nn.Module:
     """fully_shard each unit, then the root, on a 1-D mesh of all ranks.
 
     The model arrives built on the CPU and is not moved as a whole: ``fully_shard`` moves each
@@ -102,6 +102,11 @@ def shard(model: nn.Module, device: torch.device, world_size: int, wrap: Optiona
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    import torch.distributed as dist
+
+    # train.fsdp_init rank0: rank 0's weights (the real model; the others are on the meta device),
+    # kept before sharding replaces its parameters, and sent to every rank after.
+    full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else None
     mesh = init_device_mesh(device.type, (world_size,))
     kwargs = {"mesh": mesh}
     if device.type == "cuda" and mixed_precision == "bf16":
@@ -110,7 +115,38 @@ def shard(model: nn.Module, device: torch.device, world_size: int, wrap: Optiona
     for unit in units(model, wrap):
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    if from_rank0:
+        receive_from_rank0(model, full, device)
     return model
+
+
+def receive_from_rank0(model: nn.Module, full: Optional[dict], device: torch.device) -> None:
+    """Every rank's shards (and buffers) from rank 0's full weights: the meta-device model of the
+    other ranks gets memory (``to_empty``), then rank 0 broadcasts one tensor at a time and each
+    rank keeps its rows, so a rank holds its shards plus one full tensor at most.
+    (torch.distributed.checkpoint's ``broadcast_from_rank0`` keeps every received full tensor until
+    the end on torch 2.13: as much memory as building the model.) Then every buffer, the
+    non-persistent ones (in no state dict) included."""
+    import torch.distributed as dist
+
+    if full is None:
+        model.to_empty(device=device)
+    with torch.no_grad():
+        for name, mine in model.state_dict().items():
+            if dist.get_rank() == 0:
+                tensor = full.pop(name).to(device)  # its last reference: freed once sent
+            else:
+                tensor = torch.empty(mine.shape, dtype=mine.dtype, device=device)
+            dist.broadcast(tensor, src=0)
+            if is_dtensor(mine):
+                mesh = mine.device_mesh
+                start, stop = row_ranges(mine.shape[0], mesh.size())[mesh.get_local_rank()]
+                mine.to_local().copy_(tensor[start:stop])
+            else:
+                mine.copy_(tensor)
+            del tensor
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -25,10 +25,10 @@ KILL_AT = 13  # mid epoch 2; resumes from step 10
 UP_TO_STEP_15 = ("step-000016", "step-000020", "step-000024", "final", "metrics.json")
 
 
-def fsdp(run_dir: Path, extra=(), nproc=2, env=None, check=True):
+def fsdp(run_dir: Path, extra=(), nproc=2, env=None, check=True, base=BASE):
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(FSDP_2PROC), "--num_processes", str(nproc),
            "--main_process_port", str(free_port()), "-m", "harness", "train", str(RECIPE),
-           f"run.output_dir={run_dir}", *BASE, *extra]
+           f"run.output_dir={run_dir}", *base, *extra]
     import subprocess
 
     proc = subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -182,3 +182,35 @@ def test_a_recipe_saying_ddp_under_an_fsdp_config_is_refused(tmp_path):
     # Each rank exits 2; the launcher reports that as its own failure (1).
     assert proc.returncode != 0
     assert "the recipe says ddp but the Accelerate config asks for FSDP" in proc.stdout + proc.stderr
+
+
+BUFFERED = """
+import torch
+from torch import nn
+
+
+class Buffered(nn.Module):
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_dim, 33), nn.ReLU(), nn.Linear(33, 17), nn.ReLU())
+        self.head = nn.Linear(17, out_dim)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, in_dim))
+        self.register_buffer("shift", 0.1 * torch.randn(in_dim), persistent=False)  # not in any state dict
+
+    def forward(self, x):
+        return self.head(self.body(x * self.scale + self.shift))
+"""
+
+
+def test_rank0_init_builds_the_model_once_and_trains_bitwise_like_every_rank_building_it(tmp_path):
+    (tmp_path / "bufmodel.py").write_text(BUFFERED)
+    base = [b for b in BASE if not b.startswith("model.")] + ["model.name=bufmodel:Buffered"]
+    env = subprocess_env(PYTHONPATH=str(tmp_path))
+    every, rank0 = tmp_path / "every_rank", tmp_path / "rank0"
+    fsdp(every, ["train.fsdp_init=every_rank"], base=base, env=env)
+    fsdp(rank0, ["train.fsdp_init=rank0"], base=base, env=env)
+    a, b = weights(every), weights(rank0)
+    assert "scale" in a and a.keys() == b.keys()
+    for name in a:  # the non-persistent buffer reached rank 1 too, or its updates would differ
+        assert torch.equal(a[name], b[name]), name
+    assert read_scalars(every)["train/loss"] == read_scalars(rank0)["train/loss"]
