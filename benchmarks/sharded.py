@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--io", action="store_true", help="time sharded save and load too")
     parser.add_argument("--rounds", type=int, default=1, help="save/load timing rounds (A B B A each)")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--init", default="every_rank", help="train.fsdp_init (every_rank or rank0)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -131,12 +132,17 @@ def main() -> None:
     width, layers = (int(v) for v in args.hidden.split("x"))
     workdir = Path(args.workdir or tempfile.gettempdir()) / "harness-bench-sharded"
     cfg = load_config(BREAST_CANCER, [f"run.output_dir={workdir / 'run'}", f"model.hidden={[width] * layers}",
-                                      "checkpoint.keep_last=1000", "train.epochs=1"])
+                                      "checkpoint.keep_last=1000", "train.epochs=1", f"train.fsdp_init={args.init}"])
     trainer = build_trainer(cfg)
+    # Each rank's peak memory while starting (model built, sharded, probed): train.fsdp_init's figure.
+    start_peak = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    start_peak[dist.get_rank()] = proc_status_kb("VmHWM") * 1024
+    dist.all_reduce(start_peak)
     trainer.preemption = PreemptionWatcher(cfg.preemption)
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
     result = {"world_size": world, "strategy": "fsdp" if trainer.sharded else "ddp", "hidden": [width] * layers,
-              "parameters": sum(p.numel() for p in trainer.raw_model.parameters()), "loadavg": loadavg()}
+              "parameters": sum(p.numel() for p in trainer.raw_model.parameters()), "loadavg": loadavg(),
+              "init": args.init, "start_peak_by_rank": start_peak.tolist()}
 
     memory = {}
     from torch.optim.optimizer import register_optimizer_step_post_hook

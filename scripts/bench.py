@@ -125,6 +125,9 @@ def figures() -> list[Figure]:
           "steps_ddp_2", "rate", None, "steps/s", info=True),
         F("fsdp_load_warm", "12c. sharded resume load, warm cache, vs raw read of each rank's share", "fsdp",
           "load_warm_harness", "load_warm_raw", "time", None, "s", info=True),
+        F("fsdp_init_rank0", "11g. rank 1's peak memory while starting (VmHWM after build: model built, sharded, "
+          "probed), train.fsdp_init rank0 vs every_rank, 100.8M-param MLP, 2 ranks", "fsdp", "startpeak_rank0_2",
+          "startpeak_fsdp_2", "time", None, "GB", info=True),
     ]
 
 
@@ -364,14 +367,18 @@ def run_fsdp(ctx: Context, selected: list[Figure]) -> list[dict]:
     four = bool(names & {"fsdp_memory_4", "fsdp_rss_4"})
     io = bool(names & {"fsdp_save", "fsdp_load_cold", "fsdp_load_warm"})
     steps = 2
-    launches = [("fsdp", 2), ("ddp", 2)] + ([("fsdp", 4), ("ddp", 4)] if four else [])
-    configs = {"fsdp": RECIPES / "accelerate" / "fsdp_cpu_2proc.yaml", "ddp": CPU_2PROC}
+    launches = [("fsdp", 2), ("ddp", 2)] + ([("fsdp", 4), ("ddp", 4)] if four else []) + (
+        [("rank0", 2)] if "fsdp_init_rank0" in names else [])
+    # "rank0": FSDP with train.fsdp_init rank0 (the model built on rank 0 only), memory only.
+    configs = {"fsdp": RECIPES / "accelerate" / "fsdp_cpu_2proc.yaml", "ddp": CPU_2PROC,
+               "rank0": RECIPES / "accelerate" / "fsdp_cpu_2proc.yaml"}
     rounds = []
     for r in range(1 if ctx.quick else min(ctx.rounds, 2)):
         record = {}
         for strategy, world in launches[r % len(launches):] + launches[:r % len(launches)]:
             out = ctx.raw / f"fsdp-{strategy}-{world}-{r + 1}.json"
-            args = ["--steps", str(steps if world == 2 else 0), "--out", str(out), "--workdir", str(ctx.work)]
+            args = ["--steps", str(steps if world == 2 and strategy != "rank0" else 0), "--out", str(out),
+                    "--workdir", str(ctx.work)] + (["--init", "rank0"] if strategy == "rank0" else [])
             if strategy == "fsdp" and world == 2 and io:
                 args += ["--io", "--rounds", "1"]
             cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(configs[strategy]), "--num_processes",
@@ -382,11 +389,12 @@ def run_fsdp(ctx: Context, selected: list[Figure]) -> list[dict]:
                 raise RuntimeError(f"{strategy} x{world}: rc {result['rc']}, hung {result['hung']}; log {log}:\n"
                                    f"{log.read_text(errors='replace')[-3000:]}")
             data = json.loads(out.read_text())
-            if data["strategy"] != strategy or data["world_size"] != world:
+            if data["strategy"] != {"rank0": "fsdp"}.get(strategy, strategy) or data["world_size"] != world:
                 raise RuntimeError(f"{log}: asked for {strategy} x{world}, ran {data['strategy']} x{data['world_size']}")
             memory = data["memory_max_over_ranks"]
             record.update({f"mem_{strategy}_{world}": memory["tensors"], f"rss_{strategy}_{world}": memory["rss_at_step"],
                            f"peak_{strategy}_{world}": data["peak_rss_max_over_ranks"],
+                           f"startpeak_{strategy}_{world}": data["start_peak_by_rank"][-1],
                            f"detail_{strategy}_{world}": memory})
             if "steps_per_s" in data:
                 record[f"steps_{strategy}_{world}"] = data["steps_per_s"]
