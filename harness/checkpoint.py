@@ -74,6 +74,11 @@ class CheckpointSaveError(CheckpointError):
     newest intact one."""
 
 
+class EndFilesError(CheckpointSaveError):
+    """The end-of-run files (final/model.safetensors, metrics.json, ranks/) could not be written;
+    the last checkpoint holds the finished run, and rerunning the command writes them again."""
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: Path

@@ -233,7 +233,7 @@ def with_exit_codes(command) -> int:
     """Run ``command`` and map the harness's failures to exit codes (also for harness.train())."""
     try:
         # Inside the try: a Ctrl-C while torch is imported is an interruption, not a traceback.
-        from harness.checkpoint import CheckpointError, CheckpointSaveError
+        from harness.checkpoint import CheckpointError, CheckpointSaveError, EndFilesError
         from harness.components import UserCodeError, user_frames
         from harness.config import ConfigError
         from harness.data import SampleError
@@ -260,7 +260,8 @@ def with_exit_codes(command) -> int:
         _leave_together(EXIT_CONFIG)
         return EXIT_CONFIG
     except CheckpointSaveError as exc:  # every rank raises it together, after the cleanup
-        print(f"harness: checkpoint save failed: {exc}", file=sys.stderr, flush=True)
+        what = "" if isinstance(exc, EndFilesError) else "checkpoint save failed: "
+        print(f"harness: {what}{exc}", file=sys.stderr, flush=True)
         _leave_together(EXIT_SAVE_FAILED)
         return EXIT_SAVE_FAILED
     except CheckpointError as exc:

@@ -11,6 +11,8 @@ All off unless an environment variable is set; each check is one dict lookup at 
 * HARNESS_TEST_SAVE_ERROR=ERRNO[,save=S][,file=K][,rank=R]: the K-th file (default 1) of the S-th
   checkpoint save (default 1) of rank R (default: every rank) fails with OSError ERRNO (a name
   such as EROFS, EACCES, EDQUOT, ENOSPC), as a write or fsync refused by the file system would.
+* HARNESS_TEST_END_FILES_ERROR=ERRNO[,rank=R]: writing the end-of-run files (final/, metrics.json,
+  ranks/) fails on rank R (default: every rank) with OSError ERRNO, as a full disk would.
 * HARNESS_TRACE_SAMPLES=PATH: each rank appends one JSON line per optimizer step to
   PATH.rank<r>: {"step", "epoch", "indices"}, the global sample indices it trained on.
 """
@@ -28,6 +30,7 @@ _KILL_AFTER_FILES = os.environ.get("HARNESS_TEST_KILL_AFTER_FILES")
 _SAVE_FILE_DELAY_S = float(os.environ.get("HARNESS_TEST_SAVE_FILE_DELAY_S", "0"))
 _SAVE_ERROR = os.environ.get("HARNESS_TEST_SAVE_ERROR")
 _TRACE = os.environ.get("HARNESS_TRACE_SAMPLES")
+_END_FILES_ERROR = os.environ.get("HARNESS_TEST_END_FILES_ERROR")
 TRACE_SAMPLES = _TRACE is not None
 _saves_started = 0
 
@@ -85,3 +88,16 @@ def before_validation(step: int, rank: int) -> None:
     inside the epoch at step N starts, so the preemption lands inside that validation."""
     if _SIGNAL_IN_VALIDATION_AT_STEP is not None and step == int(_SIGNAL_IN_VALIDATION_AT_STEP) and rank == 0:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def before_end_files(rank: int, path: Path) -> None:
+    """Before the end-of-run files are written (HARNESS_TEST_END_FILES_ERROR)."""
+    if _END_FILES_ERROR is None:
+        return
+    import errno
+
+    name, *options = _END_FILES_ERROR.split(",")
+    where = {k: int(v) for k, v in (o.split("=") for o in options)}
+    if where.get("rank") in (None, rank):
+        code = getattr(errno, name)
+        raise OSError(code, os.strerror(code), str(path))

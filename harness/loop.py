@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
+import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -225,8 +225,6 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters)
     warn_if_ranks_lost(accelerator.num_processes)
     if cfg.run.deterministic:
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
@@ -809,18 +807,71 @@ def finish(trainer: Trainer) -> dict:
     summary["final_lrs"] = trainer.schedule.lrs()
     check_lrs_agree(trainer.accelerator, torch.tensor([list(summary["final_lrs"].values())]), trainer.group_names,
                     state.epoch, "end of epoch")
-    write_final_model(trainer)
-    write_rank_report(trainer)
+    write_end_files(trainer, summary)
     trainer.tb.hparams(flatten(to_plain_dict(trainer.cfg)),
                        {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)}, state.step)
     if trainer.is_main:
-        (trainer.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float) and k != "best_monitored"]
         best = "" if state.best_metric is None else f" | best {trainer.cfg.checkpoint.monitor} {state.best_metric:.4f}"
         logger.info("done: %d epochs, %d steps, %s%s%s | checkpoints %s | TensorBoard %s", state.epoch, state.step,
                     " ".join(parts), " (early stopped)" if state.early_stopped else "", best,
                     trainer.store.root, trainer.run_dir / "tb")
     return summary
+
+
+def write_end_files(trainer: Trainer, summary: dict) -> None:
+    """final/model.safetensors, ranks/rank-<r>.json and metrics.json, each written to a temporary
+    name and renamed. A write that fails on any rank (a full disk, a quota, permissions) fails on
+    every rank together with one message (exit 4): the last checkpoint already holds the finished
+    run, and the same command run again resumes at its end and writes these files."""
+
+    def write_metrics() -> None:  # last, once every rank's files are written: it says the run is complete
+        if trainer.is_main:
+            _write_replacing(trainer.run_dir / "metrics.json",
+                             lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+    def every_rank_model_and_report() -> None:
+        faults.before_end_files(trainer.accelerator.process_index, trainer.run_dir / "final")
+        write_final_model(trainer)
+        write_rank_report(trainer)
+
+    for phase in (every_rank_model_and_report, write_metrics):
+        failure: Optional[OSError] = None
+        try:
+            phase()
+        except OSError as exc:
+            failure = exc
+        if any_rank(trainer.accelerator, failure is not None):
+            raise end_files_error(trainer, failure)
+
+
+def end_files_error(trainer: Trainer, failure: Optional[OSError]):
+    from harness.checkpoint import EndFilesError
+
+    committed = trainer.store.committed()
+    newest = f"checkpoint {committed[0].path}" if committed else "no checkpoint (none was written)"
+    if failure is None:
+        what = "another rank could not write its end-of-run files"
+    else:
+        import errno
+
+        code = errno.errorcode.get(failure.errno, "?") if failure.errno else "?"
+        what = f"{failure.filename or trainer.run_dir}: {failure.strerror or failure} ({code})"
+    return EndFilesError(f"writing the run's end files failed: {what}. Training finished; {newest} holds its end "
+                         "state, nothing is lost. Free space (or fix the permissions) and run the same command "
+                         "again: it resumes at the end and writes final/model.safetensors, metrics.json and ranks/")
+
+
+def _write_replacing(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a failure leaves no half-written file behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def write_final_model(trainer: Trainer) -> None:
@@ -832,15 +883,16 @@ def write_final_model(trainer: Trainer) -> None:
         tensors = sharding.full_tensors(trainer.raw_model.state_dict())
         if trainer.is_main:
             (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(trainer.run_dir / "final" / "model.safetensors"),
-                      metadata={"format": "pt"})
+            _write_replacing(trainer.run_dir / "final" / "model.safetensors", lambda tmp: save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"}))
         return
     if not trainer.is_main:
         return
     from safetensors.torch import save_model
 
     (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
-    save_model(trainer.raw_model, str(trainer.run_dir / "final" / "model.safetensors"))
+    _write_replacing(trainer.run_dir / "final" / "model.safetensors",
+                     lambda tmp: save_model(trainer.raw_model, str(tmp)))
 
 
 def write_rank_report(trainer: Trainer) -> None:
@@ -859,7 +911,8 @@ def write_rank_report(trainer: Trainer) -> None:
     }
     folder = trainer.run_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank-{acc.process_index}.json").write_text(json.dumps(report, indent=2) + "\n")
+    _write_replacing(folder / f"rank-{acc.process_index}.json",
+                     lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
 
 
 def log_start(trainer: Trainer) -> None:

@@ -139,3 +139,20 @@ def test_a_read_only_file_system_at_the_first_save_exits_4_saying_no_checkpoint_
     assert ("there is no intact checkpoint (none: a rerun starts over). Make "
             f"{run_dir / 'checkpoints'} writable") in failed.stderr
     assert list((run_dir / "checkpoints").iterdir()) == []
+
+
+def test_a_full_disk_at_the_end_files_exits_4_on_every_rank_and_the_rerun_writes_them(tmp_path):
+    """final/, metrics.json and ranks/ come after the last checkpoint: a write refused there (rank 1
+    only, so the other rank must learn of it) is one message, no traceback, and the rerun resumes
+    at the end and writes them."""
+    run_dir = tmp_path / "run"
+    failed = run(run_dir, 2, env=subprocess_env(HARNESS_TEST_END_FILES_ERROR="ENOSPC,rank=1"))
+    assert_every_rank_exited(failed, 2, 4)
+    assert "writing the run's end files failed" in failed.stderr and "ENOSPC" in failed.stderr
+    assert "nothing is lost" in failed.stderr and "run the same command again" in failed.stderr
+    assert not (run_dir / "metrics.json").exists() and not list(run_dir.rglob(".*.tmp"))
+    newest = max((run_dir / "checkpoints").glob("step-*"))
+    again = run(run_dir, 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {newest}" in again.stdout
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
