@@ -135,6 +135,16 @@ class _FileCounter:
 _DIGESTS = ".digests-rank-"
 
 
+def _write_files(tmp: Path, counter: "_FileCounter", write_main, write_rank, rank: int, is_main: bool) -> None:
+    """One rank's part of a save (synchronous or on the background thread): its own files, rank
+    0's shared ones, and a non-zero rank's checksums for rank 0's manifest."""
+    write_rank(tmp, counter)
+    if is_main:
+        write_main(tmp, counter)
+    else:
+        _hand_over_digests(tmp, rank, counter)
+
+
 def _hand_over_digests(tmp: Path, rank: int, counter: "_FileCounter") -> None:
     """A rank's checksums of its own files, for rank 0's manifest (removed before the commit)."""
     path = tmp / f"{_DIGESTS}{rank}.json"
@@ -360,11 +370,7 @@ class CheckpointStore:
             record.thread.start()
             return final
         try:
-            write_rank(tmp, counter)
-            if is_main:
-                write_main(tmp, counter)
-            else:
-                _hand_over_digests(tmp, rank, counter)
+            _write_files(tmp, counter, write_main, write_rank, rank, is_main)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or the others hang
             failure = _Failure(exc, _doing(exc, counter))
         self._settle(accelerator, final, tmp, failure, size_bytes)  # every rank's files are on disk
@@ -420,11 +426,7 @@ class CheckpointStore:
         failed), and rank 0 commits once it sees every rank's marker. A checkpoint folder must
         therefore be on a file system every rank sees, as it must be for resuming anyway."""
         try:
-            write_rank(tmp, counter)
-            if is_main:
-                write_main(tmp, counter)
-            else:
-                _hand_over_digests(tmp, rank, counter)
+            _write_files(tmp, counter, write_main, write_rank, rank, is_main)
             marker = tmp / f"{_WRITTEN_MARKER}{rank}"
             marker.touch()
             _fsync_file(marker)
@@ -619,6 +621,11 @@ def _reason(code: int) -> str:
     if code > 0:
         return f"[Errno {code}] {os.strerror(code)} ({errno.errorcode.get(code, '?')})"
     return "an I/O error" if code == _IO_UNKNOWN else "an unexpected error (see that rank's traceback)"
+
+
+def os_error_reason(error: OSError) -> str:
+    """"[Errno 28] No space left on device (ENOSPC)": how save failures name an I/O error."""
+    return _reason(error.errno or _IO_UNKNOWN)
 
 
 def _doing(exc: BaseException, counter: "_FileCounter") -> str:

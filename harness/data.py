@@ -145,10 +145,7 @@ class NodeSplit(Split):
 
     def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[NodeBatch]:
         """With workers (and subgraphs), each batch's subgraph is cut in a loader worker."""
-        if self.hops is None and self.sampler is None:
-            yield from super().batches(index_batches, epoch)
-            return
-        if self.num_workers == 0:
+        if self.num_workers == 0 or (self.hops is None and self.sampler is None):
             for indices in index_batches:
                 yield self.fetch(indices, epoch)
             return
@@ -208,8 +205,7 @@ class NeighborSampler:
     def _keys(self, epoch: int, owners: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         """24-bit pseudo-random keys from (seed, epoch, owner node, edge): a few integer mixes
         (int64 arithmetic wraps around, which is what a hash wants)."""
-        x = owners * -7046029254386353131 + edges * 2862933555777941757 \
-            + (self.run_seed * 1_000_003 + (epoch + 1) * 7_919 + 12_345)
+        x = owners * -7046029254386353131 + edges * 2862933555777941757 + item_seed(self.run_seed, epoch, 0)
         x = (x ^ (x >> 31)) * -4658895280553007687
         x = (x ^ (x >> 29)) * -7723592293110705685
         return (x >> 20) & 0xFFFFFF
@@ -421,8 +417,7 @@ def _is_loader(value: Any) -> bool:
     return isinstance(value, torch.utils.data.DataLoader) or type(value).__name__.endswith("Loader")
 
 
-def _node_task(graph, where: str, run_seed: int = 0, settings: Optional[LoaderSettings] = None) -> TaskData:
-    settings = settings or LoaderSettings()
+def _node_task(graph, where: str, run_seed: int, settings: LoaderSettings) -> TaskData:
     for key in ("x", "y", "train_mask", "val_mask"):
         if getattr(graph, key, None) is None:
             raise ConfigError(f"{where}: the graph has no {key!r}; node-level learning needs x, y, "
@@ -433,12 +428,12 @@ def _node_task(graph, where: str, run_seed: int = 0, settings: Optional[LoaderSe
                         settings.num_workers if name == "train" else 0, neighbors, run_seed)
               if getattr(graph, f"{name}_mask", None) is not None else None for name in ("train", "val", "test")]
     spec = TaskSpec(kind, int(graph.num_node_features), out_dim, graph="node")
+    batches = (f"; batches of sampled neighbours {neighbors}" if neighbors else
+               f"; batches of {settings.hops}-hop neighbourhoods" if settings.hops else "")
     return TaskData(spec, splits[0], splits[1], splits[2],
                     description=f"your graph: {graph.num_nodes} nodes, {graph.num_edges} edges; "
                                 f"{len(splits[0])}/{len(splits[1])}/{len(splits[2]) if splits[2] else 0} "
-                                "train/val/test nodes" + (f"; batches of sampled neighbours {neighbors}" if neighbors
-                                                          else f"; batches of {settings.hops}-hop neighbourhoods"
-                                                          if settings.hops else ""))
+                                f"train/val/test nodes{batches}")
 
 
 def _graph_task(result: dict, where: str) -> TaskData:
@@ -585,6 +580,16 @@ def _readable(described: tuple) -> str:
     return f"a {detail}" if kind == "other" else f"a {kind} {detail}"
 
 
+def default_collate(reference: tuple, dataset):
+    """How items like ``reference`` (describe_item) are collated without data.collate_fn: PyG's
+    Collater for graphs, torch's default_collate otherwise."""
+    if reference[0] == "graph":
+        from torch_geometric.loader.dataloader import Collater
+
+        return Collater(dataset)
+    return torch.utils.data.default_collate
+
+
 class ItemBatch(Batch):
     """A collated batch of (input, target) pairs or dicts; the model gets the input(s)."""
 
@@ -635,16 +640,9 @@ class DatasetSplit(Split):
         first = _SeededItems(dataset, name, run_seed, None, False)[(0, -1)]
         self.reference = describe_item(first)
         self.first_item = first
-        self.collate = settings.collate_fn or self._default_collate()
+        self.collate = settings.collate_fn or default_collate(self.reference, dataset)
         self._loader = None
         self._index_lists: Iterable = ()
-
-    def _default_collate(self):
-        if self.reference[0] == "graph":
-            from torch_geometric.loader.dataloader import Collater
-
-            return Collater(self.dataset)
-        return torch.utils.data.default_collate
 
     def __len__(self) -> int:
         return len(self.dataset)

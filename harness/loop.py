@@ -241,13 +241,6 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {len(task.train)} "
                           "training samples and data.drop_last is true: no step would run")
     sharded = strategy == "fsdp" and (accelerator.num_processes > 1 or sharding.join_single_rank_group(accelerator))
-    if sharded:
-        # Sharded before the optimizer is built: its state then holds this rank's rows only.
-        model = sharding.shard(model, accelerator.device, accelerator.num_processes, cfg.train.fsdp_wrap,
-                               accelerator.mixed_precision, from_rank0=from_rank0)
-    elif strategy == "fsdp" and accelerator.is_main_process:
-        logger.info("train.strategy fsdp with one process: nothing to shard, training unsharded")
-    optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)
     streamed = getattr(task.train, "streamed", False)
     if streamed:
         task.train.configure(cfg.data.batch_size, cfg.train.grad_accum_steps, accelerator.num_processes)
@@ -255,6 +248,13 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
         raise ConfigError("data: a validation or test stream (IterableDataset) with train.strategy fsdp: every rank "
                           "must run every sharded forward in lockstep, which a stream of unknown length per rank "
                           "cannot promise; give map-style val/test Datasets")
+    if sharded:
+        # Sharded before the optimizer is built: its state then holds this rank's rows only.
+        model = sharding.shard(model, accelerator.device, accelerator.num_processes, cfg.train.fsdp_wrap,
+                               accelerator.mixed_precision, from_rank0=from_rank0)
+    elif strategy == "fsdp" and accelerator.is_main_process:
+        logger.info("train.strategy fsdp with one process: nothing to shard, training unsharded")
+    optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)
     horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last or streamed),
                       cfg.train.epochs)
     schedule = build_schedule(optimizer, cfg.schedule, horizon, group_names)
@@ -846,17 +846,12 @@ def write_end_files(trainer: Trainer, summary: dict) -> None:
 
 
 def end_files_error(trainer: Trainer, failure: Optional[OSError]):
-    from harness.checkpoint import EndFilesError
+    from harness.checkpoint import EndFilesError, os_error_reason
 
     committed = trainer.store.committed()
     newest = f"checkpoint {committed[0].path}" if committed else "no checkpoint (none was written)"
-    if failure is None:
-        what = "another rank could not write its end-of-run files"
-    else:
-        import errno
-
-        code = errno.errorcode.get(failure.errno, "?") if failure.errno else "?"
-        what = f"{failure.filename or trainer.run_dir}: {failure.strerror or failure} ({code})"
+    what = ("another rank could not write its end-of-run files" if failure is None
+            else f"{failure.filename or trainer.run_dir}: {os_error_reason(failure)}")
     return EndFilesError(f"writing the run's end files failed: {what}. Training finished; {newest} holds its end "
                          "state, nothing is lost. Free space (or fix the permissions) and run the same command "
                          "again: it resumes at the end and writes final/model.safetensors, metrics.json and ranks/")

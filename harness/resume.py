@@ -437,7 +437,7 @@ def restore_stream(trainer, folder: Path, meta: dict) -> None:
             f"{path}: the stream was read by {saved.get('num_workers')} loader worker(s) per rank, this run has "
             f"data.num_workers={workers}; each worker's copy of the stream saved its own position: resume with "
             f"data.num_workers={saved.get('num_workers')} (or change it at an epoch boundary)")
-    trainer.task.train.resume_at(saved["epoch"], saved["loader"])
+    trainer.task.train.resume_at(state.epoch, saved["loader"])
 
 
 def restore_rng(trainer, folder: Path, meta: dict) -> None:
@@ -485,7 +485,7 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
                                        staging=trainer.checkpoint_staging if background else None)
     # What this rank writes, for the message when a save fails (disk full...).
     size = ckpt.estimated_bytes({**(snapshot.main or {}), **snapshot.rank_files, "rng.json": snapshot.rank_json,
-                                 "rng.safetensors": snapshot.rank_tensors})
+                                 "rng.safetensors": snapshot.rank_tensors, "stream.json": snapshot.stream_json or ""})
     folder = store.save(acc, state.step, snapshot.write_main, snapshot.write_rank, trainer.last_monitored,
                         background=background, size_bytes=size)
     if acc.is_main_process:
@@ -521,8 +521,7 @@ class CheckpointSnapshot:
         if trainer.streamed:
             from harness.streams import loader_state_text
 
-            snapshot.stream_json = loader_state_text(trainer.task.train, state.epoch, world,
-                                                     trainer.cfg.data.num_workers)
+            snapshot.stream_json = loader_state_text(trainer.task.train, trainer.cfg.data.num_workers)
         sharded = sharding.is_sharded(trainer.raw_model)
         if not acc.is_main_process and not sharded:
             return snapshot

@@ -139,8 +139,7 @@ def receive_from_rank0(model: nn.Module, full: Optional[dict], device: torch.dev
                 tensor = torch.empty(mine.shape, dtype=mine.dtype, device=device)
             dist.broadcast(tensor, src=0)
             if is_dtensor(mine):
-                mesh = mine.device_mesh
-                start, stop = row_ranges(mine.shape[0], mesh.size())[mesh.get_local_rank()]
+                start, stop = own_rows(mine)
                 mine.to_local().copy_(tensor[start:stop])
             else:
                 mine.copy_(tensor)
@@ -336,11 +335,15 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "of another format (pickles are never loaded)") from None
 
 
+def own_rows(current) -> tuple[int, int]:
+    """The rows of dim 0 this rank holds of a DTensor like ``current``."""
+    mesh = current.device_mesh
+    return row_ranges(current.shape[0], mesh.size())[mesh.get_local_rank()]
+
+
 def local_rows(reader: "Reader", name: str, current) -> torch.Tensor:
     """This rank's rows of ``name`` for a DTensor like ``current`` (read without the rest)."""
-    rank = current.device_mesh.get_local_rank()
-    start, stop = row_ranges(current.shape[0], current.device_mesh.size())[rank]
-    return reader.rows(name, start, stop)
+    return reader.rows(name, *own_rows(current))
 
 
 def as_dtensor_like(local_tensor: torch.Tensor, current):

@@ -78,13 +78,15 @@ def check_stream(dataset, name: str, where: str) -> None:
             raise ConfigError(f"{where}: len() of the train stream ({cls}) is {length}; expected > 0")
 
 
-def _json_state(dataset, what: str) -> dict:
+def _json_safe(state, dataset) -> dict:
+    """``state`` as strict JSON (to_json_safe), or a ConfigError naming the dataset's state_dict."""
     from harness.schedules import to_json_safe
 
+    name = f"{type(dataset).__name__}.state_dict()"
     try:
-        return to_json_safe(dataset.state_dict(), what)
+        return to_json_safe(state, name)
     except TypeError as exc:
-        raise ConfigError(f"{type(dataset).__name__}.state_dict(): {exc}") from None
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 class StreamSplit(Split):
@@ -95,27 +97,20 @@ class StreamSplit(Split):
     def __init__(self, dataset, name: str, settings, where: str = "data"):
         check_stream(dataset, name, where)
         self.dataset, self.name, self.settings = dataset, name, settings
-        # What every epoch starts from; and a probe of the first item restores it after. A copy:
-        # a dataset may hand out its live state dict.
-        _json_state(dataset, f"{type(dataset).__name__}.state_dict()")  # JSON-able, or a clear error
-        self.initial_state = copy.deepcopy(dataset.state_dict())
+        # What every epoch starts from; and a probe of the first item restores it after. Checked
+        # JSON-able first (a clear error), then copied: a dataset may hand out its live state dict.
+        state = dataset.state_dict()
+        _json_safe(state, dataset)
+        self.initial_state = copy.deepcopy(state)
         self.first_item = self._first_items(1)[0]
-        from harness.data import describe_item
+        from harness.data import default_collate, describe_item
 
         self.reference = describe_item(self.first_item)
-        self.collate = settings.collate_fn or self._default_collate()
+        self.collate = settings.collate_fn or default_collate(self.reference, dataset)
         self.epoch_samples = len(dataset) if name == "train" else None
         self._loader = None
         self._resume: Optional[tuple[int, dict]] = None  # (epoch, loader state) from a checkpoint
-        self._loader_epoch: Optional[int] = None
         self.micro_batch: Optional[int] = None  # set by configure()
-
-    def _default_collate(self):
-        if self.reference[0] == "graph":
-            from torch_geometric.loader.dataloader import Collater
-
-            return Collater(self.dataset)
-        return torch.utils.data.default_collate
 
     def _first_items(self, k: int) -> list:
         from harness.data import SampleError
@@ -212,11 +207,6 @@ class StreamSplit(Split):
             yield as_batch(collated, self.settings.target_key)
 
 
-def loader_state_text(split: StreamSplit, epoch: int, world_size: int, num_workers: int) -> str:
-    from harness.schedules import to_json_safe
-
-    try:
-        state = to_json_safe(split.state_dict(), f"{type(split.dataset).__name__} loader state")
-    except TypeError as exc:
-        raise ConfigError(f"{type(split.dataset).__name__}.state_dict(): {exc}") from None
-    return json.dumps({"epoch": epoch, "world_size": world_size, "num_workers": num_workers, "loader": state})
+def loader_state_text(split: StreamSplit, num_workers: int) -> str:
+    """This rank's ``stream-rank-R.json``: its loader's state (epoch and world size are in trainer.json)."""
+    return json.dumps({"num_workers": num_workers, "loader": _json_safe(split.state_dict(), split.dataset)})
