@@ -285,11 +285,18 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def library_versions() -> dict:
+    """What a run's numbers depend on besides its recipe and seed: the libraries that compute, and
+    the CPU kernels torch picked (AVX2, AVX512...) or the GPU. Recorded in every checkpoint; a resume
+    where any of them changed says it cannot be bitwise (resume.warn_about_changed_environment)."""
     import accelerate
     import safetensors
 
-    return {"torch": torch.__version__, "accelerate": accelerate.__version__, "safetensors": safetensors.__version__,
-            "python": sys.version.split()[0]}
+    versions = {"torch": torch.__version__, "accelerate": accelerate.__version__, "safetensors": safetensors.__version__,
+                "numpy": np.__version__, "python": sys.version.split()[0],
+                "cpu": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_available():
+        versions["gpu"] = torch.cuda.get_device_name()
+    return versions
 
 
 # --------------------------------------------------------------------------------------------

@@ -697,7 +697,7 @@ def _dataset_task(result: dict, where: str, run_seed: int, settings: LoaderSetti
     """Map-style splits become DatasetSplits, IterableDatasets StreamSplits (harness.streams)."""
     from harness.streams import StreamSplit, is_stream
 
-    splits = {name: StreamSplit(result[name], name, settings, where) if is_stream(result[name])
+    splits = {name: StreamSplit(result[name], name, settings, where, run_seed) if is_stream(result[name])
               else DatasetSplit(result[name], name, run_seed, settings)
               for name in ("train", "val", "test") if result.get(name) is not None}
     train = splits["train"]

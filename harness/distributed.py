@@ -173,6 +173,17 @@ def all_reduce_sum(accelerator, values: Sequence[float] | torch.Tensor) -> torch
     return tensor.cpu()
 
 
+def buffers_from_rank0(accelerator, model: torch.nn.Module) -> None:
+    """Every rank's buffers (BatchNorm's running statistics and counts) set to rank 0's. Between
+    DDP's broadcasts at each forward every rank holds its own; a validation uses rank 0's (the ones
+    a checkpoint holds), so one redone after a resume computes exactly what the uninterrupted run
+    did. One broadcast per buffer, at each validation; nothing without buffers."""
+    if accelerator.num_processes == 1:
+        return
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
+
+
 def any_rank(accelerator, flag: bool) -> bool:
     """True on every rank when any rank passes True (one collective)."""
     if accelerator.num_processes == 1:

@@ -25,11 +25,13 @@ from harness import faults, sampling, sharding
 from harness.assemble import build_data, build_model
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.contracts import Split, TaskData
-from harness.distributed import (all_reduce_sum, any_rank, check_lrs_agree, gather_rows, launcher_pid, lost_rank_error,
-                                 make_accelerator, raise_if_lrs_differ, shutdown_process_group, warn_if_ranks_lost)
+from harness.distributed import (all_reduce_sum, any_rank, buffers_from_rank0, check_lrs_agree, gather_rows,
+                                 launcher_pid, lost_rank_error, make_accelerator, raise_if_lrs_differ,
+                                 shutdown_process_group, warn_if_ranks_lost)
 from harness.objectives import build_loss, build_metrics
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
+from harness import checkpoint as ckpt
 from harness.checkpoint import CheckpointStore
 from harness.progress import Progress
 from harness.preemption import Preempted, PreemptionWatcher, clear_marker
@@ -469,6 +471,11 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
     """
     acc = trainer.accelerator
     model = trainer.raw_model  # no DDP collectives inside a rank-local loop
+    if not trainer.sharded:
+        buffers_from_rank0(acc, model)  # one set of BatchNorm statistics, the one checkpoints hold
+    # A preemption inside this validation saves the RNG state of the step boundary before it (a
+    # model may draw randomness in eval mode): the resumed run redoes the validation from there.
+    boundary_rng = ckpt.rng_state() if interruptible else None
     was_training = model.training
     model.eval()
     widths = [metric.width for metric in trainer.metrics]
@@ -500,6 +507,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
             if interruptible and start + every < len(shards) and trainer.preemption is not None \
                     and trainer.preemption.should_stop(acc):
                 model.train(was_training)
+                ckpt.set_rng_state(*boundary_rng)
                 stop_for_preemption(trainer)
     sums = sums.cpu()
     if split is trainer.task.val:
@@ -600,8 +608,12 @@ def fit(trainer: Trainer) -> dict:
     checkpoints wherever the save policy says. Reads top to bottom; each phase is a function."""
     cfg, state = trainer.cfg, trainer.state
     policy = SavePolicy.from_config(cfg)
-    stop = state.early_stopped
-    while state.epoch < cfg.train.epochs and not stop:
+    # A run resumed where it had already stopped (early stopping, train.max_steps: a rerun after
+    # the end files failed, a job requeued at its last step) trains no further. An epoch whose steps
+    # are all done but not its end (preempted at its last step) is still closed first, as the
+    # uninterrupted run did.
+    stop = state.early_stopped or max_steps_reached(trainer)
+    while state.epoch < cfg.train.epochs and (not stop or state.samples_in_epoch >= trainer.epoch_length()):
         trainer.model.train()
         trainer.stream_ended = False
         # The rest of this epoch's global batches, in an order that does not depend on the world size,
@@ -624,11 +636,13 @@ def fit(trainer: Trainer) -> dict:
             reason = policy.after_step(state.step, epoch_done=state.samples_in_epoch >= trainer.epoch_length())
             if reason:
                 save_checkpoint(trainer, trainer.store, reason)
-            if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+            # Early stopping decided by a validation inside the epoch stops here, at once.
+            if max_steps_reached(trainer) or state.early_stopped:
                 stop = True
                 break
         if stop and state.samples_in_epoch < trainer.epoch_length() and not trainer.stream_ended:
-            save_checkpoint(trainer, trainer.store, "max_steps")  # stopped mid-epoch: resumable there
+            # Stopped mid-epoch: resumable there (a save at a step already saved is skipped).
+            save_checkpoint(trainer, trainer.store, "early_stopped" if state.early_stopped else "max_steps")
             break
         end_epoch(trainer)  # validation, plateau, epoch-interval schedules, epoch logs
         stop = stop or state.early_stopped
@@ -636,6 +650,10 @@ def fit(trainer: Trainer) -> dict:
         if reason:
             save_checkpoint(trainer, trainer.store, reason)
     return finish(trainer)
+
+
+def max_steps_reached(trainer: Trainer) -> bool:
+    return trainer.cfg.train.max_steps is not None and trainer.state.step >= trainer.cfg.train.max_steps
 
 
 def epoch_steps(trainer: Trainer):
@@ -707,7 +725,10 @@ def end_epoch(trainer: Trainer) -> None:
     if validate:
         scalars.update({f"val/{name}": value for name, value in validation.items()})
         record.update({f"val_{name}": value for name, value in validation.items()})
-        trainer.schedule.after_validation(*schedule_inputs(trainer, record))
+    # ReduceLROnPlateau steps on every epoch record that holds its monitored value: each epoch for
+    # train_loss, each validating epoch for val_*: the same rule the resume's replay follows.
+    trainer.schedule.after_validation(*schedule_inputs(trainer, record))
+    if validate:
         trainer.last_monitored = monitored_value(record, cfg.checkpoint.monitor, trainer.metrics)
         update_best(trainer, trainer.last_monitored)
     # The LRs for the next epoch are cross-checked with its first steps' (at the next log flush);

@@ -234,7 +234,8 @@ class PreemptionWatcher:
             logger.warning("saved %s; exiting (run the same command again to resume)", checkpoint)
             return
         name = self.requested or "a signal to another rank"
-        write_marker(run_dir, name, checkpoint, step, self.received_at)
+        write_marker(run_dir, name, checkpoint, step, self.received_at,
+                     EXIT_INTERRUPTED if self.interrupted else EXIT_PREEMPTED)
         if self.interrupted:
             logger.warning("interrupted (Ctrl-C): saved %s at step %d; exiting with code %d. "
                            "Run the same command again to resume", checkpoint, step, EXIT_INTERRUPTED)
@@ -296,9 +297,12 @@ class PreemptionWatcher:
         return any_rank(accelerator, self.requested is not None)
 
 
-def write_marker(run_dir: Path, signal_name: str, checkpoint: Path, step: int, received_at: Optional[float]) -> None:
-    """Tells a batch script (which cannot rely on the launcher's exit code) that we saved on a signal."""
-    payload = {"signal": signal_name, "checkpoint": str(checkpoint), "step": step, "time": time.time(),
+def write_marker(run_dir: Path, signal_name: str, checkpoint: Path, step: int, received_at: Optional[float],
+                 exit_code: int) -> None:
+    """Tells a batch script (which cannot rely on the launcher's exit code: torchrun and accelerate
+    launch report their own) that we saved on a signal, and the code every rank exits with."""
+    payload = {"signal": signal_name, "exit_code": exit_code, "checkpoint": str(checkpoint), "step": step,
+               "time": time.time(),
                "seconds_from_signal_to_saved": None if received_at is None else time.monotonic() - received_at}
     (Path(run_dir) / MARKER).write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -65,6 +65,7 @@ def restore(trainer, folder: Path) -> list[dict]:
     meta = ckpt.read_trainer_json(folder)
     changes = recipe_changes(meta.get("config") or {}, to_plain_dict(trainer.cfg))
     warn_about_changed_components(meta.get("components") or {}, trainer.components, trainer.is_main)
+    warn_about_changed_environment(meta.get("versions") or {}, ckpt.library_versions(), trainer.is_main)
     refuse_unapproved_changes(trainer.cfg, changes, folder, meta.get("step"))
     changed_keys = [c["key"] for c in changes]
     load_model_state(trainer.raw_model, folder)
@@ -174,6 +175,22 @@ def warn_about_changed_components(saved: dict, now: dict, is_main: bool) -> None
             elif before["sha256"] != after["sha256"]:
                 logger.warning("WARNING: %s %s: its source file %s changed since the checkpoint was written; the "
                                "resumed run uses the new code", section, after["target"], after.get("file"))
+
+
+# What changes the numbers a step computes (safetensors only stores them).
+NUMERIC_ENVIRONMENT = ("torch", "accelerate", "numpy", "python", "cpu", "gpu")
+
+
+def warn_about_changed_environment(saved: dict, now: dict, is_main: bool) -> None:
+    """One warning line when the checkpoint was written with other library versions or another CPU
+    kernel set / GPU: the run continues correctly, but its numbers can no longer be bitwise those
+    of an uninterrupted run (another summation order, other vectorised kernels)."""
+    changed = [f"{key} {saved[key]} -> {now[key]}" for key in NUMERIC_ENVIRONMENT
+               if key in saved and key in now and saved[key] != now[key]]
+    if changed and is_main:
+        logger.warning("WARNING: resuming on another environment than the checkpoint was written on (%s): training "
+                       "continues correctly, but is no longer bitwise equal to an uninterrupted run",
+                       "; ".join(changed))
 
 
 def refuse_unapproved_changes(cfg, changes: list[dict], folder: Path, step) -> None:

@@ -719,11 +719,15 @@ def advance(schedule: "LRSchedule", horizon: Horizon, steps_done: int, epochs_do
             if val_loss is not None or monitored is not None:
                 schedule.after_validation(val_loss, monitored)
 
+    # Where each epoch really ended (a stream that ran out, loader workers that each dropped a last
+    # partial batch: fewer steps than planned); the plan where no record says.
+    epoch_ends = [entry[0] for entry in validations if entry[1]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns when no optimizer.step() happened
         step = 0
-        for _ in range(epochs_done):
-            for _ in range(horizon.steps_per_epoch):
+        for epoch in range(epochs_done):
+            end = epoch_ends[epoch] if epoch < len(epoch_ends) else step + horizon.steps_per_epoch
+            while step < end:
                 schedule.after_optimizer_step()
                 step += 1
                 feed(step, False)

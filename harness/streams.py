@@ -33,6 +33,7 @@ import json
 import warnings
 from typing import Any, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from harness.contracts import Batch, ConfigError, Split
@@ -89,14 +90,67 @@ def _json_safe(state, dataset) -> dict:
         raise ConfigError(f"{name}: {exc}") from None
 
 
+class _SeededStream(torch.utils.data.IterableDataset):
+    """The user's stream as the loader reads it: before each item is pulled, the global torch,
+    random and numpy generators are seeded from (run seed, epoch, which stream, items pulled so
+    far), so an augmentation that draws from them is the same whatever the interruptions, and
+    differs from epoch to epoch. The count is part of the state the loader collects from each
+    worker, next to the stream's own. In the training process (no loader workers) its own random
+    streams (dropout) are put back after each item."""
+
+    def __init__(self, dataset, run_seed: int):
+        self.dataset, self.run_seed = dataset, run_seed
+        self.epoch, self.pulled = -1, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.dataset.state_dict(), "items_pulled": self.pulled}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(state, dict) and set(state) == {"stream", "items_pulled"}:
+            self.dataset.load_state_dict(state["stream"])
+            self.pulled = state["items_pulled"]
+        else:  # a checkpoint from before the count was kept: the stream's own state alone
+            self.dataset.load_state_dict(state)
+
+    def __iter__(self):
+        import random
+
+        from harness.data import item_seed
+
+        index, count = shard_of_stream()
+        in_main_process = torch.utils.data.get_worker_info() is None
+        source = iter(self.dataset)
+        while True:
+            seed = item_seed(self.run_seed, self.epoch, self.pulled * count + index)
+            saved = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if in_main_process else None
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                item = next(source)
+            except StopIteration:
+                return
+            finally:
+                if saved is not None:
+                    torch.set_rng_state(saved[0])
+                    random.setstate(saved[1])
+                    np.random.set_state(saved[2])
+            self.pulled += 1
+            yield item
+
+
 class StreamSplit(Split):
     """One rank's stream, read by a StatefulDataLoader in fixed-size batches."""
 
     streamed = True
 
-    def __init__(self, dataset, name: str, settings, where: str = "data"):
+    def __init__(self, dataset, name: str, settings, where: str = "data", run_seed: int = 0):
         check_stream(dataset, name, where)
         self.dataset, self.name, self.settings = dataset, name, settings
+        self.seeded = _SeededStream(dataset, run_seed)
         # What every epoch starts from; and a probe of the first item restores it after. Checked
         # JSON-able first (a clear error), then copied: a dataset may hand out its live state dict.
         state = dataset.state_dict()
@@ -168,10 +222,11 @@ class StreamSplit(Split):
         self.dataset.load_state_dict(copy.deepcopy(self.initial_state))
         if for_epoch is not None and callable(getattr(self.dataset, "set_epoch", None)):
             self.dataset.set_epoch(for_epoch)
+        self.seeded.epoch, self.seeded.pulled = (-1 if for_epoch is None else for_epoch), 0
         extra = {} if s.prefetch_factor is None or s.num_workers == 0 else {"prefetch_factor": s.prefetch_factor}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return StatefulDataLoader(self.dataset, batch_size=batch_size, drop_last=for_epoch is not None,
+            return StatefulDataLoader(self.seeded, batch_size=batch_size, drop_last=for_epoch is not None,
                                       num_workers=s.num_workers, collate_fn=self.collate, pin_memory=s.pin_memory,
                                       persistent_workers=False, generator=torch.Generator().manual_seed(0), **extra)
 

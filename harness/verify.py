@@ -105,10 +105,10 @@ def plan_interruption(steps_per_epoch: int, planned_steps: int, steps: Optional[
         else:
             kill_at = c + max(1, steps // 4)
         # Within the run, and before the next checkpoint (2c), so the resume point is c.
-        kill_at = max(c, min(kill_at, steps, 2 * c - 1))
-    if not 1 <= checkpoint_every <= kill_at <= steps:
-        raise ConfigError(f"need 1 <= --checkpoint-every ({checkpoint_every}) <= --kill-at ({kill_at}) <= "
-                          f"--steps ({steps}): the kill must come after a checkpoint and within the run")
+        kill_at = max(c, min(kill_at, steps - 1, 2 * c - 1))
+    if not 1 <= checkpoint_every <= kill_at < steps:
+        raise ConfigError(f"need 1 <= --checkpoint-every ({checkpoint_every}) <= --kill-at ({kill_at}) < "
+                          f"--steps ({steps}): the kill must come after a checkpoint and before the run's last step")
     return Interruption(steps, spe, checkpoint_every, kill_at)
 
 
@@ -423,9 +423,11 @@ def install_pause_hook(step: int, ready_dir: Path) -> None:
 
     original = loop.train_step
 
-    def train_step_then_maybe_pause(trainer, *args, **kwargs):
-        original(trainer, *args, **kwargs)
+    def pause_before_the_next_step(trainer, *args, **kwargs):
+        # Step ``step`` is wholly done here: its validation and its checkpoint (committed, also a
+        # background one: waited for), and the epoch's end if it was the epoch's last step.
         if trainer.state.step == step:
+            trainer.store.wait_for_background(trainer.accelerator)
             loop.flush_step_logs(trainer, close_window=False)  # LR points past the checkpoint: on disk
             trainer.tb.flush()
             rank = trainer.accelerator.process_index
@@ -436,8 +438,9 @@ def install_pause_hook(step: int, ready_dir: Path) -> None:
             while time.monotonic() < deadline:
                 time.sleep(1)
             os._exit(EXIT_NEVER_KILLED)
+        original(trainer, *args, **kwargs)
 
-    loop.train_step = train_step_then_maybe_pause
+    loop.train_step = pause_before_the_next_step
 
 
 def paused_training_main(argv: Optional[list[str]] = None) -> int:

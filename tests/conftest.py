@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,20 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CPU_2PROC = ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"
+
+
+ACCELERATE_VERSION = tuple(int(part) for part in metadata.version("accelerate").split(".")[:2])
+
+
+def launcher_exit_code(launcher: str, ranks_code: int, signal_to_launcher: int | None = None) -> int:
+    """What the command a user typed exits with when every rank exited ``ranks_code`` (README, Exit
+    codes): a launcher reports its workers' failure as 1, except accelerate launch 1.16 and later
+    when the launcher itself received the signal (Ctrl-C, SIGTERM): 128 + the signal."""
+    if launcher == "python":
+        return ranks_code
+    if signal_to_launcher is not None and launcher == "accelerate" and ACCELERATE_VERSION >= (1, 16):
+        return 128 + signal_to_launcher
+    return 1
 
 
 def free_port() -> int:

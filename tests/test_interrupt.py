@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.checkpoint import verify
-from tests.conftest import read_json, run_harness
+from tests.conftest import launcher_exit_code, read_json, run_harness
 from tests.test_launcher_death import (HARNESS_FRAME, RECIPE, RUN, assert_same_weights, checkpoints, output,
                                        reference_weights, start, wait_for_checkpoint)
 
@@ -31,7 +31,7 @@ def test_ctrl_c_on_one_process_saves_exits_130_without_a_traceback_and_the_rerun
     text = output(run_dir)
     assert "Traceback" not in text, text[-3000:]
     marker = read_json(run_dir / "PREEMPTED.json")
-    assert marker["signal"] == "SIGINT" and 30 <= marker["step"] < 300
+    assert marker["signal"] == "SIGINT" and marker["exit_code"] == 130 and 30 <= marker["step"] < 300
     assert verify(Path(marker["checkpoint"]))["step"] == marker["step"]
     assert f"interrupted (Ctrl-C): saved {marker['checkpoint']} at step {marker['step']}; exiting with code 130. " \
            "Run the same command again to resume" in text
@@ -48,13 +48,14 @@ def test_ctrl_c_to_the_launcher_stops_both_ranks_at_the_same_step_and_the_rerun_
     proc = start(run_dir, "accelerate", 2)
     wait_for_checkpoint(run_dir, proc, 30)
     ctrl_c(proc)
-    assert proc.wait(timeout=60) != 0  # the launcher reports its workers' non-zero exit as its own failure
+    code = proc.wait(timeout=60)
     text = output(run_dir)
+    assert code == launcher_exit_code("accelerate", 130, signal.SIGINT), text[-3000:]
     # The launcher prints its own SignalException traceback; the ranks print none.
     assert not HARNESS_FRAME.search(text) and "[rank" not in text, text[-4000:]
     assert "Connection closed by peer" not in text and "Connection reset by peer" not in text
     marker = read_json(run_dir / "PREEMPTED.json")
-    assert marker["signal"] == "SIGINT"
+    assert marker["signal"] == "SIGINT" and marker["exit_code"] == 130
     folder = Path(marker["checkpoint"])
     assert verify(folder)["step"] == marker["step"] < 300
     assert checkpoints(run_dir)[marker["step"]]["world_size"] == 2
@@ -85,7 +86,7 @@ def test_a_second_ctrl_c_during_the_save_aborts_at_once_with_exit_130(tmp_path, 
     # loaded CI machine takes a few seconds to tear torch down).
     assert seconds < 20, f"took {seconds:.2f} s to abort"
     text = output(run_dir)
-    assert code == (130 if launcher == "python" else 1), text[-3000:]
+    assert code == launcher_exit_code(launcher, 130, signal.SIGINT), text[-3000:]
     assert text.count("harness: aborted by a second Ctrl-C") == nproc, text[-3000:]
     assert not HARNESS_FRAME.search(text) and "[rank" not in text, text[-3000:]
     if launcher == "python":

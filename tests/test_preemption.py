@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.checkpoint import verify
-from tests.conftest import ROOT, harness_command, read_json, run_harness, subprocess_env
+from tests.conftest import ROOT, harness_command, launcher_exit_code, read_json, run_harness, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # Long enough to be signalled mid-run on a loaded 2-core machine: 300 epochs x 15 steps.
@@ -63,7 +63,7 @@ def test_one_process_exits_75_after_saving_on_sigterm_and_resumes_exactly(tmp_pa
     code, output = finish(proc)
     assert code == 75, output[-2000:]
     marker = read_json(run_dir / "PREEMPTED.json")
-    assert marker["signal"] == "SIGTERM" and marker["seconds_from_signal_to_saved"] < 10
+    assert marker["signal"] == "SIGTERM" and marker["exit_code"] == 75 and marker["seconds_from_signal_to_saved"] < 10
     checkpoint = Path(marker["checkpoint"])
     assert verify(checkpoint)["step"] == marker["step"] and 0 < marker["step"] < 4500
     # Resume, shortened to the step after the preemption + 30 so the test stays quick.
@@ -86,8 +86,10 @@ def test_a_signal_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path):
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGUSR2)  # only one rank hears it
     code, output = finish(proc)
-    assert code != 0  # accelerate launch reports a worker's non-zero exit as its own failure
+    # The launcher reports its workers' non-zero exit as its own failure; its summary has each rank's.
+    assert code == launcher_exit_code("accelerate", 75) and output.count("exitcode  : 75 ") == 2, output[-3000:]
     marker = read_json(run_dir / "PREEMPTED.json")
+    assert marker["exit_code"] == 75
     trainer = json.loads((Path(marker["checkpoint"]) / "trainer.json").read_text())
     assert trainer["reason"] == "preempted" and trainer["world_size"] == 2
     assert sorted(p.name for p in Path(marker["checkpoint"]).glob("rng-rank-*.json")) == \
@@ -95,15 +97,16 @@ def test_a_signal_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path):
     verify(Path(marker["checkpoint"]))
 
 
-def test_torchrun_forwards_sigterm_and_the_ranks_save_in_time(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_a_launcher_forwards_sigterm_and_the_ranks_save_in_time(tmp_path, launcher):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "torchrun", 2)
+    proc = start(run_dir, launcher, 2)
     wait_for_training(run_dir, proc)
-    proc.send_signal(signal.SIGTERM)  # to the torchrun agent, which forwards it to the workers
+    proc.send_signal(signal.SIGTERM)  # to the launcher (torchrun's agent), which forwards it to the workers
     code, output = finish(proc)
-    assert code != 0
+    assert code == launcher_exit_code(launcher, 75, signal.SIGTERM), output[-3000:]
     marker = read_json(run_dir / "PREEMPTED.json")
-    assert marker["signal"] == "SIGTERM" and marker["seconds_from_signal_to_saved"] < 30
+    assert marker["signal"] == "SIGTERM" and marker["exit_code"] == 75 and marker["seconds_from_signal_to_saved"] < 30
     verify(Path(marker["checkpoint"]))
 
 

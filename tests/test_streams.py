@@ -11,6 +11,8 @@ import torch
 
 from harness.contracts import ConfigError
 from harness.data import LoaderSettings, as_task_data
+from harness.streams import shard_of_stream
+from harness.tracking import read_scalars
 from tests.conftest import assert_bitwise_equal, run_harness, subprocess_env, weights
 
 STREAMS = textwrap.dedent('''
@@ -55,6 +57,18 @@ STREAMS = textwrap.dedent('''
 
     def records():
         return {"train": Records(320, 0), "val": Records(100, 1), "task": "multiclass", "num_classes": 2}
+
+
+    class Augmented(Records):
+        """Noise drawn from the global torch RNG: the loader worker's, which the harness seeds per item."""
+
+        def __iter__(self):
+            for x, y in super().__iter__():
+                yield x + 0.2 * torch.randn(8), y
+
+
+    def augmented():
+        return {"train": Augmented(320, 0), "val": Records(100, 1), "task": "multiclass", "num_classes": 2}
 
 
     def shorter_than_claimed():
@@ -147,3 +161,69 @@ class _Opaque(_NoLength):
 def test_streams_that_cannot_resume_are_refused_saying_what_to_add(dataset, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         as_task_data({"train": dataset, "val": dataset}, "data", 0, LoaderSettings())
+
+
+# --------------------------------------------------------------------------------------------
+# Exact resume of what streams change: the workers' RNG, epochs shorter than planned
+# --------------------------------------------------------------------------------------------
+
+
+def verify_resume(capsys, work, recipe, *args) -> str:
+    from harness.cli import main
+
+    code = main(["verify-resume", str(recipe), "--workdir", str(work), "--keep", *args])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASS" in out, out[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_augmentation_from_the_global_rng_in_loader_workers_resumes_bitwise(folder, tmp_path, capsys, workers):
+    verify_resume(capsys, tmp_path / "work", folder / "recipe.yaml", "data.name=streamdata:augmented",
+                  f"data.num_workers={workers}", "--steps", "30", "--checkpoint-every", "14", "--kill-at", "17")
+
+
+class _Noise(torch.utils.data.IterableDataset):
+    """Nothing but noise from the global RNG (in a loader worker: the worker's), in the same order every epoch."""
+
+    def __init__(self):
+        self.position = 0
+
+    def __len__(self):
+        return 64
+
+    def __iter__(self):
+        index, count = shard_of_stream()
+        while self.position < 64:
+            self.position += 1
+            if (self.position - 1) % count == index:
+                yield torch.randn(4), torch.tensor(0)
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def test_an_augmentation_from_the_global_rng_differs_between_epochs_and_not_between_reads():
+    def epoch_batches(epoch: int) -> torch.Tensor:
+        task = as_task_data({"train": _Noise(), "val": _Noise(), "task": "multiclass", "num_classes": 2}, run_seed=0,
+                            settings=LoaderSettings(num_workers=2))
+        task.train.configure(8, 1, 1)
+        return torch.cat([batch.inputs for batch in task.train.batches(range(8), epoch=epoch) if batch is not None])
+
+    first, again, second = epoch_batches(0), epoch_batches(0), epoch_batches(1)
+    assert first.shape == (64, 4) and torch.equal(first, again)
+    assert not torch.isclose(first, second).any(), "epoch 1 drew the same noise as epoch 0"
+    assert len(torch.unique(first, dim=0)) == 64, "each item its own noise (workers not seeded alike)"
+
+
+def test_a_stream_shorter_than_planned_with_workers_and_plateau_resumes_after_an_lr_cut(folder, tmp_path, capsys):
+    # 6 steps per epoch, not the 10 that len() plans; a 50% cut at each epoch whose loss does not drop 30%.
+    verify_resume(capsys, tmp_path / "work", folder / "recipe.yaml", "data.name=streamdata:shorter_than_claimed",
+                  "schedule.name=plateau", "schedule.monitor=train_loss", "schedule.patience=0",
+                  "schedule.threshold=0.3", "schedule.factor=0.5", "optim.lr=0.01",
+                  "--steps", "18", "--checkpoint-every", "13", "--kill-at", "16")
+    lrs = read_scalars(tmp_path / "work/uninterrupted")["lr/default"]
+    assert lrs[-1][1] < 0.01, "the plateau cut the LR before the checkpoint"
