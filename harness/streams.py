@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import warnings
 from typing import Any, Iterable, Iterator, Optional
 
@@ -116,8 +117,6 @@ class _SeededStream(torch.utils.data.IterableDataset):
             self.dataset.load_state_dict(state)
 
     def __iter__(self):
-        import random
-
         from harness.data import item_seed
 
         index, count = shard_of_stream()

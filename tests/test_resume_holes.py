@@ -64,6 +64,14 @@ EARLY_STOPPING = ["model.dropout=0.2", "train.val_every_steps=3", "checkpoint.mo
                   "checkpoint.monitor_mode=max", "train.early_stopping_patience=2"]
 
 
+def test_early_stopping_at_an_epochs_end_agrees_in_the_straight_and_the_resumed_run(tmp_path, capsys):
+    # val_loss must improve by 0.03 per epoch; patience 1 runs out at the end of epoch 7 (step 105).
+    verify_resume(capsys, tmp_path / "work", RECIPE, "train.early_stopping_patience=1",
+                  "train.early_stopping_min_delta=0.03", "--steps", "120", "--checkpoint-every", "80", "--kill-at", "95")
+    summary = read_json(tmp_path / "work/uninterrupted/metrics.json")
+    assert summary["early_stopped"] and 95 < summary["steps"] < 120 and summary["steps"] % 15 == 0, summary
+
+
 def test_early_stopping_inside_an_epoch_stops_there_in_the_straight_and_the_resumed_run(tmp_path, capsys):
     # Validations every 3 steps; the patience runs out at a validation inside epoch 3 (step 33 here),
     # after the checkpoint at step 25 and the kill at 28.
