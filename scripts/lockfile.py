@@ -1,6 +1,7 @@
 """The dependency lock (requirements.lock): check a venv against it, or write it from a venv.
 
-    python scripts/lockfile.py check requirements.lock     # exit 0: every locked package installed at its version
+    python scripts/lockfile.py check requirements.lock [--quiet-if-empty]
+                                                           # exit 0: every locked package installed at its version
     python scripts/lockfile.py write requirements.lock     # from this interpreter's `pip freeze`
 
 Standard library only: it runs in a venv that has nothing installed yet. Used by scripts/setup.sh
@@ -55,12 +56,15 @@ def without_local_label(version: str) -> str:
     return version.split("+", 1)[0]
 
 
-def check(path: Path) -> int:
+def check(path: Path, quiet_if_empty: bool = False) -> int:
     """0 when every locked package is installed at its locked version (a local label such as
-    +cpu is allowed); otherwise 1, listing what differs."""
+    +cpu is allowed); otherwise 1, listing what differs (nothing for a venv that has none of them
+    yet, with ``quiet_if_empty``)."""
     pins, have = read_lock(path), installed()
     wrong = [f"{name} {have.get(name, 'missing')} (lock: {version})" for name, version in sorted(pins.items())
              if without_local_label(have.get(name, "")) != version]
+    if wrong and quiet_if_empty and not set(pins) & set(have) - {"setuptools"}:
+        return 1
     if wrong:
         print(f"{path}: {len(wrong)} package(s) differ from the lock: " + ", ".join(wrong[:8])
               + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""), file=sys.stderr)
@@ -92,6 +96,9 @@ def write(path: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("check", "write"):
+    arguments = [a for a in sys.argv[1:] if a != "--quiet-if-empty"]
+    if len(arguments) != 2 or arguments[0] not in ("check", "write"):
         raise SystemExit(__doc__)
-    sys.exit({"check": check, "write": write}[sys.argv[1]](Path(sys.argv[2])))
+    if arguments[0] == "check":
+        sys.exit(check(Path(arguments[1]), quiet_if_empty="--quiet-if-empty" in sys.argv))
+    sys.exit(write(Path(arguments[1])))

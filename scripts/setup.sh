@@ -15,9 +15,10 @@ fi
 py="$venv/bin/python"
 pip=("$py" -m pip install --quiet --disable-pip-version-check)
 
-if ! "$py" scripts/lockfile.py check "$lock" 2>/dev/null; then
+if ! "$py" scripts/lockfile.py check "$lock" --quiet-if-empty; then
     # Exact versions, up or down; torch==X takes the CPU wheel this machine keeps on disk (an
     # unpinned torch would pull a multi-GB CUDA build).
+    echo "[setup] installing $lock into $venv" >&2
     "${pip[@]}" -r "$lock"
     "$py" scripts/lockfile.py check "$lock"  # says what still differs, and stops here if anything does
 fi

@@ -9,11 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from harness.checkpoint import verify
-from tests.conftest import ROOT, harness_command, read_json, run_harness, subprocess_env
+from tests.conftest import ROOT, assert_bitwise_equal, harness_command, read_json, run_harness, subprocess_env
 from tests.test_preemption import LONG, finish, wait_for_training
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
@@ -63,7 +62,7 @@ def test_background_saves_write_exactly_the_files_a_synchronous_save_writes(tmp_
             assert got[step][name] == files[name], f"{step}/{name} differs from the synchronous save's"
     assert not list((async_dir / "checkpoints").glob(".tmp-*")) and not list(async_dir.rglob(".written-rank-*"))
     a, b = load_file(sync_dir / "final/model.safetensors"), load_file(async_dir / "final/model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_bitwise_equal(a, b)
     assert "Traceback" not in proc.stderr
 
 
@@ -79,7 +78,7 @@ def test_a_sigkill_while_a_background_save_is_writing_resumes_from_the_last_comm
     resumed = run(run_dir, [ASYNC], nproc=1)
     assert "resumed from" in resumed.stdout and "step-000005" in resumed.stdout
     a, b = load_file(straight / "final/model.safetensors"), load_file(run_dir / "final/model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_bitwise_equal(a, b)
 
 
 @pytest.mark.parametrize("nproc", [2])  # 1 rank: the same code path, minus the cross-rank commit

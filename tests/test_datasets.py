@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import assert_bitwise_equal, run_harness, subprocess_env, weights
 

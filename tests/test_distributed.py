@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from torch.optim import lr_scheduler as S
 
 from harness.config import load_config
 from harness.assemble import build_data, build_model
-from harness.loop import Trainer
 from harness.builtin.objectives import bce_with_logits
 from harness.tracking import read_scalars
 from tests.conftest import ROOT, read_json, run_harness

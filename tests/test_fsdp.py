@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.tracking import read_scalars
-from tests.conftest import BIN, ROOT, free_port, run_harness, subprocess_env
+from tests.conftest import BIN, ROOT, assert_bitwise_equal, free_port, run_harness, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 FSDP_2PROC = ROOT / "recipes/accelerate/fsdp_cpu_2proc.yaml"
@@ -106,7 +106,7 @@ def test_fsdp_sigkilled_mid_epoch_resumes_bitwise(runs, tmp_path):
     assert proc.returncode != 0
     fsdp(killed)
     a, b = weights(killed), weights(runs["fsdp"])
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert_bitwise_equal(a, b)
     assert lr_series(killed) == lr_series(runs["fsdp"])
 
 
@@ -185,6 +185,8 @@ def test_a_recipe_saying_ddp_under_an_fsdp_config_is_refused(tmp_path):
 
 
 BUFFERED = """
+import os
+
 import torch
 from torch import nn
 
@@ -196,6 +198,8 @@ class Buffered(nn.Module):
         self.head = nn.Linear(17, out_dim)
         self.register_buffer("scale", torch.linspace(0.5, 1.5, in_dim))
         self.register_buffer("shift", 0.1 * torch.randn(in_dim), persistent=False)  # not in any state dict
+        with open(os.environ["BUILT_LOG"], "a") as log:  # where this rank's memory was built
+            log.write(f"{os.environ['RANK']} {self.head.weight.device.type}\\n")
 
     def forward(self, x):
         return self.head(self.body(x * self.scale + self.shift))
@@ -205,10 +209,14 @@ class Buffered(nn.Module):
 def test_rank0_init_builds_the_model_once_and_trains_bitwise_like_every_rank_building_it(tmp_path):
     (tmp_path / "bufmodel.py").write_text(BUFFERED)
     base = [b for b in BASE if not b.startswith("model.")] + ["model.name=bufmodel:Buffered"]
-    env = subprocess_env(PYTHONPATH=str(tmp_path))
     every, rank0 = tmp_path / "every_rank", tmp_path / "rank0"
-    fsdp(every, ["train.fsdp_init=every_rank"], base=base, env=env)
-    fsdp(rank0, ["train.fsdp_init=rank0"], base=base, env=env)
+    built = {}
+    for run_dir, init in ((every, "every_rank"), (rank0, "rank0")):
+        log = tmp_path / f"built-{init}.txt"
+        fsdp(run_dir, [f"train.fsdp_init={init}"], base=base,
+             env=subprocess_env(PYTHONPATH=str(tmp_path), BUILT_LOG=str(log)))
+        built[init] = sorted(log.read_text().splitlines())
+    assert built == {"every_rank": ["0 cpu", "1 cpu"], "rank0": ["0 cpu", "1 meta"]}, built
     a, b = weights(every), weights(rank0)
     assert "scale" in a and a.keys() == b.keys()
     for name in a:  # the non-persistent buffer reached rank 1 too, or its updates would differ

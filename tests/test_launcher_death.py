@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from harness.checkpoint import verify
 from harness.distributed import is_launcher_command, lost_rank_error
 from harness.verify import proc_stats
-from tests.conftest import ROOT, harness_command, read_json, run_harness, subprocess_env
+from tests.conftest import ROOT, assert_bitwise_equal, harness_command, read_json, run_harness, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # 15 steps an epoch on 2 ranks; a mid-epoch checkpoint every 30 steps; the run ends at step 300.
@@ -102,9 +101,7 @@ def reference_weights(tmp_path_factory, nproc: int) -> dict:
 
 
 def assert_same_weights(run_dir: Path, reference: dict) -> None:
-    weights = load_file(run_dir / "final/model.safetensors")
-    assert weights.keys() == reference.keys()
-    assert all(torch.equal(weights[k], reference[k]) for k in reference), "resumed weights differ"
+    assert_bitwise_equal(load_file(run_dir / "final/model.safetensors"), reference)
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])

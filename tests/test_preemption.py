@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from harness.checkpoint import verify
-from tests.conftest import ROOT, harness_command, launcher_exit_code, read_json, run_harness, subprocess_env
+from tests.conftest import (ROOT, assert_bitwise_equal, harness_command, launcher_exit_code, read_json, run_harness,
+                            subprocess_env)
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # Long enough to be signalled mid-run on a loaded 2-core machine: 300 epochs x 15 steps.
@@ -75,7 +75,7 @@ def test_one_process_exits_75_after_saving_on_sigterm_and_resumes_exactly(tmp_pa
     run_harness(RECIPE, [f"run.output_dir={straight}", *LONG, f"train.max_steps={stop_at}"], nproc=1,
                 launcher="python")
     a, b = load_file(run_dir / "final/model.safetensors"), load_file(straight / "final/model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_bitwise_equal(a, b)
 
 
 def test_a_signal_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path):

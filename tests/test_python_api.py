@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from harness.tracking import read_scalars
 from tests.conftest import assert_bitwise_equal, weights, BIN, CPU_2PROC, ROOT, free_port, read_json, subprocess_env

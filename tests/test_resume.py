@@ -8,7 +8,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from harness.builtin.models import Mlp

@@ -67,7 +67,8 @@ EARLY_STOPPING = ["model.dropout=0.2", "train.val_every_steps=3", "checkpoint.mo
 def test_early_stopping_at_an_epochs_end_agrees_in_the_straight_and_the_resumed_run(tmp_path, capsys):
     # val_loss must improve by 0.03 per epoch; patience 1 runs out at the end of epoch 7 (step 105).
     verify_resume(capsys, tmp_path / "work", RECIPE, "train.early_stopping_patience=1",
-                  "train.early_stopping_min_delta=0.03", "--steps", "120", "--checkpoint-every", "80", "--kill-at", "95")
+                  "train.early_stopping_min_delta=0.03",
+                  "--steps", "120", "--checkpoint-every", "80", "--kill-at", "95")
     summary = read_json(tmp_path / "work/uninterrupted/metrics.json")
     assert summary["early_stopped"] and 95 < summary["steps"] < 120 and summary["steps"] % 15 == 0, summary
 

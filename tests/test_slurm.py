@@ -475,6 +475,8 @@ FAKE_LAUNCHER = textwrap.dedent("""\
         sys.exit(3)
     if mode == "finish":
         sys.exit(0)
+    if mode == "exit75":  # the ranks saved because their launcher died: exit 75, no marker
+        sys.exit(75)
     deadline = time.time() + 30
     while not got and time.time() < deadline:
         time.sleep(0.01)
@@ -548,6 +550,12 @@ def test_library_never_requeues_a_failed_run_even_with_a_stale_marker(tmp_path):
     assert rc == 3, out
     assert calls == [], out
     assert "launcher failed with exit code 3: NOT requeueing" in out
+
+
+def test_library_never_requeues_exit_75_without_a_marker(tmp_path):
+    rc, out, calls = run_library(tmp_path, "exit75", {"SLURM_JOB_ID": "42"})
+    assert rc == 75 and calls == [], out
+    assert "exit code 75 without" in out and "NOT requeueing" in out
 
 
 def test_library_exits_0_when_training_finishes(tmp_path):

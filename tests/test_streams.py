@@ -13,7 +13,7 @@ from harness.contracts import ConfigError
 from harness.data import LoaderSettings, as_task_data
 from harness.streams import shard_of_stream
 from harness.tracking import read_scalars
-from tests.conftest import assert_bitwise_equal, run_harness, subprocess_env, weights
+from tests.conftest import assert_bitwise_equal, read_json, run_harness, subprocess_env, weights
 
 STREAMS = textwrap.dedent('''
     import torch
@@ -110,9 +110,21 @@ def test_two_ranks_with_workers_killed_mid_epoch_resume_bitwise_and_refuse_anoth
     # Another number of loader workers: refused too, each worker's copy of the stream saved its own position.
     workers = run_harness(recipe, [f"run.output_dir={killed}", "data.num_workers=0"], nproc=2, check=False)
     assert workers.returncode != 0 and "data.num_workers=2" in workers.stderr, workers.stderr[-3000:]
+    assert workers.stderr.count("exitcode  : 3 ") == 2, "every rank exits 3: an unusable checkpoint"
     resumed = run_harness(recipe, [f"run.output_dir={killed}"], nproc=2)
     assert "resumed from" in resumed.stdout and "step-000012" in resumed.stdout
     assert_bitwise_equal(weights(straight), weights(killed))
+
+
+def test_at_an_epoch_boundary_a_stream_resumes_on_other_ranks_and_workers(folder, tmp_path):
+    recipe, run_dir = folder / "recipe.yaml", tmp_path / "run"
+    # 1 rank, 2 workers, stopped by max_steps at the end of epoch 1 (10 steps of 32).
+    run_harness(recipe, [f"run.output_dir={run_dir}", "train.max_steps=10"], nproc=1, launcher="python")
+    assert read_json(run_dir / "metrics.json")["steps"] == 10
+    resumed = run_harness(recipe, [f"run.output_dir={run_dir}", "data.num_workers=0"], nproc=2)
+    assert "resumed from" in resumed.stdout and "World size changed" in resumed.stderr + resumed.stdout
+    summary = read_json(run_dir / "metrics.json")
+    assert summary["steps"] == 30 and summary["world_size"] == 2 and summary["epochs"] == 3
 
 
 def test_a_stream_shorter_than_its_len_ends_each_epoch_early(folder, tmp_path):

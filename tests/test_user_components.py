@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from harness.tracking import read_scalars
 from tests.conftest import assert_bitwise_equal, weights, ROOT, read_json, run_harness, subprocess_env

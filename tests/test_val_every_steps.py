@@ -4,11 +4,10 @@ every rank, and a preemption inside one resumes by redoing it."""
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from harness.tracking import read_scalars
-from tests.conftest import ROOT, read_json, run_harness, subprocess_env
+from tests.conftest import ROOT, assert_bitwise_equal, read_json, run_harness, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # 455 samples, batch 64 -> 8 steps per epoch; 3 epochs. Validation every 3 steps inside an epoch
@@ -41,7 +40,7 @@ def test_each_validation_steps_plateau_once_on_every_rank_and_a_preemption_insid
     assert read_json(preempted / "PREEMPTED.json")["step"] == 9
     run(preempted, nproc)
     a, b = load_file(straight / "final/model.safetensors"), load_file(preempted / "final/model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_bitwise_equal(a, b)
     resumed = read_scalars(preempted)
     assert resumed["lr/default"] == scalars["lr/default"]
     assert [s for s, _ in resumed["val/loss"]] == [3, 6, 8, 9, 12, 15, 16, 18, 21, 24], "step 9's validation redone"

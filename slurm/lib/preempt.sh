@@ -19,9 +19,11 @@
 #      checkpoint, rank 0 writes RUN_DIR/PREEMPTED.json, every rank exits 75, the launchers exit 1.
 #      Why SIGUSR1 and not SIGTERM: srun answers SIGTERM by SIGKILLing the step ("srun: forcing job
 #      termination"), which would kill the ranks in the middle of the save.
-#   3. When srun has returned, PREEMPTED.json present (or exit code 75) means "saved": then
+#   3. When srun has returned, PREEMPTED.json present means "saved on a signal": then
 #      `scontrol requeue` (for an array, only this task: ARRAYJOB_TASK), and exit at once (SLURM
-#      SIGTERMs the job ~10 ms after the requeue). No marker means no checkpoint: never requeued.
+#      SIGTERMs the job ~10 ms after the requeue). No marker: never requeued, whatever the exit code
+#      (exit 75 without one: the ranks saved because their launcher died, not on a signal; the
+#      job ends with exit code 75 and the checkpoint is kept).
 #      Nor when the batch shell got SIGTERM or the job is no longer RUNNING (being cancelled or
 #      timed out): the checkpoint is kept, the job ends with exit code 75.
 #      A signal sent to the job steps instead (`scancel -s USR1 JOBID`, `--signal=USR1@N` without
@@ -253,12 +255,8 @@ harness_slurm_launch() {
         hs_log "stopped by SIGINT after saving: $(_hs_marker_summary "$marker"); NOT requeueing (rerun to resume)"
         exit 130
     fi
-    if [[ -f "$marker" ]] || ((rc == HARNESS_SLURM_EXIT_PREEMPTED)); then
-        if [[ -f "$marker" ]]; then
-            hs_log "checkpoint saved on a preemption signal: $(_hs_marker_summary "$marker")"
-        else
-            hs_log "exit code $rc: checkpoint saved on a preemption signal (no $marker found)"
-        fi
+    if [[ -f "$marker" ]]; then
+        hs_log "checkpoint saved on a preemption signal: $(_hs_marker_summary "$marker")"
         [[ -z "$_hs_signal" ]] &&
             hs_log "(the signal went to the job steps, not to this batch shell)"
         harness_slurm_requeue_or_stop
@@ -266,6 +264,12 @@ harness_slurm_launch() {
     if ((rc == 0)); then
         hs_log "training finished (exit 0)"
         exit 0
+    fi
+    if ((rc == HARNESS_SLURM_EXIT_PREEMPTED)); then
+        # The ranks saved and stopped, but not on a signal (no marker): their launcher died.
+        hs_log "exit code $rc without $marker: the ranks saved a checkpoint because their launcher died," \
+            "not on a preemption signal: NOT requeueing (submit the same command again to resume)"
+        exit "$rc"
     fi
     if [[ -n "$_hs_signal" ]]; then
         hs_log "got SIG$_hs_signal but no checkpoint was saved (no $marker): NOT requeueing"
