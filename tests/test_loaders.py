@@ -364,3 +364,18 @@ def test_bundled_breast_cancer_is_cached_as_plain_arrays_and_a_damaged_cache_is_
     cached.write_bytes(cached.read_bytes()[:200])  # truncated: recomputed, same arrays
     third = datasets.breast_cancer()
     assert len(computed) == 3 and torch.equal(third.train.features, first.train.features)
+
+
+def test_the_bundled_breast_cancer_table_holds_out_a_validation_part_unless_val_size_is_0(tmp_path, monkeypatch):
+    import torch
+
+    from harness.builtin import datasets
+
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    held_out = datasets.breast_cancer()
+    sizes = [len(held_out.train), len(held_out.val), len(held_out.test)]
+    assert sizes == [409, 46, 114] and "46 val" in held_out.description
+    rows = torch.cat([held_out.train.features, held_out.val.features, held_out.test.features])
+    assert len(torch.unique(rows, dim=0)) == 569, "three disjoint parts"
+    article = datasets.breast_cancer(val_size=0.0)  # the seed recipe: validates on the test part
+    assert torch.equal(article.val.features, article.test.features) and len(article.train) == 455

@@ -97,10 +97,13 @@ def _as_splits(arrays: list[np.ndarray], kind: TaskKind) -> tuple[TensorSplit, T
 @register("data", "breast_cancer", aliases=(), summary="scikit-learn's bundled breast cancer table")
 def breast_cancer(
         test_size: float = 0.2,
-        val_size: float = 0.0,
+        val_size: float = 0.1,
         random_state: int = 2,
         standardize: bool = True) -> TaskData:
-    """The seed article's table; ``val_size`` 0: validate on the test part, as the article does."""
+    """The seed article's table (scikit-learn's copy): ``test_size`` of it held out for the test,
+    ``val_size`` of the rest for validation (keep_best, early stopping and plateau choose on it).
+    ``val_size: 0`` validates on the test part, as the article does: then val_* and test_* are the
+    same numbers."""
 
     def compute() -> list[np.ndarray]:
         from sklearn.datasets import load_breast_cancer
@@ -114,7 +117,9 @@ def breast_cancer(
     arrays = cached_arrays("breast_cancer", arguments, compute)
     train, val, test = _as_splits(arrays, "binary")
     return TaskData(TaskSpec("binary", arrays[0].shape[1], 1), train, val, test,
-                    description=f"breast cancer (scikit-learn bundled): {len(train)} train, {len(test)} test")
+                    description=f"breast cancer (scikit-learn bundled): {len(train)} train, "
+                                + (f"{len(val)} val, {len(test)} test" if val_size > 0 else
+                                   f"{len(test)} test (validating on the test part: val_size 0)"))
 
 
 @register("data", "csv", aliases=(), summary="your own CSV table")
