@@ -115,6 +115,11 @@ def figures() -> list[Figure]:
         F("data_workers_fast_seed", "9a. harness with torch.manual_seed made CPU-only (default_generator.manual_seed; "
           "the harness seeds every item with it)", "data", "harness_fast_seed", "baseline", "rate", None, "steps/s",
           info=True),
+        F("stream_0w", "9b. items/s, own IterableDataset (cheap items, noise from the global RNG) read by the "
+          "harness (per-item seeding) vs a hand-written StatefulDataLoader, no loader workers", "streams",
+          "harness_0w", "baseline_0w", "rate", None, "items/s", info=True),
+        F("stream_2w", "9c. the same, 2 loader workers", "streams", "harness_2w", "baseline_2w", "rate", None,
+          "items/s", info=True),
         F("fsdp_rss_2", "11c. RSS per rank at the first optimizer step, FSDP vs DDP, 2 ranks", "fsdp", "rss_fsdp_2",
           "rss_ddp_2", "time", None, "GB", info=True),
         F("fsdp_rss_4", "11d. RSS per rank at the first optimizer step, FSDP vs DDP, 4 ranks", "fsdp", "rss_fsdp_4",
@@ -429,6 +434,16 @@ def run_overhead(ctx: Context) -> None:
     ctx.extra["overhead"] = json.loads(out.read_text())["rows"]
 
 
+def run_streams(ctx: Context, selected: list[Figure]) -> list[dict]:
+    """Figures 9b and 9c (benchmarks.streams, in-process)."""
+    out = ctx.raw / "streams.json"
+    ctx.python(["benchmarks.streams", "--rounds", str(ctx.rounds), "--items", "8000" if ctx.quick else "20000",
+                "--out", str(out)], "streams")
+    data = json.loads(out.read_text())
+    ctx.extra["streams"] = {k: data[k] for k in ("items", "batch_size")}
+    return [{k: v["median"] for k, v in r.items()} for r in data["rounds"]]
+
+
 GROUPS: dict[str, Callable] = {
     "mlp": lambda ctx, sel: run_inproc(ctx, "mlp", sel),
     "gcn": lambda ctx, sel: run_inproc(ctx, "gcn", sel),
@@ -436,6 +451,7 @@ GROUPS: dict[str, Callable] = {
     "ckpt": run_ckpt,
     "launch": run_launch,
     "data": run_data,
+    "streams": run_streams,
     "fsdp": run_fsdp,
 }
 
@@ -667,7 +683,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds and shorter runs")
     parser.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
     parser.add_argument("--only", default=None, help="figure names or groups (mlp, gcn, ddp, ckpt, launch, "
-                                                     "data, fsdp, overhead), comma-separated; see --list")
+                                                     "data, streams, fsdp, overhead), comma-separated; see --list")
     parser.add_argument("--soak", type=int, default=None, metavar="N", help="start and exit a 2-rank run N times")
     parser.add_argument("--soak-timeout", type=float, default=180.0, help="seconds per soak run")
     parser.add_argument("--list", action="store_true", help="list figure names and exit")
