@@ -284,6 +284,22 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
+def raw_rng_state() -> tuple:
+    """The generators' states as their own getters give them (no conversion to JSON: ~80 us), to
+    put back with set_raw_rng_state in this process."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), random.getstate(), np.random.get_state(), cuda
+
+
+def set_raw_rng_state(state: tuple) -> None:
+    cpu, python, numpy_state, cuda = state
+    torch.set_rng_state(cpu)
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def library_versions() -> dict:
     """What a run's numbers depend on besides its recipe and seed: the libraries that compute, and
     the CPU kernels torch picked (AVX2, AVX512...) or the GPU. Recorded in every checkpoint; a resume

@@ -475,7 +475,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
         buffers_from_rank0(acc, model)  # one set of BatchNorm statistics, the one checkpoints hold
     # A preemption inside this validation saves the RNG state of the step boundary before it (a
     # model may draw randomness in eval mode): the resumed run redoes the validation from there.
-    boundary_rng = ckpt.rng_state() if interruptible else None
+    boundary_rng = ckpt.raw_rng_state() if interruptible else None
     was_training = model.training
     model.eval()
     widths = [metric.width for metric in trainer.metrics]
@@ -507,7 +507,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
             if interruptible and start + every < len(shards) and trainer.preemption is not None \
                     and trainer.preemption.should_stop(acc):
                 model.train(was_training)
-                ckpt.set_rng_state(*boundary_rng)
+                ckpt.set_raw_rng_state(boundary_rng)
                 stop_for_preemption(trainer)
     sums = sums.cpu()
     if split is trainer.task.val:
