@@ -116,7 +116,7 @@ def figures() -> list[Figure]:
           "the harness seeds every item with it)", "data", "harness_fast_seed", "baseline", "rate", None, "steps/s",
           info=True),
         F("stream_0w", "9b. items/s, own IterableDataset (cheap items, noise from the global RNG) read by the "
-          "harness (per-item seeding) vs a hand-written StatefulDataLoader, no loader workers", "streams",
+          "harness (loader workers seeded per batch) vs a hand-written StatefulDataLoader, no loader workers", "streams",
           "harness_0w", "baseline_0w", "rate", None, "items/s", info=True),
         F("stream_2w", "9c. the same, 2 loader workers", "streams", "harness_2w", "baseline_2w", "rate", None,
           "items/s", info=True),
@@ -500,6 +500,8 @@ def fmt_value(value: float, unit: str) -> str:
         return f"{value:,.1f} steps/s" if value >= 10 else f"{value:.3f} steps/s"
     if unit == "GB":
         return f"{value / 1e9:.3f} GB"
+    if unit == "items/s":
+        return f"{value:,.0f} items/s"
     return f"{value:.3f} s" if value < 10 else f"{value:.2f} s"
 
 
