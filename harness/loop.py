@@ -528,6 +528,9 @@ def stop_for_preemption(trainer: Trainer) -> None:
     watcher.drain()
     watcher.announce_stop(trainer.is_main, trainer.state.step)
     folder = save_checkpoint(trainer, trainer.store, "preempted")
+    # At once, before rank 0 writes the marker: a peer that exits first makes the launcher
+    # SIGTERM this rank, which must still end with the exit code its saved stop earned.
+    watcher.ignore_further()
     if trainer.is_main:
         watcher.report_stop(trainer.run_dir, folder, trainer.state.step)
     raise Preempted(watcher.requested or "a signal to another rank", folder, watcher.interrupted)

@@ -17,6 +17,7 @@ Two more requests take the same path:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -119,11 +120,17 @@ class PreemptionWatcher:
     def ignore_further(self) -> None:
         """After the stop checkpoint: SIG_IGN for the preemption signals (kept by Python's
         teardown, unlike a handler). Ctrl-C keeps its handler and the watch thread, so a second
-        one still aborts a slow teardown."""
+        one still aborts a slow teardown. Under a launcher, SIGTERM is ignored too when it is not
+        one of the preemption signals: the first rank to exit makes the launcher SIGTERM the
+        others, and a rank still unwinding would end with -15 instead of the exit code its saved
+        stop earned."""
         self._saved = True
         for signum in self._previous:
             if signum != signal.SIGINT or not self._handle_interrupt:
                 signal.signal(signum, signal.SIG_IGN)
+        if self.launcher_pid is not None and signal.SIGTERM not in self._previous:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to ignore there
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self._previous = {signum: h for signum, h in self._previous.items()
                           if signum == signal.SIGINT and self._handle_interrupt}
 
