@@ -319,7 +319,10 @@ class GraphSplit(Split):
         from torch_geometric.loader import DataLoader
 
         batch_lists = [idx.tolist() for idx in index_batches]
-        loader = DataLoader(self.graphs, batch_sampler=batch_lists, num_workers=self.num_workers)
+        # Its own generator: creating the iterator draws the workers' base seed from it; from the
+        # global RNG, that draw would shift the restored training RNG (dropout) after a resume.
+        loader = DataLoader(self.graphs, batch_sampler=batch_lists, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(0))
         for batch in loader:
             yield GraphBatch(batch)
 

@@ -6,7 +6,8 @@ point, and the worker writes nothing but run folders.
       1 rank. For every case (each schedule kind, plus a user's own LambdaLR factor) and each
       warmup length, OUT_DIR/<case>-warmup<N>/straight (uninterrupted) and .../stopped
       (train.max_steps stops it mid-epoch with a checkpoint, then the same command without
-      max_steps resumes it); error.txt there when a run fails (the other cases still run).
+      max_steps resumes it); error.txt there when a run fails (the other cases still run). The
+      same for each kind of data with dropout: OUT_DIR/data-<case>/{straight,stopped}.
   accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml tests/resume_matrix_worker.py OUT_DIR --two-ranks
       The uninterrupted runs of the 2-rank subset: OUT_DIR/<case>/straight.
 """
@@ -54,6 +55,24 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "chained": ("chained", ["schedule.interval=step"]),
 }
 
+# The data axis: every kind of data the harness batches, each with dropout (the training RNG must
+# be restored and then drawn from exactly as the straight run draws) and a stop mid-epoch.
+# case -> (recipe, overrides, total steps, stop step): 8, 8, 6 and 8 steps per epoch.
+DATA_CASES: dict[str, tuple[str, list[str], int, int]] = {
+    "graphs": ("gnn_graphs.yaml", ["data.num_graphs=300", "data.batch_size=32", "train.epochs=3",
+                                   "model.dropout=0.5", "schedule.warmup_steps=3"], 24, 11),
+    "graphs_workers": ("gnn_graphs.yaml", ["data.num_graphs=300", "data.batch_size=32", "train.epochs=3",
+                                           "model.dropout=0.5", "schedule.warmup_steps=3", "data.num_workers=2"], 24, 11),
+    "node_batches": ("gcn_plateau.yaml", ["data.batch_size=128", "data.subgraph_hops=2", "train.epochs=3",
+                                          "model.dropout=0.5"], 18, 8),
+    "tensors_workers": ("breast_cancer_mlp.yaml", ["data.batch_size=64", "train.epochs=2", "model.dropout=0.5",
+                                                   "data.num_workers=2"], 16, 11),
+}
+
+
+def data_case_names() -> list[str]:
+    return [f"data-{case}" for case in DATA_CASES]
+
 
 # The 2-rank subset, killed with SIGKILL mid-epoch (case -> warmup steps): kinds whose resume
 # tests/test_resume.py does not cover (it covers plateau and warmup + cosine).
@@ -79,10 +98,10 @@ def overrides(case: str, warmup: int, run_dir: Path) -> list[str]:
     return [f"run.output_dir={run_dir}", *BASE, f"schedule.name={kind}", f"schedule.warmup_steps={warmup}", *extra]
 
 
-def train(args: list[str]) -> None:
+def train(args: list[str], recipe: Path = RECIPE) -> None:
     from harness.cli import main
 
-    code = main(["train", str(RECIPE), *args])
+    code = main(["train", str(recipe), *args])
     if code != 0:
         raise RuntimeError(f"harness train exited {code}")
 
@@ -91,11 +110,11 @@ def main(out: Path) -> None:
     """The 1-rank matrix: straight and stopped-then-resumed runs of every case."""
     failed: dict[str, str] = {}
 
-    def attempt(name: str, args: list[str]) -> None:
+    def attempt(name: str, args: list[str], recipe: Path = RECIPE) -> None:
         if name in failed:
             return
         try:
-            train(args)
+            train(args, recipe)
         except BaseException:  # noqa: BLE001 - recorded for that case's test, the others go on
             failed[name] = traceback.format_exc()
             (out / name).mkdir(parents=True, exist_ok=True)
@@ -107,8 +126,16 @@ def main(out: Path) -> None:
     for case, warmup, folder in plan:
         attempt(folder.name, overrides(case, warmup, folder / "straight"))
         attempt(folder.name, [*overrides(case, warmup, folder / "stopped"), f"train.max_steps={STOP_AT_STEP}"])
+    for case, (recipe, extra, _, stop) in DATA_CASES.items():
+        folder = out / f"data-{case}"
+        attempt(folder.name, [f"run.output_dir={folder / 'straight'}", *extra], ROOT / "recipes" / recipe)
+        attempt(folder.name, [f"run.output_dir={folder / 'stopped'}", *extra, f"train.max_steps={stop}"],
+                ROOT / "recipes" / recipe)
     for case, warmup, folder in plan:
         attempt(folder.name, overrides(case, warmup, folder / "stopped"))
+    for case, (recipe, extra, _, _) in DATA_CASES.items():
+        folder = out / f"data-{case}"
+        attempt(folder.name, [f"run.output_dir={folder / 'stopped'}", *extra], ROOT / "recipes" / recipe)
 
 
 def two_rank_overrides(case: str, run_dir: Path) -> list[str]:

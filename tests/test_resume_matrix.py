@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from harness.schedules import SCHEDULES
 from harness.tracking import read_scalars
 from tests.conftest import BIN, CPU_2PROC, ROOT, free_port, read_json, run_harness, subprocess_env
-from tests.resume_matrix_worker import (RECIPE, STOP_AT_STEP, TOTAL_STEPS, TWO_GROUPS, TWO_RANK_CASES,
+from tests.resume_matrix_worker import (DATA_CASES, RECIPE, STOP_AT_STEP, TOTAL_STEPS, TWO_GROUPS, TWO_RANK_CASES,
                                         TWO_RANK_EVERY_STEPS, TWO_RANK_KILL_AT_STEP, USER_FACTOR_MODULE, WARMUPS,
-                                        all_cases, case_names, two_rank_overrides)
+                                        all_cases, case_names, data_case_names, two_rank_overrides)
 
 WORKER = ROOT / "tests" / "resume_matrix_worker.py"
 # A user's own LambdaLR factor (schedule.factor=matrix_lr_factors:wave): it rises and falls, so a
@@ -124,6 +124,20 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_logged_losses(matrix, case)
     # The stopped process ended with its own test evaluation (at the stop); the last one is the run's.
     for tag in ("test/loss", "test/accuracy"):
         assert read_scalars(stopped)[tag][-1] == read_scalars(straight)[tag][-1]
+
+
+@pytest.mark.parametrize("case", data_case_names())
+def test_every_kind_of_data_with_dropout_stopped_mid_epoch_resumes_bitwise(matrix, case):
+    """Graph lists (with and without loader workers), node batches, tensors through loader workers:
+    the resumed run draws dropout masks from the restored RNG exactly as the straight run does."""
+    straight, stopped = case_runs(matrix, case)
+    _, _, total, _ = DATA_CASES[case.removeprefix("data-")]
+    assert read_json(stopped / "metrics.json")["steps"] == total
+    assert_same_weights(straight, stopped)
+    prefixes = ("lr/", "train/loss", "val/")
+    expected = logged(straight, prefixes)
+    assert len(expected["train/loss"]) > 2
+    assert_same_series(expected, logged(stopped, prefixes))
 
 
 # --------------------------------------------------------------------------------------------
