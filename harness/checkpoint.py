@@ -54,6 +54,9 @@ import crc32c
 import numpy as np
 import torch
 
+from harness.contracts import CheckpointError
+from harness.sharding import aliases_metadata, local, saved_once
+
 logger = logging.getLogger("harness")
 
 MANIFEST = "MANIFEST.json"
@@ -62,10 +65,6 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # A save in progress, or one a crash interrupted: ".tmp-step-000120-<attempt>" (before attempt
 # ids: ".tmp-step-000120"). Never resumed from; removed when the next run takes the folder's lock.
 TEMP_DIR = re.compile(r"^\.tmp-step-(\d{6,})(?:-([0-9a-f]+))?$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
 class CheckpointSaveError(CheckpointError):
@@ -207,11 +206,36 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, aliases: Optional[dict[str, str]] = None) -> None:
+    """A safetensors file; tied tensors once, their other names (``aliases``, and any found here)
+    in its metadata (sharding.Reader reads them under every name)."""
     from safetensors.torch import save_file
 
-    # The metadata safetensors' own save_model writes, which loaders such as transformers look for.
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    tensors, found = saved_once({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    save_file(tensors, str(path), metadata=aliases_metadata({**(aliases or {}), **found}))
+
+
+def rehearse_model_save(model: torch.nn.Module) -> None:
+    """Before the first step: the model's state goes through what a save does (tied tensors
+    kept once, every value to safetensors), on one element of each tensor, in memory. A model
+    that cannot be checkpointed fails now, naming its tensors, not an epoch later at its first save."""
+    from safetensors.torch import save
+
+    problems = []
+    kept, _ = saved_once(model.state_dict())
+    for name, value in kept.items():
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{name}: a {type(value).__name__}, not a tensor (get_extra_state?)")
+            continue
+        try:
+            value = local(value)
+            if value.device.type != "meta":
+                save({name: value.detach().reshape(-1)[:1].cpu().clone()})
+        except Exception as exc:  # noqa: BLE001 - sparse layouts, dtypes safetensors cannot store
+            problems.append(f"{name}: {type(value).__name__} {value.dtype} {value.layout}: {exc}")
+    if problems:
+        raise CheckpointError("the model cannot be checkpointed (its state_dict goes to safetensors, which "
+                              "stores dense tensors only):\n  " + "\n  ".join(problems[:20]))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -690,20 +714,3 @@ def verify(folder: Path) -> dict:
 
 def read_trainer_json(folder: Path) -> dict:
     return _read_json(Path(folder) / "trainer.json")
-
-
-def load_model_weights(model: torch.nn.Module, path: Path) -> None:
-    tensors = _load_tensors(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                              "(a checkpoint from another recipe?)")
-    for name, tensor in tensors.items():
-        if own[name].shape != tensor.shape:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, this model has "
-                                  f"{tuple(own[name].shape)} (a checkpoint from a recipe with other shapes?)")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            own[name].copy_(tensor)  # copy into the existing tensors: no reallocation

@@ -386,7 +386,7 @@ def run_ckpt_export(args) -> int:
     from safetensors.torch import save_file
 
     from harness import checkpoint as ckpt
-    from harness.sharding import exported
+    from harness.sharding import aliases_metadata, exported
 
     folder = args.checkpoint
     if (folder / "checkpoints").is_dir():
@@ -402,9 +402,9 @@ def run_ckpt_export(args) -> int:
         print(f"harness: ckpt export: {args.out} exists; not overwritten", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     ckpt.verify(folder)
-    tensors = exported(folder)
+    tensors, aliases = exported(folder)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(args.out), metadata={"format": "pt"})
+    save_file(tensors, str(args.out), metadata=aliases_metadata(aliases))
     print(f"wrote {args.out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters "
           f"from {folder}")
     return EXIT_OK

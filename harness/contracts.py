@@ -30,6 +30,10 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message says where and what was expected."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What a model needs to know about the data, and what the default loss and metric are."""

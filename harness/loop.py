@@ -32,7 +32,7 @@ from harness.objectives import build_loss, build_metrics
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
 from harness import checkpoint as ckpt
-from harness.checkpoint import CheckpointStore
+from harness.checkpoint import CheckpointStore, rehearse_model_save
 from harness.progress import Progress
 from harness.preemption import Preempted, PreemptionWatcher, clear_marker
 from harness.run_lock import lock_run_folder
@@ -274,6 +274,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
                       sharded=sharded)
     check_monitors(trainer)
     probe_objective(trainer)
+    rehearse_model_save(trainer.raw_model)
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
     # python's and numpy's generators too, for user code (datasets, factors) that draws from them.
     rank_seed = cfg.run.seed * 1000 + 17 + accelerator.process_index
@@ -895,23 +896,17 @@ def _write_replacing(path: Path, write) -> None:
 
 def write_final_model(trainer: Trainer) -> None:
     """Final weights of the unwrapped model, loadable with safetensors alone (FSDP: gathered whole,
-    every rank takes part)."""
+    every rank takes part); tied weights once, their other names in the file's metadata."""
+    state = trainer.raw_model.state_dict()
+    _, aliases = sharding.saved_once(state)  # on the shards: gathered tensors share no memory
     if trainer.sharded:
-        from safetensors.torch import save_file
-
-        tensors = sharding.full_tensors(trainer.raw_model.state_dict())
-        if trainer.is_main:
-            (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
-            _write_replacing(trainer.run_dir / "final" / "model.safetensors", lambda tmp: save_file(
-                {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"}))
-        return
+        state = sharding.full_tensors(state)
     if not trainer.is_main:
         return
-    from safetensors.torch import save_model
-
     (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
+    kept = {name: tensor for name, tensor in state.items() if name not in aliases}
     _write_replacing(trainer.run_dir / "final" / "model.safetensors",
-                     lambda tmp: save_model(trainer.raw_model, str(tmp)))
+                     lambda tmp: ckpt.save_tensors(kept, tmp, aliases))
 
 
 def write_rank_report(trainer: Trainer) -> None:

@@ -528,6 +528,7 @@ class CheckpointSnapshot:
     main: Optional[dict] = None  # rank 0: file name -> JSON text or tensors
     rank_files: dict = dataclasses.field(default_factory=dict)  # FSDP: this rank's shards, file name -> tensors
     stream_json: Optional[str] = None  # a train stream's loader state on this rank (harness.streams)
+    aliases: dict = dataclasses.field(default_factory=dict)  # tensor file name -> {tied name: name stored}
 
     @classmethod
     def take(cls, trainer, saved_state: dict, reason: str, staging: Optional[dict]) -> "CheckpointSnapshot":
@@ -548,6 +549,10 @@ class CheckpointSnapshot:
             # Each rank writes its own rows; sharding.json (rank 0) says whose rows are where.
             model_tensors, model_layout = sharding.split_for_files(model_tensors, rank, world)
             optimizer_tensors, optimizer_layout = sharding.split_for_files(optimizer_tensors, rank, world)
+        # Tied weights once (before staging, which would copy them apart); their names in the metadata.
+        model_tensors, model_aliases = sharding.saved_once(model_tensors)
+        model_file = f"model-rank-{rank}.safetensors" if sharded else "model.safetensors"
+        snapshot.aliases[model_file] = model_aliases
         if staging is not None:
             model_tensors = _stage(model_tensors, staging, "model/")
             optimizer_tensors = _stage(optimizer_tensors, staging, "optimizer/")
@@ -588,7 +593,7 @@ class CheckpointSnapshot:
 
     def write_rank(self, folder: Path, counter) -> None:
         for name, tensors in self.rank_files.items():
-            ckpt.save_tensors(tensors, folder / name)
+            ckpt.save_tensors(tensors, folder / name, self.aliases.get(name))
             counter.wrote(folder / name)
         path = folder / f"rng-rank-{self.rank}.json"
         path.write_text(self.rank_json)
@@ -609,7 +614,7 @@ class CheckpointSnapshot:
             if isinstance(content, str):
                 path.write_text(content)
             else:
-                ckpt.save_tensors(content, path)
+                ckpt.save_tensors(content, path, self.aliases.get(name))
             counter.wrote(path)
 
 

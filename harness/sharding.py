@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from harness.contracts import ConfigError
+from harness.contracts import CheckpointError, ConfigError
 
 SHARDING = "sharding.json"
 REFUSED_LAUNCHERS = {
@@ -92,6 +92,41 @@ def units(model: nn.Module, wrap: Optional[list[str]]) -> list[nn.Module]:
     return out
 
 
+def tied_groups(model: nn.Module, found: list[nn.Module]) -> list[list[nn.Module]]:
+    """The units as FSDP groups: units that hold one tied parameter (an embedding and its LM
+    head) share a group (FSDP2 refuses a parameter in two groups), and units tied to a parameter
+    the root holds are left to the root's group."""
+    index = {id(unit): i for i, unit in enumerate(found)}
+    root = len(found)
+    holders: dict[int, set[int]] = {}  # id(parameter) -> the innermost units holding it (or the root)
+
+    def visit(module: nn.Module, unit: int) -> None:
+        unit = index.get(id(module), unit)
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(unit)
+        for child in module.children():
+            visit(child, unit)
+
+    visit(model, root)
+    group_of = list(range(len(found) + 1))  # union-find over the units and the root
+
+    def root_of(i: int) -> int:
+        while group_of[i] != i:
+            group_of[i] = group_of[group_of[i]]
+            i = group_of[i]
+        return i
+
+    for units_holding in holders.values():
+        first, *rest = sorted(units_holding)
+        for other in rest:
+            group_of[root_of(other)] = root_of(first)
+    groups: dict[int, list[nn.Module]] = {}
+    for i, unit in enumerate(found):
+        if root_of(i) != root_of(root):
+            groups.setdefault(root_of(i), []).append(unit)
+    return list(groups.values())
+
+
 def shard(model: nn.Module, device: torch.device, world_size: int, wrap: Optional[list[str]],
           mixed_precision: Optional[str], from_rank0: bool = False) -> nn.Module:
     """fully_shard each unit, then the root, on a 1-D mesh of all ranks.
@@ -112,8 +147,8 @@ def shard(model: nn.Module, device: torch.device, world_size: int, wrap: Optiona
     if device.type == "cuda" and mixed_precision == "bf16":
         # bf16 parameters for compute, fp32 gradient reduction: the usual FSDP2 policy.
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for unit in units(model, wrap):
-        fully_shard(unit, **kwargs)
+    for group in tied_groups(model, units(model, wrap)):
+        fully_shard(group if len(group) > 1 else group[0], **kwargs)
     fully_shard(model, **kwargs)
     if from_rank0:
         receive_from_rank0(model, full, device)
@@ -189,8 +224,52 @@ def split_for_files(tensors: dict[str, torch.Tensor], rank: int, world_size: int
     return out, layout
 
 
+# safetensors metadata key of a tensor file whose tied tensors are stored once: JSON {alias: name}.
+ALIASES_KEY = "harness.aliases"
+
+
+def saved_once(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied tensors (one parameter under two names: an embedding and its LM head) kept once:
+    (the tensors without the aliases, {alias: the name kept}). safetensors refuses tensors that
+    share memory; tensors that overlap only in part (views of one buffer) are copied apart."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_of: dict[tuple, str] = {}
+    names_on: dict[int, list[str]] = {}
+    for name, tensor in tensors.items():
+        local = tensor.to_local() if is_dtensor(tensor) else tensor
+        if (not isinstance(local, torch.Tensor) or local.layout != torch.strided or local.device.type == "meta"
+                or local.numel() == 0):  # no memory to share (what safetensors cannot store is refused on save)
+            kept[name] = tensor
+            continue
+        storage = local.untyped_storage().data_ptr()
+        view = (storage, local.storage_offset(), tuple(local.shape), local.stride(), local.dtype)
+        if view in first_of:
+            aliases[name] = first_of[view]
+            continue
+        first_of[view] = name
+        kept[name] = tensor
+        names_on.setdefault(storage, []).append(name)
+    for names in names_on.values():
+        if len(names) > 1:
+            for name in names:
+                kept[name] = kept[name].clone()
+    return kept, aliases
+
+
+def aliases_metadata(aliases: Optional[dict[str, str]]) -> dict[str, str]:
+    """The metadata of a tensor file: safetensors' own ``format`` (loaders such as transformers
+    look for it) and the aliases of tensors stored once."""
+    return {"format": "pt", **({ALIASES_KEY: json.dumps(aliases, sort_keys=True)} if aliases else {})}
+
+
+def aliases_in(metadata: Optional[dict]) -> dict[str, str]:
+    return json.loads((metadata or {}).get(ALIASES_KEY, "{}"))
+
+
 class Reader:
-    """Full tensors from a checkpoint, sharded (``sharding.json``) or not, one at a time."""
+    """Full tensors from a checkpoint, sharded (``sharding.json``) or not, one at a time. A tied
+    tensor stored once is listed and read under each of its names."""
 
     def __init__(self, folder: Path, part: str):
         from safetensors import safe_open
@@ -204,38 +283,53 @@ class Reader:
         self._open = safe_open
         self._files = {}
         self._whole = {}  # file name -> {tensor name: tensor}, files this rank reads entirely
+        self._aliases: Optional[dict[str, str]] = None
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """{alias: name stored} of the tied tensors, from the files' metadata."""
+        if self._aliases is None:
+            self._aliases = {}
+            for name in self._file_names():
+                self._aliases.update(aliases_in(self._file(name).metadata()))
+        return self._aliases
+
+    def _file_names(self) -> list[str]:
+        if not (self.folder / SHARDING).is_file():
+            return [f"{self.part}.safetensors"]
+        return [f"{self.part}-rank-{r}.safetensors" for r in range(self.world)]
 
     def _file(self, name: str):
         if name not in self._files:
             path = self.folder / name
             if not path.is_file():
-                from harness.checkpoint import CheckpointError
-
                 raise CheckpointError(f"{path}: missing")
             try:
                 self._files[name] = self._open(str(path), framework="pt")
             except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a damaged or foreign file
-                from harness.checkpoint import CheckpointError
-
                 raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); it may be truncated, "
                                       "damaged or of another format (pickles are never loaded)") from None
         return self._files[name]
 
-    def names(self) -> list[str]:
+    def names(self, with_aliases: bool = True) -> list[str]:
         if not (self.folder / SHARDING).is_file():
-            return list(self._file(f"{self.part}.safetensors").keys())
-        names = set(self.layout)
-        for r in range(self.world):
-            names |= set(self._file(f"{self.part}-rank-{r}.safetensors").keys())
-        return sorted(names)
+            names = list(self._file(f"{self.part}.safetensors").keys())
+        else:
+            every = set(self.layout) - set(self.aliases)
+            for r in range(self.world):
+                every |= set(self._file(f"{self.part}-rank-{r}.safetensors").keys())
+            names = sorted(every)
+        return [*names, *self.aliases] if with_aliases else names
 
     def shape(self, name: str) -> list[int]:
+        name = self.aliases.get(name, name)
         if (self.folder / SHARDING).is_file() and name in self.layout:
             return list(self.layout[name]["shape"])
         part = f"{self.part}.safetensors" if not (self.folder / SHARDING).is_file() else f"{self.part}-rank-0.safetensors"
         return list(self._file(part).get_slice(name).get_shape())
 
     def full(self, name: str) -> torch.Tensor:
+        name = self.aliases.get(name, name)
         if not (self.folder / SHARDING).is_file():
             return self._file(f"{self.part}.safetensors").get_tensor(name).clone()  # own memory, not the file's
         if name not in self.layout:
@@ -245,8 +339,6 @@ class Reader:
                   for r, (start, stop) in enumerate(entry["rows"]) if stop > start]
         full = torch.cat(pieces) if pieces else torch.empty(entry["shape"], dtype=getattr(torch, entry["dtype"]))
         if list(full.shape) != entry["shape"]:
-            from harness.checkpoint import CheckpointError
-
             raise CheckpointError(f"{self.folder}: {self.part} tensor {name!r} assembles to {list(full.shape)}, "
                                   f"{SHARDING} says {entry['shape']}")
         return full
@@ -255,6 +347,7 @@ class Reader:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of a tensor, read from the files that hold them and nothing else (a
         resume on the same number of ranks reads only its own file)."""
+        name = self.aliases.get(name, name)
         if not (self.folder / SHARDING).is_file() or name not in self.layout:
             full = self.full(name)
             return full[start:stop].clone()
@@ -292,8 +385,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file read whole, in one sequential read, its tensors views of that one buffer
     (no second copy). The header is checked against the file's size first: a truncated or foreign
     file is a CheckpointError, and nothing in it is ever executed (JSON header, raw bytes)."""
-    from harness.checkpoint import CheckpointError
-
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -367,9 +458,10 @@ def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: (value.full_tensor() if is_dtensor(value) else value) for name, value in state.items()}
 
 
-def exported(folder: Path) -> dict[str, torch.Tensor]:
+def exported(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The whole model's tensors, tied ones once, and the aliases of those."""
     reader = Reader(folder, "model")
-    return {name: reader.full(name).contiguous() for name in reader.names()}
+    return {name: reader.full(name).contiguous() for name in reader.names(with_aliases=False)}, reader.aliases
 
 
 def lockstep(batches_of: Callable[[list], Iterable], shards: list[torch.Tensor]):
