@@ -193,6 +193,10 @@ class TrainConfig:
     # for real; the others build it on the meta device (no memory) and receive their shards from
     # rank 0 (host memory: one full copy per node instead of one per rank). Same weights either way.
     fsdp_init: Literal["every_rank", "rank0"] = "every_rank"
+    # What the loss and metrics receive when the model returns more than a tensor: an index (0) of
+    # a tuple, a key or attribute (logits) of a dict, dataclass or Hugging Face ModelOutput. null:
+    # a lone tensor, else `logits`, else the only tensor of a tuple, list or dict (harness.data.select_output).
+    model_output: Optional[Union[int, str]] = None
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
@@ -57,9 +58,30 @@ def _forward_plan(forward) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     return "named", required, optional
 
 
+# model -> its train.model_output, for the models whose recipe sets one (weak: no model is kept alive).
+_OUTPUT_CHOICES: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def choose_output(model: torch.nn.Module, choice: Optional[Any]) -> None:
+    """What call_model returns of this model's outputs (train.model_output; see select_output)."""
+    if choice is None:
+        _OUTPUT_CHOICES.pop(model, None)
+    else:
+        _OUTPUT_CHOICES[model] = choice
+
+
 def call_model(model, x: torch.Tensor, fields: dict[str, Any], whole: Any = None) -> torch.Tensor:
-    """``model(x, <fields its forward names>)``; see the module docstring."""
+    """``model(x, <fields its forward names>)``, the tensor the loss receives of what it returns;
+    see the module docstring."""
     module = getattr(model, "module", model)  # DDP's forward takes *args: look at the model's own
+    outputs = _forward(model, module, x, fields, whole)
+    choice = _OUTPUT_CHOICES.get(module) if _OUTPUT_CHOICES else None
+    if choice is None and isinstance(outputs, torch.Tensor):
+        return outputs
+    return select_output(outputs, choice)
+
+
+def _forward(model, module, x: torch.Tensor, fields: dict[str, Any], whole: Any):
     mode, required, optional = _forward_plan(type(module).forward)
     if mode == "whole" and whole is not None:
         return model(whole)
@@ -72,6 +94,55 @@ def call_model(model, x: torch.Tensor, fields: dict[str, Any], whole: Any = None
                           f"{', '.join(sorted(fields)) or '(nothing else)'}")
     kwargs = {name: fields[name] for name in (*required, *optional) if name in fields}
     return model(x, **kwargs)
+
+
+def select_output(outputs: Any, choice: Optional[Any] = None) -> torch.Tensor:
+    """The tensor the loss and metrics receive from what a model returned (``train.model_output``).
+
+    ``choice`` null: a tensor as it is; a mapping (dict, a Hugging Face ``ModelOutput``) or an
+    object with a tensor ``logits``: that; a tuple, list or mapping holding one tensor (nanoGPT's
+    ``(logits, None)`` without targets): that one. An int indexes a tuple or list, a string is a
+    key or attribute. Anything else is a ConfigError naming the structure."""
+    if choice is None and isinstance(outputs, torch.Tensor):
+        return outputs
+    if choice is not None:
+        try:
+            if isinstance(choice, int) and not isinstance(outputs, dict):
+                picked = outputs[choice]
+            elif isinstance(outputs, dict):
+                picked = outputs[choice]
+            else:
+                picked = getattr(outputs, choice)
+        except (KeyError, IndexError, AttributeError, TypeError):
+            picked = None
+        if isinstance(picked, torch.Tensor):
+            return picked
+        raise ConfigError(f"train.model_output: {choice!r} is not a tensor of the model's output, "
+                          f"{describe_output(outputs)}")
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = list(outputs.values()) if isinstance(outputs, dict) else outputs if isinstance(outputs, (tuple, list)) else []
+    tensors = [value for value in values if isinstance(value, torch.Tensor)]
+    if len(tensors) == 1:
+        return tensors[0]
+    raise ConfigError(f"model: its forward returned {describe_output(outputs)}; set train.model_output to the "
+                      "index (0) or key (logits) of the tensor the loss and metrics should receive")
+
+
+def describe_output(outputs: Any) -> str:
+    """``a tuple (0: tensor [2, 5], 1: None)``, ``a dict (logits: tensor [2, 5], ...)``."""
+    def part(value: Any) -> str:
+        return f"tensor {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+    if isinstance(outputs, dict):
+        items = ", ".join(f"{key}: {part(value)}" for key, value in list(outputs.items())[:8])
+    elif isinstance(outputs, (tuple, list)):
+        items = ", ".join(f"{i}: {part(value)}" for i, value in enumerate(outputs[:8]))
+    else:
+        fields = {k: v for k, v in vars(outputs).items() if not k.startswith("_")} if hasattr(outputs, "__dict__") else {}
+        items = ", ".join(f"{key}: {part(value)}" for key, value in list(fields.items())[:8])
+    return f"a {type(outputs).__name__} ({items})"
 
 
 # --------------------------------------------------------------------------------------------

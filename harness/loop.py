@@ -23,6 +23,7 @@ import torch
 
 from harness import faults, sampling, sharding
 from harness.assemble import build_data, build_model
+from harness.data import choose_output
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.contracts import Split, TaskData
 from harness.distributed import (all_reduce_sum, any_rank, buffers_from_rank0, check_lrs_agree, gather_rows,
@@ -273,6 +274,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
                       raw_model=model if sharded else accelerator.unwrap_model(model), components=origins,
                       sharded=sharded)
     check_monitors(trainer)
+    choose_output(trainer.raw_model, cfg.train.model_output)
     probe_objective(trainer)
     rehearse_model_save(trainer.raw_model)
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
