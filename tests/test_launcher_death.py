@@ -35,7 +35,13 @@ def start(run_dir: Path, launcher: str, nproc: int, env: dict = SLOW_SAVES) -> s
     cmd = harness_command(RECIPE, [f"run.output_dir={run_dir}", *RUN], nproc, launcher)
     log = open(f"{run_dir}.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(**env), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=hear_ctrl_c)
+
+
+def hear_ctrl_c() -> None:
+    """In the child: Ctrl-C's default action, as in a terminal. A suite started in the background
+    (`pytest &`) passes SIGINT ignored down to its children, and a run that inherits that stays deaf."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def output(run_dir: Path) -> str:
