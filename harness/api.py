@@ -3,13 +3,17 @@
     # train.py -- launch with: accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml train.py
     import harness
 
-    model = MyNet()                                      # built by you, on every rank
     data = {"train": (x_train, y_train), "val": (x_val, y_val)}   # or a PyG graph, or a TaskData
-    harness.train(model=model, data=data, loss=torch.nn.BCELoss(reduction="none"),
+    harness.train(model=MyNet, data=data, loss=torch.nn.BCELoss(reduction="none"),
                   recipe={"optim": {"name": "adam", "lr": 1e-3},
                           "schedule": {"name": "plateau", "monitor": "val_loss", "patience": 5},
                           "run": {"output_dir": "runs/mine"}},
                   overrides=sys.argv[1:])
+
+``model`` is a class or factory (built by the harness after seeding torch, numpy and random from
+``run.seed``, with the recipe's ``model`` keys and in_dim/out_dim from the data: the same weights
+on every rank and in every run), or a module you built (seed it yourself first:
+``torch.manual_seed(0)``, or every rank and every run starts from other weights).
 
 The recipe (a YAML file, a dict, or nothing) supplies everything not given as an object: the
 optimizer, the schedule, batch size, epochs, checkpoints, preemption. Checkpoints, exact resume,
@@ -27,6 +31,32 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import yaml
+
+
+def nn_module() -> type:
+    import torch
+
+    return torch.nn.Module
+
+
+def given_model_section(cfg, target: Any, recipe, overrides: Sequence[str]) -> None:
+    """A model class or factory given from Python takes the recipe's own ``model`` keys (not the
+    default mlp's), checked against its signature like a recipe's model."""
+    from harness import components
+    from harness.config import PROVIDED, ConfigError
+
+    if not callable(target):
+        raise ConfigError(f"model: given a {type(target).__name__}; give a torch.nn.Module, or a class or factory "
+                          "that builds one")
+    raw = recipe if isinstance(recipe, dict) else (yaml.safe_load(Path(recipe).read_text()) if recipe else None)
+    keys = {k: v for k, v in dict((raw or {}).get("model") or {}).items() if k != "name"}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.startswith("model.") and key != "model.name":
+            keys[key.removeprefix("model.")] = yaml.safe_load(value)
+    given = components.check_arguments(target, keys, "model", provided=PROVIDED["model"])
+    cfg.model.name = f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', type(target).__name__)}"
+    cfg.model.options = {**components.defaults_of(target, skip=PROVIDED["model"]), **given}
 
 
 def load_recipe(recipe: Union[None, str, os.PathLike, dict], overrides: Sequence[str] = ()):
@@ -62,6 +92,8 @@ def train(recipe: Union[None, str, os.PathLike, dict] = None, overrides: Sequenc
 
     def command() -> int:
         cfg = load_recipe(recipe, overrides)
+        if model is not None and not isinstance(model, nn_module()):
+            given_model_section(cfg, model, recipe, overrides)
         if isinstance(given_loss, str):
             cfg.loss.name, cfg.loss.options = given_loss, {}
         outcome["summary"] = run(cfg, GivenComponents(model=model, data=data, metrics=metrics,

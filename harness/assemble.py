@@ -61,11 +61,15 @@ def model_arguments(target: Any, options: dict, spec: TaskSpec) -> dict:
     return kwargs
 
 
-def build_model(cfg, spec: TaskSpec, folders=()) -> nn.Module:
-    target = components.resolve("model", cfg.name, folders)
-    model = components.build(target, model_arguments(target, cfg.options, spec), f"building the model {cfg.name!r}")
+def build_model(cfg, spec: TaskSpec, folders=(), target: Any = None) -> nn.Module:
+    """The recipe's model, or ``target`` (a class or factory given from Python) built with the
+    recipe's model arguments and those the data gives."""
+    label = cfg.name if target is None else getattr(target, "__qualname__", type(target).__name__)
+    if target is None:
+        target = components.resolve("model", cfg.name, folders)
+    model = components.build(target, model_arguments(target, cfg.options, spec), f"building the model {label!r}")
     if not isinstance(model, nn.Module):
         kind = "class" if inspect.isclass(target) else "factory"
-        raise ConfigError(f"model.name: the {kind} {cfg.name!r} returned a {type(model).__name__}, not a "
+        raise ConfigError(f"model.name: the {kind} {label!r} returned a {type(model).__name__}, not a "
                           "torch.nn.Module")
     return model

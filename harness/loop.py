@@ -23,7 +23,7 @@ import torch
 
 from harness import faults, sampling, sharding
 from harness.assemble import build_data, build_model
-from harness.data import choose_output
+from harness.data import choose_output, fingerprint
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.contracts import Split, TaskData
 from harness.distributed import (all_reduce_sum, any_rank, buffers_from_rank0, check_lrs_agree, gather_rows,
@@ -147,10 +147,36 @@ class GivenComponents:
     """Objects handed over from Python (harness.train(model=..., data=...)) instead of being built
     from the recipe's sections."""
 
-    model: Optional[torch.nn.Module] = None
+    model: object = None  # a module, or a class or factory the harness builds seeded (with the recipe's model keys)
     data: object = None  # anything a data factory may return (see harness.data)
     loss: object = None  # a loss function, class instance or harness Loss
     metrics: Optional[list] = None  # metric functions or objects
+
+
+def seed_everything(seed: int) -> None:
+    """torch's, numpy's and Python's global generators, as user code may draw from any of them."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def check_same_data(accelerator, task: TaskData) -> None:
+    """Every rank built the same data (split sizes and a hash of a few items): a factory that
+    draws unseeded, or reads rank-local files, would train each rank on its own data unnoticed."""
+    if accelerator.num_processes == 1:
+        return
+    rows = gather_rows(accelerator, fingerprint(task))
+    differ = [rank for rank in range(len(rows)) if not torch.equal(rows[rank], rows[0])]
+    if differ:
+        def seen(rank: int) -> str:
+            train, val, test, digest = (int(v) for v in rows[rank])
+            sizes = ", ".join(f"{name} {n}" for name, n in (("train", train), ("val", val), ("test", test)) if n >= 0)
+            return f"rank {rank}: {sizes}, items {digest:012x}"
+
+        raise ConfigError(f"data: the ranks built different data ({'; '.join(seen(r) for r in [0, *differ][:4])}). "
+                          "The data factory must build the same data on every rank (the harness splits it across "
+                          "ranks itself): run.seed seeds torch, numpy and random before it runs; seed any other "
+                          "generator it uses, and read the same files on every rank")
 
 
 def build_components(cfg: Config, given: GivenComponents, model_device: Optional[str] = None):
@@ -172,6 +198,7 @@ def build_components(cfg: Config, given: GivenComponents, model_device: Optional
             return components.origin_of(components.resolve(section, name, folders), name).as_dict()
         return {"target": name}  # built in: versioned with the harness
 
+    seed_everything(cfg.run.seed)  # the data factory's draws, the same on every rank
     if given.data is not None:
         from harness.assemble import loader_settings
 
@@ -181,12 +208,13 @@ def build_components(cfg: Config, given: GivenComponents, model_device: Optional
     else:
         task = build_data(cfg.data, cfg.run.seed, folders)
         origins["data"] = origin("data", cfg.data.name)
-    if given.model is not None:
+    seed_everything(cfg.run.seed)  # the same initial weights on every rank, whatever the data factory drew
+    if isinstance(given.model, torch.nn.Module):
         model, origins["model"] = given.model, origin("model", None, given.model)
     else:
         with torch.device(model_device) if model_device else contextlib.nullcontext():
-            model = build_model(cfg.model, task.spec, folders)
-        origins["model"] = origin("model", cfg.model.name)
+            model = build_model(cfg.model, task.spec, folders, target=given.model)
+        origins["model"] = origin("model", cfg.model.name) if given.model is None else origin("model", None, given.model)
     if given.loss is not None:
         loss, origins["loss"] = wrap_loss(given.loss, {}, "given from Python"), origin("loss", None, given.loss)
     else:
@@ -231,15 +259,15 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     given = given or GivenComponents()
     # train.fsdp_init rank0: only rank 0 builds the model's memory; the others get theirs from it.
     from_rank0 = strategy == "fsdp" and cfg.train.fsdp_init == "rank0" and accelerator.num_processes > 1
-    if from_rank0 and given.model is not None:
+    if from_rank0 and isinstance(given.model, torch.nn.Module):
         raise ConfigError("train.fsdp_init: rank0 builds the model on the meta device on ranks > 0, but this model was "
                           "built in Python before harness.train(); use every_rank, or let the recipe build it")
     task, model, loss, metrics, origins = build_components(
         cfg, given, model_device="meta" if from_rank0 and not accelerator.is_main_process else None)
+    check_same_data(accelerator, task)
     if cfg.data.batch_size > len(task.train) and cfg.data.drop_last:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {len(task.train)} "
                           "training samples and data.drop_last is true: no step would run")
@@ -279,10 +307,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     rehearse_model_save(trainer.raw_model)
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
     # python's and numpy's generators too, for user code (datasets, factors) that draws from them.
-    rank_seed = cfg.run.seed * 1000 + 17 + accelerator.process_index
-    torch.manual_seed(rank_seed)
-    random.seed(rank_seed)
-    np.random.seed(rank_seed % 2**32)
+    seed_everything(cfg.run.seed * 1000 + 17 + accelerator.process_index)
     from harness.resume import choose_checkpoint, initialize_from, record_changes, restore
 
     # Before anything in the run folder is read or written (building the components and probing
