@@ -460,10 +460,13 @@ def _table_split(pair, name: str, kind: str) -> TensorSplit:
     x, y = _tensor(pair[0], f"{name} features"), _tensor(pair[1], f"{name} targets")
     if len(x) != len(y):
         raise ConfigError(f"data: split {name!r} has {len(x)} feature rows but {len(y)} targets")
-    x = x.float() if not x.is_floating_point() else x
-    # Targets keep the shape they were given (your loss and metrics see them as you made them);
-    # class labels become integers, other targets floats.
-    y = y.long().view(-1) if kind == "multiclass" else y.float()
+    # Inputs keep their dtype (integer tokens stay integers; the built-in mlp casts to float itself).
+    # Targets keep their shape ([B, T] tokens, [B, K] labels; [B, 1] class labels become [B]); class
+    # labels become integers, other targets floats.
+    if kind == "multiclass":
+        y = y.long().view(-1) if y.dim() == 2 and y.shape[1] == 1 else y.long()
+    else:
+        y = y.float()
     return TensorSplit(x, y)
 
 

@@ -29,11 +29,12 @@ from harness.contracts import Split, TaskData
 from harness.distributed import (all_reduce_sum, any_rank, buffers_from_rank0, check_lrs_agree, gather_rows,
                                  launcher_pid, lost_rank_error, make_accelerator, raise_if_lrs_differ,
                                  shutdown_process_group, warn_if_ranks_lost)
-from harness.objectives import build_loss, build_metrics
+from harness.objectives import averages_elements, build_loss, build_metrics, element_count
 from harness.optimizers import build_optimizer
 from harness.schedules import Horizon, LRSchedule, build_schedule
 from harness import checkpoint as ckpt
 from harness.checkpoint import CheckpointStore, rehearse_model_save
+from harness.components import UserCodeError
 from harness.progress import Progress
 from harness.preemption import Preempted, PreemptionWatcher, clear_marker
 from harness.run_lock import lock_run_folder
@@ -90,6 +91,9 @@ class Trainer:
     metrics: list = field(default_factory=list)  # harness.contracts.Metric
     components: dict = field(default_factory=dict)  # import path + source hash of each component
     sharded: bool = False  # FSDP2: parameters are DTensors holding this rank's rows
+    # The loss gives several values per sample (tokens, labels): means are over the counted target
+    # elements (harness.objectives.element_count), not over samples. Decided by probe_objective.
+    per_element: bool = False
     # The monitored value (checkpoint.monitor) of the latest validation, for keep_best.
     last_monitored: Optional[float] = None
     preemption: Optional[PreemptionWatcher] = None
@@ -244,9 +248,22 @@ def probe_objective(trainer: Trainer) -> None:
         with torch.no_grad():
             batch = split.fetch(torch.arange(min(2, len(split)))).to(acc.device)
             outputs = batch.predict(model).float()
-            trainer.loss.per_sample(outputs, batch.targets)
+            try:
+                trainer.loss.per_sample(outputs, batch.targets)
+            except (UserCodeError, ConfigError):
+                raise
+            except (ValueError, RuntimeError, IndexError) as exc:  # a built-in loss: shapes that do not pair
+                raise ConfigError(f"loss: {trainer.cfg.loss.name or 'the default loss'} cannot pair outputs "
+                                  f"{list(outputs.shape)} with targets {list(batch.targets.shape)}: {exc}") from None
+            trainer.per_element = averages_elements(trainer.loss, outputs, batch.targets)
             for metric in trainer.metrics:
-                metric.sums(outputs, batch.targets)
+                try:
+                    metric.sums(outputs, batch.targets)
+                except (UserCodeError, ConfigError):
+                    raise
+                except (ValueError, RuntimeError, IndexError) as exc:
+                    raise ConfigError(f"metrics: {metric.name} cannot score outputs {list(outputs.shape)} against "
+                                      f"targets {list(batch.targets.shape)}: {exc}") from None
     finally:
         model.train(was_training)
 
@@ -355,6 +372,15 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loade
     if micro is None:
         micro = sampling.local_micro_batches(global_indices, cfg.train.grad_accum_steps, rank, world)
     scale = world / global_count
+    counted = global_count
+    if trainer.per_element:
+        # The mean is over the global batch's counted tokens/labels, known once every micro-batch
+        # of every rank is loaded: one all-reduce of the count per step.
+        batches = [next(loaded) if loaded is not None else trainer.task.train.fetch(local) for local, _ in micro]
+        local_count = sum(float(element_count(b.targets)) for b, (_, weight) in zip(batches, micro) if weight)
+        counted = int(all_reduce_sum(acc, [local_count])[0]) if world > 1 else int(local_count)
+        scale = world / max(counted, 1)
+        loaded = iter(batches)
     for i, (local, weight) in enumerate(micro):
         batch = next(loaded) if loaded is not None else trainer.task.train.fetch(local)
         if acc.device.type != "cpu":
@@ -372,8 +398,8 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loade
     trainer.schedule.after_optimizer_step()
     trainer.state.step += 1
     trainer.state.samples_in_epoch += global_count
-    trainer.state.window_count += global_count
-    trainer.state.epoch_count += global_count
+    trainer.state.window_count += counted  # what the logged train loss is a mean over
+    trainer.state.epoch_count += counted
     trainer.window_samples += global_count
 
 
@@ -402,6 +428,8 @@ def backward(trainer: Trainer, loss_sum: torch.Tensor, scale: float) -> None:
     if getattr(acc, "scaler", None) is None and acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU"):
         seed = trainer.gradient_seeds.get(scale)
         if seed is None or seed.dtype != loss_sum.dtype or seed.device != loss_sum.device:
+            if len(trainer.gradient_seeds) >= 8:  # per-element losses: a scale per token count
+                trainer.gradient_seeds.clear()
             seed = trainer.gradient_seeds[scale] = torch.tensor(scale, dtype=loss_sum.dtype, device=loss_sum.device)
         loss_sum.backward(seed)
     else:
@@ -529,7 +557,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
                 if not counts:
                     continue
                 sums[0] += trainer.loss.per_sample(outputs, batch.targets).double().sum()
-                sums[1] += len(outputs)
+                sums[1] += element_count(batch.targets) if trainer.per_element else len(outputs)
                 if widths:
                     sums[2:] += torch.cat([metric.sums(outputs, batch.targets).to(sums) for metric in trainer.metrics])
             if interruptible and start + every < len(shards) and trainer.preemption is not None \

@@ -47,7 +47,8 @@ class FunctionLoss:
         self.fn, self.label, self.outputs, self.float_targets = fn, label, outputs, float_targets
         self.checked = False
 
-    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def values(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Unreduced: one value per sample, or one per target element (token, label)."""
         if self.float_targets:
             from harness.builtin.objectives import float_targets_like
 
@@ -55,20 +56,53 @@ class FunctionLoss:
         with components.user_code(f"computing the loss {self.label}", while_training=True):
             values = self.fn(outputs, targets)
         if not self.checked:
-            self._check(values, outputs)
-        return values.reshape(len(values), -1).sum(dim=1) if values.dim() > 1 else values
+            self._check(values, outputs, targets)
+        return values
 
-    def _check(self, values: Any, outputs: torch.Tensor) -> None:
-        if not isinstance(values, torch.Tensor) or values.dim() == 0 or len(values) != len(outputs):
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        values = self.values(outputs, targets)
+        return values.reshape(len(outputs), -1).sum(dim=1) if values.numel() != len(outputs) else values.reshape(-1)
+
+    def _check(self, values: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        fits = isinstance(values, torch.Tensor) and values.dim() > 0 and (
+            len(values) == len(outputs) or values.numel() == targets.numel())
+        if not fits:
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ConfigError(
-                f"loss.name: {self.label} returned {shape} for a batch of {len(outputs)} samples; the harness needs "
-                "one value per sample (reduction='none' semantics) to form exact means over ranks and micro-batches. "
-                "Return the unreduced losses, e.g. F.binary_cross_entropy(outputs, targets, reduction='none').")
+                f"loss.name: {self.label} returned {shape} for a batch of {len(outputs)} samples (targets "
+                f"{tuple(targets.shape)}); the harness needs one value per sample (or one per target element: a token, a "
+                "label), reduction='none' semantics, to form exact means over ranks and micro-batches. "
+                "Return them, e.g. F.binary_cross_entropy(outputs, targets, reduction='none').")
         self.checked = True
 
     def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.per_sample(outputs, targets).sum()
+
+
+def element_count(targets: torch.Tensor) -> torch.Tensor:
+    """How many target elements a per-element loss is averaged over: every element of float
+    targets; integer targets other than IGNORE_INDEX (-100, torch's default: padding)."""
+    from harness.builtin.objectives import IGNORE_INDEX
+
+    if targets.is_floating_point():
+        return torch.tensor(targets.numel(), device=targets.device)
+    return (targets != IGNORE_INDEX).sum()
+
+
+def averages_elements(loss, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """True when the loss gives several values per sample (a token, a label, an output column):
+    its mean is then over the counted target elements, as torch's reduction="mean" for the same
+    batch, not over samples. A loss without ``values`` (a harness Loss of your own) is per sample."""
+    if not hasattr(loss, "values") or targets.numel() <= len(targets):
+        return False
+    values = loss.values(outputs, targets)
+    if values.numel() <= len(outputs):
+        return False
+    if values.numel() != targets.numel():
+        raise ConfigError(f"loss: {values.numel()} loss values for {targets.numel()} target elements (outputs "
+                          f"{list(outputs.shape)}, targets {list(targets.shape)}); a loss with several values per "
+                          "sample needs one per target element")
+    return True
 
 
 def build_loss(name: Optional[str], kwargs: dict, spec: TaskSpec, folders=()):

@@ -34,7 +34,7 @@ class Mlp(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.layers(x if x.is_floating_point() else x.float())
 
 
 @register("model", "gcn", summary="GCN for node classification (needs graph data)")

@@ -1,11 +1,15 @@
 """Built-in losses and metrics, registered like a user's.
 
-Losses return one value per sample (``reduction="none"``; a sample's several outputs are summed),
-so the engine forms exact global means as (sum, count). Metrics return additive sums.
+Losses return their unreduced values (``reduction="none"``): one per sample, or one per element
+(a token, a label, an output column) when the targets hold several per sample; the engine forms
+exact global means as (sum, count) over samples or over the counted elements (harness.objectives).
+Metrics return additive sums. Integer targets equal to ``IGNORE_INDEX`` (-100, torch's default:
+padding) count in neither.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -23,26 +27,42 @@ def float_targets_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return targets.to(outputs.dtype) if targets.dtype != outputs.dtype else targets
 
 
+IGNORE_INDEX = -100
+
+
 def class_targets(targets: torch.Tensor) -> torch.Tensor:
     return targets.reshape(-1).long() if targets.dim() > 1 or targets.dtype != torch.long else targets
 
 
+def per_position(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Class scores for each position of a sequence: outputs [B, T, C] against targets [B, T]."""
+    return outputs.dim() > 2 and outputs.dim() == targets.dim() + 1 and outputs.shape[:-1] == targets.shape
+
+
 class TorchLoss:
-    """A torch.nn.functional loss taken per sample; ``summed`` is its one-op sum (the training
-    step needs only the sum)."""
+    """A torch.nn.functional loss, unreduced; ``summed`` is its one-op sum (the training step needs
+    only the sum). Class losses take sequences too: logits [B, T, C], targets [B, T]."""
 
     def __init__(self, fn, outputs: OutputKind, float_targets: bool, **kwargs):
         self.fn, self.outputs, self.float_targets, self.kwargs = fn, outputs, float_targets, kwargs
 
-    def targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return float_targets_like(outputs, targets) if self.float_targets else class_targets(targets)
+    def arguments(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.float_targets:
+            return outputs, float_targets_like(outputs, targets)
+        if per_position(outputs, targets):
+            return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1).long()
+        return outputs, class_targets(targets)
+
+    def values(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Unreduced: one value per sample, or per element (token, label) where targets have several."""
+        return self.fn(*self.arguments(outputs, targets), reduction="none", **self.kwargs)
 
     def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        values = self.fn(outputs, self.targets(outputs, targets), reduction="none", **self.kwargs)
-        return values.reshape(len(values), -1).sum(dim=1) if values.dim() > 1 else values
+        values = self.values(outputs, targets)
+        return values.reshape(len(outputs), -1).sum(dim=1) if values.numel() != len(outputs) else values.reshape(-1)
 
     def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.fn(outputs, self.targets(outputs, targets), reduction="sum", **self.kwargs)
+        return self.fn(*self.arguments(outputs, targets), reduction="sum", **self.kwargs)
 
 
 @register("loss", "bce_with_logits", aliases=("binary_cross_entropy_with_logits", "bcewithlogitsloss"),
@@ -100,13 +120,31 @@ def predicted_classes(outputs: torch.Tensor, threshold: float) -> torch.Tensor:
     return (outputs.reshape(-1) >= threshold).long()
 
 
+def scored(outputs: torch.Tensor, targets: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, truth) as flat integer classes of the elements that count, for any shape the
+    harness trains: one class per sample (logits [B, C] or one output [B, 1] against [B]); one
+    per position (logits [B, T, C] against [B, T], IGNORE_INDEX left out); one per label
+    (multi-label: outputs and targets both [B, K], each label cut at the threshold)."""
+    if per_position(outputs, targets):
+        keep = targets != IGNORE_INDEX
+        return outputs.argmax(dim=-1)[keep], targets[keep].long()
+    if targets.dim() > 1 and targets.shape == outputs.shape and targets.shape[-1] > 1:
+        return (outputs >= threshold).long().reshape(-1), targets.reshape(-1).long()
+    predicted, truth = predicted_classes(outputs, threshold), targets.reshape(-1).long()
+    if predicted.shape != truth.shape:
+        raise ValueError(f"outputs {list(outputs.shape)} do not score against targets {list(targets.shape)}: "
+                         "expected [B, C] or [B, 1] against [B], [B, T, C] against [B, T], or [B, K] against [B, K]")
+    return predicted, truth
+
+
 def default_threshold(loss_outputs: Optional[str]) -> float:
     return 0.5 if loss_outputs == "probabilities" else 0.0
 
 
 class Accuracy:
-    """Share of samples whose predicted class is the target. Logits are cut at 0, probabilities
-    (a loss such as ``bce`` says so) at 0.5, unless ``threshold`` is given."""
+    """Share of samples (tokens, labels: see ``scored``) whose predicted class is the target.
+    Logits are cut at 0, probabilities (a loss such as ``bce`` says so) at 0.5, unless
+    ``threshold`` is given."""
 
     width = 2
     higher_is_better = True
@@ -115,8 +153,9 @@ class Accuracy:
         self.name, self.threshold = name, threshold
 
     def sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        correct = (predicted_classes(outputs, self.threshold) == targets.reshape(-1).long()).sum()
-        return torch.stack([correct.double(), torch.tensor(float(len(outputs)), dtype=torch.float64,
+        predicted, truth = scored(outputs, targets, self.threshold)
+        correct = (predicted == truth).sum()
+        return torch.stack([correct.double(), torch.tensor(float(len(truth)), dtype=torch.float64,
                                                            device=outputs.device)])
 
     def compute(self, totals: Sequence[float]) -> float:
@@ -129,7 +168,8 @@ def accuracy(threshold: Optional[float] = None, loss_outputs: Optional[str] = No
 
 
 class F1:
-    """F1 of the positive class (binary), or the mean F1 over classes (multiclass, macro)."""
+    """F1 of the positive class (binary; multi-label: over every label's elements, micro), or
+    the mean F1 over classes (multiclass, macro; per token for sequences)."""
 
     higher_is_better = True
 
@@ -140,8 +180,7 @@ class F1:
         self.width = 3 if self.binary else 3 * self.classes
 
     def sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        predicted = predicted_classes(outputs, self.threshold)
-        truth = targets.reshape(-1).long()
+        predicted, truth = scored(outputs, targets, self.threshold)
         classes = [1] if self.binary else range(self.classes)
         counts = []
         for c in classes:
@@ -194,3 +233,30 @@ def mae() -> MeanOfSamples:
 @register("metric", "mse", summary="mean squared error (averaged over a sample's outputs)")
 def mse_metric() -> MeanOfSamples:
     return MeanOfSamples("mse", lambda o, t: _per_sample_error(o, t, 2), higher_is_better=False)
+
+
+class Perplexity:
+    """exp of the mean cross-entropy per counted token (or sample): the language-model figure."""
+
+    width = 2
+    higher_is_better = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if per_position(outputs, targets):
+            outputs, targets = outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
+        targets = targets.reshape(-1).long()
+        total = F.cross_entropy(outputs.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
+        count = (targets != IGNORE_INDEX).sum()
+        return torch.stack([total.double(), count.double()])
+
+    def compute(self, totals: Sequence[float]) -> float:
+        return math.exp(float(totals[0]) / max(float(totals[1]), 1.0))
+
+
+@register("metric", "perplexity", aliases=("ppl",), summary="exp(mean cross-entropy per token): class logits "
+                                                           "[B, T, C] or [B, C] against integer targets")
+def perplexity() -> Perplexity:
+    return Perplexity("perplexity")
