@@ -59,24 +59,41 @@ def _forward_plan(forward) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     return "named", required, optional
 
 
-# model -> its train.model_output, for the models whose recipe sets one (weak: no model is kept alive).
-_OUTPUT_CHOICES: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+# model -> (its train.model_output, the loss object when the model computes its own loss), for the
+# models whose recipe sets either (weak: no model is kept alive by it).
+_CALL_PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def choose_output(model: torch.nn.Module, choice: Optional[Any]) -> None:
-    """What call_model returns of this model's outputs (train.model_output; see select_output)."""
-    if choice is None:
-        _OUTPUT_CHOICES.pop(model, None)
+def choose_output(model: torch.nn.Module, choice: Optional[Any], own_loss: Any = None) -> None:
+    """What call_model returns of this model's outputs (train.model_output; see select_output),
+    and, with ``loss.name: model``, the loss object that takes the model's own loss from them."""
+    if choice is None and own_loss is None:
+        _CALL_PLANS.pop(model, None)
     else:
-        _OUTPUT_CHOICES[model] = choice
+        _CALL_PLANS[model] = (choice, own_loss)
 
 
-def call_model(model, x: torch.Tensor, fields: dict[str, Any], whole: Any = None) -> torch.Tensor:
-    """``model(x, <fields its forward names>)``, the tensor the loss receives of what it returns;
-    see the module docstring."""
+def call_model(model, x: torch.Tensor, fields: dict[str, Any], whole: Any = None,
+               targets: Optional[torch.Tensor] = None, args: Optional[tuple] = None) -> torch.Tensor:
+    """``model(x, <fields its forward names>)`` (or ``model(*args)``), the tensor the loss and
+    metrics receive of what it returns; see the module docstring. With the model's own loss
+    (``loss.name: model``) the targets go in by their forward parameter's name and the loss it
+    returns is handed to that loss object."""
     module = getattr(model, "module", model)  # DDP's forward takes *args: look at the model's own
-    outputs = _forward(model, module, x, fields, whole)
-    choice = _OUTPUT_CHOICES.get(module) if _OUTPUT_CHOICES else None
+    choice, own_loss = _CALL_PLANS.get(module, (None, None)) if _CALL_PLANS else (None, None)
+    extra = {}
+    if own_loss is not None:
+        if targets is None:
+            raise ConfigError("loss.name: model: this kind of data does not pass targets to the model (node-level "
+                              "graphs: the model sees whole neighbourhoods, its own loss would cover other nodes); "
+                              "use a loss of the harness's")
+        extra = {own_loss.targets_parameter(module): targets}
+    if args is not None:
+        outputs = model(*args, **extra)
+    else:
+        outputs = _forward(model, module, x, {**fields, **extra}, whole)
+    if own_loss is not None:
+        outputs = own_loss.take(outputs)
     if choice is None and isinstance(outputs, torch.Tensor):
         return outputs
     return select_output(outputs, choice)
@@ -186,7 +203,7 @@ class TensorBatch(Batch):
         self.features, self.targets = features, targets
 
     def predict(self, model) -> torch.Tensor:
-        return call_model(model, self.features, {})
+        return call_model(model, self.features, {}, targets=self.targets)
 
     def to(self, device) -> "TensorBatch":
         return TensorBatch(self.features.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
@@ -395,7 +412,7 @@ class GraphBatch(Batch):
     def predict(self, model) -> torch.Tensor:
         fields = _graph_fields(self.batch)
         fields["num_graphs"] = self.batch.num_graphs
-        return call_model(model, self.batch.x, fields, whole=self.batch)
+        return call_model(model, self.batch.x, fields, whole=self.batch, targets=self.targets)
 
     def to(self, device) -> "GraphBatch":
         return GraphBatch(self.batch.to(device))
@@ -707,10 +724,10 @@ class ItemBatch(Batch):
     def predict(self, model) -> torch.Tensor:
         if isinstance(self.inputs, dict):
             (first, x), *rest = self.inputs.items()
-            return call_model(model, x, dict(rest))
+            return call_model(model, x, dict(rest), targets=self.targets)
         if isinstance(self.inputs, (tuple, list)):
-            return model(*self.inputs)
-        return call_model(model, self.inputs, {})
+            return call_model(model, None, {}, targets=self.targets, args=tuple(self.inputs))
+        return call_model(model, self.inputs, {}, targets=self.targets)
 
     def to(self, device) -> "ItemBatch":
         move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731

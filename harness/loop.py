@@ -319,7 +319,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
                       raw_model=model if sharded else accelerator.unwrap_model(model), components=origins,
                       sharded=sharded)
     check_monitors(trainer)
-    choose_output(trainer.raw_model, cfg.train.model_output)
+    choose_output(trainer.raw_model, cfg.train.model_output, loss if hasattr(loss, "take") else None)
     probe_objective(trainer)
     rehearse_model_save(trainer.raw_model)
     # Dropout and other training randomness: a distinct stream per rank, derived from the seed;
@@ -377,7 +377,8 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loade
         # The mean is over the global batch's counted tokens/labels, known once every micro-batch
         # of every rank is loaded: one all-reduce of the count per step.
         batches = [next(loaded) if loaded is not None else trainer.task.train.fetch(local) for local, _ in micro]
-        local_count = sum(float(element_count(b.targets)) for b, (_, weight) in zip(batches, micro) if weight)
+        local_count = sum(float(element_count(b.targets, trainer.loss)) for b, (_, weight) in zip(batches, micro)
+                          if weight)
         counted = int(all_reduce_sum(acc, [local_count])[0]) if world > 1 else int(local_count)
         scale = world / max(counted, 1)
         loaded = iter(batches)
@@ -557,7 +558,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
                 if not counts:
                     continue
                 sums[0] += trainer.loss.per_sample(outputs, batch.targets).double().sum()
-                sums[1] += element_count(batch.targets) if trainer.per_element else len(outputs)
+                sums[1] += element_count(batch.targets, trainer.loss) if trainer.per_element else len(outputs)
                 if widths:
                     sums[2:] += torch.cat([metric.sums(outputs, batch.targets).to(sums) for metric in trainer.metrics])
             if interruptible and start + every < len(shards) and trainer.preemption is not None \

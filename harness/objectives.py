@@ -79,11 +79,14 @@ class FunctionLoss:
         return self.per_sample(outputs, targets).sum()
 
 
-def element_count(targets: torch.Tensor) -> torch.Tensor:
+def element_count(targets: torch.Tensor, loss=None) -> torch.Tensor:
     """How many target elements a per-element loss is averaged over: every element of float
-    targets; integer targets other than IGNORE_INDEX (-100, torch's default: padding)."""
+    targets; integer targets other than IGNORE_INDEX (-100, torch's default: padding). A loss
+    that counts its own (the model's loss, with its ignore_index) says so."""
     from harness.builtin.objectives import IGNORE_INDEX
 
+    if hasattr(loss, "count"):
+        return loss.count(targets)
     if targets.is_floating_point():
         return torch.tensor(targets.numel(), device=targets.device)
     return (targets != IGNORE_INDEX).sum()
@@ -93,6 +96,8 @@ def averages_elements(loss, outputs: torch.Tensor, targets: torch.Tensor) -> boo
     """True when the loss gives several values per sample (a token, a label, an output column):
     its mean is then over the counted target elements, as torch's reduction="mean" for the same
     batch, not over samples. A loss without ``values`` (a harness Loss of your own) is per sample."""
+    if hasattr(loss, "averages_elements"):
+        return loss.averages_elements(targets)
     if not hasattr(loss, "values") or targets.numel() <= len(targets):
         return False
     values = loss.values(outputs, targets)

@@ -54,6 +54,25 @@ class TinyLM(nn.Module):
     def forward(self, x):
         assert not x.is_floating_point(), "tokens arrive as integers"
         return self.head(self.drop(torch.relu(self.embed(x))))
+
+
+class GPTish(nn.Module):
+    """nanoGPT's interface: forward(idx, targets=None) -> (logits, loss); embedding and head tied."""
+
+    def __init__(self, in_dim, out_dim, hidden: int = 16, dropout: float = 0.1):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, hidden)
+        self.mix = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.lm_head = nn.Linear(hidden, VOCAB, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.drop(torch.relu(self.mix(self.wte(idx)))))
+        loss = None
+        if targets is not None:
+            loss = nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
 '''
 
 LM_RECIPE = """\
@@ -65,6 +84,7 @@ schedule: {name: cosine, interval: step}
 train: {epochs: 3}
 checkpoint: {every_steps: 5}
 """
+GPT_RECIPE = LM_RECIPE.replace("toks:TinyLM", "toks:GPTish") + "loss: {name: model}\n"
 LABELS_RECIPE = """\
 data: {name: toks:labels, batch_size: 32}
 model: {name: mlp, hidden: [16]}
@@ -80,6 +100,7 @@ def project(tmp_path_factory) -> Path:
     (folder / "toks.py").write_text(MODULE)
     (folder / "lm.yaml").write_text(LM_RECIPE)
     (folder / "labels.yaml").write_text(LABELS_RECIPE)
+    (folder / "gpt.yaml").write_text(GPT_RECIPE)
     return folder
 
 
@@ -212,6 +233,53 @@ def test_a_loss_or_metric_that_cannot_score_the_outputs_stops_at_start(project, 
     run_dir = tmp_path / "run"
     proc = run_harness(project / "labels.yaml", [f"run.output_dir={run_dir}", *overrides],
                        nproc=1, launcher="python", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's own loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_models_own_loss_over_two_ranks_with_accumulation_is_the_global_token_mean(project, tmp_path):
+    own, harness_loss = tmp_path / "own", tmp_path / "harness_loss"
+    # Each micro-batch's loss is the model's mean over its own tokens; weighted by their counts the
+    # step is the global token mean: the same weights as the harness's cross-entropy on one process.
+    run_harness(project / "gpt.yaml", [f"run.output_dir={own}", "model.dropout=0.0", "train.grad_accum_steps=2"],
+                nproc=2)
+    run_harness(project / "gpt.yaml", [f"run.output_dir={harness_loss}", "model.dropout=0.0", "loss.name=cross_entropy"],
+                nproc=1, launcher="python")
+    a, b = weights(own), weights(harness_loss)
+    assert sorted(a) == ["mix.bias", "mix.weight", "wte.weight"]  # the tied head stored once
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=2e-6), f"{name}: {(a[name] - b[name]).abs().max()}"
+    mine, theirs = read_json(own / "metrics.json"), read_json(harness_loss / "metrics.json")
+    assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
+    assert mine["val_perplexity"] == pytest.approx(math.exp(mine["val_loss"]), rel=1e-5)  # logits reach the metrics
+
+
+def test_the_models_own_loss_on_two_ranks_killed_mid_epoch_resumes_bitwise(project, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_harness(project / "gpt.yaml", [f"run.output_dir={straight}"], nproc=2)
+    crashed = run_harness(project / "gpt.yaml", [f"run.output_dir={killed}"], nproc=2, check=False,
+                          env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="7"))
+    assert crashed.returncode != 0 and not (killed / "final").exists()
+    resumed = run_harness(project / "gpt.yaml", [f"run.output_dir={killed}"], nproc=2)
+    assert "step 5," in resumed.stdout
+    assert_bitwise_equal(weights(straight), weights(killed))
+    assert read_scalars(killed)["train/loss"] == read_scalars(straight)["train/loss"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=toks:TinyLM"], "TinyLM.forward takes none of targets, labels, target, y"),
+    (["loss.output=0"], "no one-value loss at 0 in the model's output, a tuple (0: tensor [2, 12, 11], 1: tensor [])"),
+], ids=["no-targets-parameter", "not-a-loss"])
+def test_the_models_own_loss_misconfigured_stops_at_start_saying_what_to_set(project, tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    proc = run_harness(project / "gpt.yaml", [f"run.output_dir={run_dir}", *overrides], nproc=1, launcher="python",
+                       check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not run_dir.exists()

@@ -10,13 +10,13 @@ padding) count in neither.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from harness.components import register
-from harness.contracts import OutputKind
+from harness.contracts import ConfigError, OutputKind
 
 
 def float_targets_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -106,6 +106,89 @@ def smooth_l1(beta: float = 1.0) -> TorchLoss:
 @register("loss", "huber", aliases=("huberloss",), summary="Huber loss")
 def huber(delta: float = 1.0) -> TorchLoss:
     return TorchLoss(F.huber_loss, "values", True, delta=delta)
+
+
+class ModelLoss:
+    """The loss the model computes itself (``loss.name: model``): nanoGPT's ``forward(idx,
+    targets)`` returning ``(logits, loss)``, a Hugging Face model's ``.loss`` with ``labels``.
+
+    The targets go in by the forward's parameter name (``targets_arg``; found among targets,
+    labels, target, y when not given), the loss is read from the output (``output``: a key,
+    attribute or index; found as ``loss`` or the one 0-dim tensor when not given) and the rest
+    (logits) goes to the metrics. The model's loss is taken as the mean over its micro-batch's
+    counted elements (tokens other than ``ignore_index`` when the targets hold several per
+    sample, else samples), so the harness forms the exact global mean as sum(loss x count) /
+    sum(count) over micro-batches and ranks."""
+
+    outputs: OutputKind = "logits"
+    TARGET_NAMES = ("targets", "labels", "target", "y")
+
+    def __init__(self, targets_arg: Optional[str], output, ignore_index: int):
+        self.targets_arg, self.output, self.ignore_index = targets_arg, output, ignore_index
+        self.last: Optional[torch.Tensor] = None
+
+    def targets_parameter(self, module) -> str:
+        import inspect
+
+        names = list(inspect.signature(type(module).forward).parameters)
+        if self.targets_arg is not None:
+            if self.targets_arg not in names:
+                raise ConfigError(f"loss.targets_arg: {type(module).__name__}.forward has no parameter "
+                                 f"{self.targets_arg!r} (it takes {', '.join(n for n in names if n != 'self')})")
+            return self.targets_arg
+        for name in self.TARGET_NAMES:
+            if name in names:
+                return name
+        raise ConfigError(f"loss.name: model: {type(module).__name__}.forward takes none of {', '.join(self.TARGET_NAMES)}"
+                         " for the targets; name its parameter with loss.targets_arg")
+
+    def take(self, outputs):
+        """Keep the model's loss, return the rest of its outputs (for train.model_output / metrics)."""
+        from harness.data import describe_output
+
+        key = self.output
+        if key is None:
+            if isinstance(outputs, dict) or hasattr(outputs, "loss"):
+                key = "loss"
+            elif isinstance(outputs, (tuple, list)):
+                scalars = [i for i, v in enumerate(outputs) if isinstance(v, torch.Tensor) and v.dim() == 0]
+                key = scalars[0] if len(scalars) == 1 else None
+        try:
+            loss = outputs[key] if isinstance(outputs, (dict, tuple, list)) else getattr(outputs, key)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            loss = None
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConfigError(f"loss.name: model: no one-value loss {'at ' + repr(key) if key is not None else ''} in "
+                             f"the model's output, {describe_output(outputs)}; set loss.output to its key or index "
+                             "(and pass the targets: loss.targets_arg)")
+        self.last = loss.reshape(())
+        if isinstance(outputs, dict):
+            return {k: v for k, v in outputs.items() if k != key}
+        if isinstance(outputs, (tuple, list)):
+            return tuple(v for i, v in enumerate(outputs) if i != key)
+        return outputs
+
+    def averages_elements(self, targets: torch.Tensor) -> bool:
+        return targets.numel() > len(targets)
+
+    def count(self, targets: torch.Tensor) -> torch.Tensor:
+        if targets.numel() > len(targets):
+            return (targets != self.ignore_index).sum()
+        return torch.tensor(len(targets), device=targets.device)
+
+    def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.last.float() * self.count(targets)
+
+    def per_sample(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The batch's sum as one value (evaluation adds them up; the model gives no per-sample losses)."""
+        return self.summed(outputs, targets).reshape(1)
+
+
+@register("loss", "model", aliases=("own", "model_loss"),
+          summary="the loss the model returns itself (nanoGPT's (logits, loss), a Hugging Face model's .loss)")
+def model_loss(targets_arg: Optional[str] = None, output: Optional[Union[int, str]] = None,
+               ignore_index: int = IGNORE_INDEX) -> ModelLoss:
+    return ModelLoss(targets_arg, output, ignore_index)
 
 
 # --------------------------------------------------------------------------------------------
