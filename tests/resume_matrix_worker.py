@@ -70,6 +70,9 @@ DATA_CASES: dict[str, tuple[str, list[str], int, int]] = {
 }
 
 
+DATA_BASE = ["train.log_every_steps=3"]  # a log window cut in two by the stop, as in BASE
+
+
 def data_case_names() -> list[str]:
     return [f"data-{case}" for case in DATA_CASES]
 
@@ -128,14 +131,14 @@ def main(out: Path) -> None:
         attempt(folder.name, [*overrides(case, warmup, folder / "stopped"), f"train.max_steps={STOP_AT_STEP}"])
     for case, (recipe, extra, _, stop) in DATA_CASES.items():
         folder = out / f"data-{case}"
-        attempt(folder.name, [f"run.output_dir={folder / 'straight'}", *extra], ROOT / "recipes" / recipe)
-        attempt(folder.name, [f"run.output_dir={folder / 'stopped'}", *extra, f"train.max_steps={stop}"],
+        attempt(folder.name, [f"run.output_dir={folder / 'straight'}", *DATA_BASE, *extra], ROOT / "recipes" / recipe)
+        attempt(folder.name, [f"run.output_dir={folder / 'stopped'}", *DATA_BASE, *extra, f"train.max_steps={stop}"],
                 ROOT / "recipes" / recipe)
     for case, warmup, folder in plan:
         attempt(folder.name, overrides(case, warmup, folder / "stopped"))
     for case, (recipe, extra, _, _) in DATA_CASES.items():
         folder = out / f"data-{case}"
-        attempt(folder.name, [f"run.output_dir={folder / 'stopped'}", *extra], ROOT / "recipes" / recipe)
+        attempt(folder.name, [f"run.output_dir={folder / 'stopped'}", *DATA_BASE, *extra], ROOT / "recipes" / recipe)
 
 
 def two_rank_overrides(case: str, run_dir: Path) -> list[str]:

@@ -369,3 +369,37 @@ def tu_folder(
     return TaskData(spec, GraphSplit(train, num_workers), GraphSplit(val, num_workers),
                     GraphSplit(test, num_workers) if test else None,
                     description=f"TU data set {prefix} from {root}: {len(graphs)} graphs")
+
+
+@register("data", "python_source_chars", aliases=("char_text",),
+          summary="characters of Python's own standard-library sources, next-character prediction")
+def python_source_chars(
+        modules: tuple[str, ...] = ("argparse", "collections/__init__", "dataclasses", "functools", "inspect",
+                                    "json/decoder", "pathlib", "string", "textwrap", "typing"),
+        block_size: int = 64,
+        max_chars: int = 400_000,
+        val_fraction: float = 0.1) -> TaskData:
+    """Text that ships with every Python: the named standard-library modules' sources, as bytes
+    (a 256-symbol vocabulary, no tokenizer). Samples are non-overlapping windows of ``block_size``
+    characters, the targets the same window shifted by one (tokens ``[B, T]`` -> next tokens
+    ``[B, T]``); the last ``val_fraction`` of the text is validation and test."""
+    import sysconfig
+
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    chunks = []
+    for name in modules:
+        path = folder / f"{name}.py"
+        if not path.is_file():
+            raise ConfigError(f"data.modules: {name!r}: no {path} in this Python's standard library")
+        chunks.append(path.read_bytes())
+    text = torch.frombuffer(bytearray(b"\n".join(chunks)[:max_chars]), dtype=torch.uint8).long()
+    windows = (len(text) - 1) // block_size
+    if windows < 4:
+        raise ConfigError(f"data.block_size: {block_size}: the text ({len(text)} characters) gives {windows} windows")
+    x = text[:windows * block_size].view(windows, block_size)
+    y = text[1:windows * block_size + 1].view(windows, block_size)
+    held = max(2, int(windows * val_fraction))
+    train, val = TensorSplit(x[:-held], y[:-held]), TensorSplit(x[-held:], y[-held:])
+    return TaskData(TaskSpec("multiclass", block_size, 256), train, val, val,
+                    description=f"Python's own sources: {len(text):,} characters of {len(modules)} modules, "
+                                f"{len(train)} train / {len(val)} val windows of {block_size}")

@@ -1,4 +1,4 @@
-"""Built-in models: a plain MLP, a GCN for node classification, a GIN-style graph regressor.
+"""Built-in models: a plain MLP, a GCN for node classification, a GIN-style graph regressor, a small GPT.
 
 Registered as a user's model would be: a class whose ``__init__`` takes its recipe keys as keyword
 arguments; ``in_dim`` and ``out_dim`` are filled in from the data when the recipe leaves them out.
@@ -80,3 +80,57 @@ class GinRegressor(nn.Module):
         for conv in self.convs:
             x = torch.relu(conv(x, edge_index))
         return self.head(global_add_pool(x, batch, size=num_graphs))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention, then an MLP."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.heads, self.dropout = heads, dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                              dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(attended.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+@register("model", "gpt", summary="a small GPT in nanoGPT's interface: forward(idx, targets) -> (logits, loss)")
+class Gpt(nn.Module):
+    """Token and position embeddings, pre-norm causal transformer blocks, a head tied to the token
+    embedding (as GPT-2 and nanoGPT). ``forward(idx, targets=None)`` returns ``(logits, loss)``,
+    the loss the mean cross-entropy over the targets that are not ``ignore_index``."""
+
+    def __init__(self, in_dim: int, out_dim: int, dim: int = 64, layers: int = 2, heads: int = 4,
+                 dropout: float = 0.0, ignore_index: int = -100):
+        super().__init__()
+        self.block_size, self.ignore_index = in_dim, ignore_index  # in_dim: the data's window length
+        self.wte, self.wpe = nn.Embedding(out_dim, dim), nn.Embedding(in_dim, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, out_dim, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        for module in self.modules():  # GPT-2's initialisation, as nanoGPT's
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor = None):
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(positions)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                               ignore_index=self.ignore_index)
+        return logits, loss
