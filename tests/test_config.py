@@ -85,8 +85,8 @@ def test_wrong_type_names_key_value_and_expectation():
 
 @pytest.mark.parametrize("section,bad,listed", [
     ("schedule", "cosine_annealing", "cosine, cosine_restarts, cyclic, exponential"),
-    ("model", "resnet", "gcn, gin, mlp"),
-    ("data", "mnist", "breast_cancer, csv, molecules, sbm_nodes, tu_folder"),
+    ("model", "resnet", "gcn, gin, gpt, mlp"),
+    ("data", "mnist", "breast_cancer, csv, molecules, python_source_chars, sbm_nodes, tu_folder"),
 ])
 def test_unknown_kind_lists_the_valid_names(section, bad, listed):
     with pytest.raises(ConfigError) as err:
