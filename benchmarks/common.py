@@ -15,6 +15,7 @@ RECIPES = ROOT / "recipes"
 CPU_2PROC = RECIPES / "accelerate" / "cpu_2proc.yaml"
 BREAST_CANCER = RECIPES / "breast_cancer_mlp.yaml"
 GCN = RECIPES / "gcn_plateau.yaml"
+CHAR_LM = RECIPES / "char_lm.yaml"
 # Checkpointing is switched off in the step-rate figures: a save is a figure of its own (4) and
 # would otherwise dominate a tiny model's epoch. (The save after the last epoch still happens,
 # after the timed window.)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import BREAST_CANCER, GCN, NO_CHECKPOINTS, StepClock, loadavg, write_json
+from benchmarks.common import BREAST_CANCER, CHAR_LM, GCN, NO_CHECKPOINTS, StepClock, loadavg, write_json
 from benchmarks.tweaks import apply_all, patched_train
 
 CLOCK = StepClock()
@@ -138,6 +138,48 @@ def baseline_gcn(graph, train_idx, val_idx, epochs: int, skip: int) -> dict:
     return CLOCK.rates(skip, 1)
 
 
+def baseline_char_lm(x: torch.Tensor, y: torch.Tensor, cfg, epochs: int, skip: int, chunk: int) -> dict:
+    """nanoGPT's loop on the recipe's model and tensors: the model's own loss, AdamW, linear warmup
+    then cosine per step (LambdaLR), gradient clipping, a per-epoch permutation, one log line per
+    epoch."""
+    from harness.builtin.models import Gpt
+
+    torch.manual_seed(0)
+    m = cfg.model.options
+    model = Gpt(x.size(1), 256, dim=m["dim"], layers=m["layers"], heads=m["heads"], dropout=m["dropout"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.options["weight_decay"])
+    batch_size, warmup = cfg.data.batch_size, cfg.schedule.warmup_steps
+    total = math.ceil(len(x) / batch_size) * epochs
+    floor = cfg.schedule.options.eta_min / cfg.optim.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generator = torch.Generator()
+    CLOCK.reset()
+    for epoch in range(epochs):
+        model.train()
+        generator.manual_seed(epoch)
+        order = torch.randperm(len(x), generator=generator)
+        running = None
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            _, loss = model(x[idx], y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            detached = loss.detach()
+            running = detached if running is None else running + detached
+        print(f"epoch {epoch + 1}/{epochs} train_loss={float(running) / math.ceil(len(x) / batch_size):.4f}")
+    return CLOCK.rates(skip, chunk)
+
+
 # --------------------------------------------------------------------------------------------
 # Suites: name -> zero-argument callable returning the rates dict. scripts/bench.py runs the ones
 # its figures name; the others (ablations of fixes that have since landed in harness/) stay
@@ -195,6 +237,31 @@ def gcn_suite(epochs: int, workdir: Path):
     return variants, lambda profiler: run(base, (), profiler)
 
 
+def charlm_suite(epochs: int, workdir: Path):
+    from harness.config import load_config
+    from harness.assemble import build_data
+
+    cfg = load_config(CHAR_LM, [])
+    task = build_data(cfg.data, cfg.run.seed)
+    x, y = task.train.features, task.train.targets
+    steps_per_epoch = math.ceil(len(x) / cfg.data.batch_size)
+    skip = chunk = steps_per_epoch
+    # A log interval that divides the epoch (88 steps: 4 windows of 22), so every timed window holds
+    # the same logging work; the baseline logs once per epoch.
+    log_every = next(n for n in range(cfg.train.log_every_steps, 0, -1) if steps_per_epoch % n == 0)
+    base = [f"train.epochs={epochs}", f"train.val_every_epochs={epochs}", NO_CHECKPOINTS,
+            f"train.log_every_steps={log_every}"]
+    run = HarnessRun(workdir, CHAR_LM, skip, chunk)
+    variants = {
+        "harness": lambda: run(base),
+        "baseline": lambda: baseline_char_lm(x, y, cfg, epochs, skip, chunk),
+    }
+    return variants, lambda profiler: run(base, (), profiler)
+
+
+SUITES = {"mlp": mlp_suite, "gcn": gcn_suite, "charlm": charlm_suite}
+
+
 def profile_text(profiler: cProfile.Profile, limit: int = 40) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
@@ -205,7 +272,7 @@ def profile_text(profiler: cProfile.Profile, limit: int = 40) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("suite", choices=["mlp", "gcn"])
+    parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--variants", required=True, help="comma-separated variant names")
@@ -220,7 +287,7 @@ def main() -> None:
     CLOCK.install()
     workdir = Path(tempfile.mkdtemp(prefix=f"harness-bench-{args.suite}-"))
     try:
-        variants, profile = (mlp_suite if args.suite == "mlp" else gcn_suite)(args.epochs, workdir)
+        variants, profile = SUITES[args.suite](args.epochs, workdir)
         names = args.variants.split(",")
         unknown = [n for n in names if n not in variants]
         if unknown:

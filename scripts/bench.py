@@ -75,6 +75,8 @@ def figures() -> list[Figure]:
           "harness_no_logging", "rate", 0.99, "steps/s"),
         F("overlap_save", "8. training stall while saving, checkpoint.async_save vs synchronous", "ckpt",
           "save_harness_async", "save_harness", "time", 0.15, "s"),
+        F("char_lm_1proc", "13. steps/s, char-LM recipe (a small GPT, the model's own loss, tied head), 1 process, "
+          "1 thread", "charlm", "harness", "baseline", "rate", 0.98, "steps/s"),
         # Ablations and extra measurements (each against the same baseline as its figure).
         F("mlp_1proc_no_logging", "1a. harness without TensorBoard logging (log interval 1e9, no writer)", "mlp",
           "harness_no_logging", "baseline", "rate", None, "steps/s", info=True),
@@ -179,7 +181,7 @@ def variants_for(selected: list[Figure], group: str, always: tuple[str, ...]) ->
 
 def run_inproc(ctx: Context, suite: str, selected: list[Figure]) -> list[dict]:
     names = variants_for(selected, suite, ("harness", "baseline"))
-    epochs = {"mlp": 60 if ctx.quick else 200, "gcn": 60 if ctx.quick else 200}[suite]
+    epochs = {"mlp": 60 if ctx.quick else 200, "gcn": 60 if ctx.quick else 200, "charlm": 3 if ctx.quick else 6}[suite]
     out = ctx.raw / f"{suite}.json"
     ctx.python(["benchmarks.inproc", suite, "--rounds", str(ctx.rounds), "--epochs", str(epochs),
                 "--variants", ",".join(names), "--out", str(out), "--profile", str(RESULTS / f"profile_{suite}.txt")],
@@ -447,6 +449,7 @@ def run_streams(ctx: Context, selected: list[Figure]) -> list[dict]:
 GROUPS: dict[str, Callable] = {
     "mlp": lambda ctx, sel: run_inproc(ctx, "mlp", sel),
     "gcn": lambda ctx, sel: run_inproc(ctx, "gcn", sel),
+    "charlm": lambda ctx, sel: run_inproc(ctx, "charlm", sel),
     "ddp": run_ddp,
     "ckpt": run_ckpt,
     "launch": run_launch,
