@@ -773,7 +773,9 @@ class DatasetSplit(Split):
         return len(self.dataset)
 
     def _items(self) -> _SeededItems:
-        return _SeededItems(self.dataset, self.name, self.run_seed, self.reference, self.settings.num_workers > 0)
+        # A collate_fn of the user's own takes items of any shape (padding): nothing to check against item 0.
+        check = self.reference if self.settings.collate_fn is None else None
+        return _SeededItems(self.dataset, self.name, self.run_seed, check, self.settings.num_workers > 0)
 
     def fetch(self, indices: torch.Tensor, epoch: int = -1) -> Batch:
         items = self._items()

@@ -378,11 +378,13 @@ def python_source_chars(
                                     "json/decoder", "pathlib", "string", "textwrap", "typing"),
         block_size: int = 64,
         max_chars: int = 400_000,
-        val_fraction: float = 0.1) -> TaskData:
+        val_fraction: float = 0.1,
+        shift: bool = True) -> TaskData:
     """Text that ships with every Python: the named standard-library modules' sources, as bytes
     (a 256-symbol vocabulary, no tokenizer). Samples are non-overlapping windows of ``block_size``
     characters, the targets the same window shifted by one (tokens ``[B, T]`` -> next tokens
-    ``[B, T]``); the last ``val_fraction`` of the text is validation and test."""
+    ``[B, T]``; ``shift: false``: the window itself, for a model that shifts its labels, as
+    Hugging Face causal LMs do); the last ``val_fraction`` of the text is validation and test."""
     import sysconfig
 
     folder = Path(sysconfig.get_paths()["stdlib"])
@@ -397,7 +399,7 @@ def python_source_chars(
     if windows < 4:
         raise ConfigError(f"data.block_size: {block_size}: the text ({len(text)} characters) gives {windows} windows")
     x = text[:windows * block_size].view(windows, block_size)
-    y = text[1:windows * block_size + 1].view(windows, block_size)
+    y = text[1:windows * block_size + 1].view(windows, block_size) if shift else x.clone()
     held = max(2, int(windows * val_fraction))
     train, val = TensorSplit(x[:-held], y[:-held]), TensorSplit(x[-held:], y[-held:])
     return TaskData(TaskSpec("multiclass", block_size, 256), train, val, val,

@@ -6,7 +6,7 @@ arguments; ``in_dim`` and ``out_dim`` are filled in from the data when the recip
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -134,3 +134,23 @@ class Gpt(nn.Module):
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                ignore_index=self.ignore_index)
         return logits, loss
+
+
+@register("model", "hf_gpt2", summary="Hugging Face transformers' GPT2LMHeadModel built from a config (no download; "
+                                     "needs transformers: pip install -e .[hf])")
+def hf_gpt2(in_dim: int, out_dim: int, dim: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.0,
+            tie_word_embeddings: bool = True, positions: Optional[int] = None) -> nn.Module:
+    """``GPT2LMHeadModel(GPT2Config(...))``: ``positions`` (default ``in_dim``, the data's window)
+    positions, ``out_dim`` tokens; its forward takes ``input_ids``, ``attention_mask``, ``labels`` (shifted inside) and
+    returns a ModelOutput with ``loss`` and ``logits``. Nothing is downloaded."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        from harness.contracts import ConfigError
+
+        raise ConfigError("model.name: hf_gpt2 needs the transformers package: pip install -e .[hf] "
+                          "(or pip install transformers)") from None
+    config = GPT2Config(vocab_size=out_dim, n_positions=positions or in_dim, n_embd=dim, n_layer=layers, n_head=heads,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0,
+                        tie_word_embeddings=tie_word_embeddings)
+    return GPT2LMHeadModel(config)

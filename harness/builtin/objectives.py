@@ -123,8 +123,8 @@ class ModelLoss:
     outputs: OutputKind = "logits"
     TARGET_NAMES = ("targets", "labels", "target", "y")
 
-    def __init__(self, targets_arg: Optional[str], output, ignore_index: int):
-        self.targets_arg, self.output, self.ignore_index = targets_arg, output, ignore_index
+    def __init__(self, targets_arg: Optional[str], output, ignore_index: int, shifted: bool = False):
+        self.targets_arg, self.output, self.ignore_index, self.shifted = targets_arg, output, ignore_index, shifted
         self.last: Optional[torch.Tensor] = None
 
     def targets_parameter(self, module) -> str:
@@ -173,7 +173,10 @@ class ModelLoss:
 
     def count(self, targets: torch.Tensor) -> torch.Tensor:
         if targets.numel() > len(targets):
-            return (targets != self.ignore_index).sum()
+            # shifted: the model predicts labels[t + 1] at t (Hugging Face causal LMs), so the first
+            # label of each sequence is never a target of its loss.
+            counted = targets[..., 1:] if self.shifted else targets
+            return (counted != self.ignore_index).sum()
         return torch.tensor(len(targets), device=targets.device)
 
     def summed(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -187,8 +190,10 @@ class ModelLoss:
 @register("loss", "model", aliases=("own", "model_loss"),
           summary="the loss the model returns itself (nanoGPT's (logits, loss), a Hugging Face model's .loss)")
 def model_loss(targets_arg: Optional[str] = None, output: Optional[Union[int, str]] = None,
-               ignore_index: int = IGNORE_INDEX) -> ModelLoss:
-    return ModelLoss(targets_arg, output, ignore_index)
+               ignore_index: int = IGNORE_INDEX, shifted: bool = False) -> ModelLoss:
+    """``shifted: true`` for a model that shifts its labels itself (Hugging Face causal LMs take
+    ``labels = input_ids``): its mean is over the labels after the first of each sequence."""
+    return ModelLoss(targets_arg, output, ignore_index, shifted)
 
 
 # --------------------------------------------------------------------------------------------
