@@ -86,7 +86,7 @@ def test_wrong_type_names_key_value_and_expectation():
 @pytest.mark.parametrize("section,bad,listed", [
     ("schedule", "cosine_annealing", "cosine, cosine_restarts, cyclic, exponential"),
     ("model", "resnet", "gcn, gin, gpt, hf_gpt2, mlp"),
-    ("data", "mnist", "breast_cancer, csv, molecules, python_source_chars, sbm_nodes, tu_folder"),
+    ("data", "mnist", "breast_cancer, csv, molecules, multilabel, python_source_chars, sbm_nodes, tu_folder"),
 ])
 def test_unknown_kind_lists_the_valid_names(section, bad, listed):
     with pytest.raises(ConfigError) as err:

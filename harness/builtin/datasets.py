@@ -88,7 +88,8 @@ def _as_splits(arrays: list[np.ndarray], kind: TaskKind) -> tuple[TensorSplit, T
         if kind == "multiclass":
             targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
         else:
-            targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32).view(-1, 1)
+            targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
+            targets = targets.view(-1, 1) if targets.dim() == 1 else targets  # [N, K]: K labels each
         return TensorSplit(features, targets)
 
     return split(x_train, y_train), split(x_val, y_val), split(x_test, y_test)
@@ -369,6 +370,39 @@ def tu_folder(
     return TaskData(spec, GraphSplit(train, num_workers), GraphSplit(val, num_workers),
                     GraphSplit(test, num_workers) if test else None,
                     description=f"TU data set {prefix} from {root}: {len(graphs)} graphs")
+
+
+@register("data", "multilabel", aliases=(), summary="scikit-learn's generated multi-label table (several 0/1 labels "
+                                                   "per sample)")
+def multilabel(
+        samples: int = 2000,
+        features: int = 20,
+        labels: int = 5,
+        labels_per_sample: int = 2,
+        test_size: float = 0.2,
+        val_size: float = 0.1,
+        random_state: int = 0,
+        standardize: bool = True) -> TaskData:
+    """``sklearn.datasets.make_multilabel_classification``: word-count-like features, ``labels``
+    independent 0/1 targets per sample (about ``labels_per_sample`` of them 1). Targets ``[N, K]``:
+    the loss is the mean over every label, accuracy and F1 are per label."""
+
+    def compute() -> list[np.ndarray]:
+        from sklearn.datasets import make_multilabel_classification
+
+        x, y = make_multilabel_classification(n_samples=samples, n_features=features, n_classes=labels,
+                                              n_labels=labels_per_sample, random_state=random_state)
+        return _split_arrays(x.astype(np.float64), y.astype(np.float32), test_size, val_size, random_state,
+                             standardize)
+
+    arguments = {"samples": samples, "features": features, "labels": labels, "labels_per_sample": labels_per_sample,
+                 "test_size": test_size, "val_size": val_size, "random_state": random_state,
+                 "standardize": standardize}
+    arrays = cached_arrays("multilabel", arguments, compute)
+    train, val, test = _as_splits(arrays, "binary")
+    return TaskData(TaskSpec("binary", features, labels), train, val, test,
+                    description=f"multi-label (scikit-learn generated): {len(train)} train, {len(val)} val, "
+                                f"{len(test)} test, {labels} labels")
 
 
 @register("data", "python_source_chars", aliases=("char_text",),
