@@ -77,6 +77,8 @@ def figures() -> list[Figure]:
           "save_harness_async", "save_harness", "time", 0.15, "s"),
         F("char_lm_1proc", "13. steps/s, char-LM recipe (a small GPT, the model's own loss, tied head), 1 process, "
           "1 thread", "charlm", "harness", "baseline", "rate", 0.98, "steps/s"),
+        F("char_lm_first_step", "14. start to first optimizer step, char-LM recipe, 1 process, vs a hand-written "
+          "script's imports + data + model + one step", "lmstart", "harness", "baseline", "time", 1.3, "s"),
         # Ablations and extra measurements (each against the same baseline as its figure).
         F("mlp_1proc_no_logging", "1a. harness without TensorBoard logging (log interval 1e9, no writer)", "mlp",
           "harness_no_logging", "baseline", "rate", None, "steps/s", info=True),
@@ -289,6 +291,34 @@ def run_launch(ctx: Context, selected: list[Figure]) -> list[dict]:
     return rounds
 
 
+def run_lm_start(ctx: Context, selected: list[Figure]) -> list[dict]:
+    """Figure 14: `python -m benchmarks.probe train recipes/char_lm.yaml train.max_steps=1` (the
+    harness CLI, one process) against benchmarks/char_lm_start.py, alternating, from the start of
+    the process to the first optimizer step."""
+    from benchmarks.common import CHAR_LM
+
+    def harness_side(name: str) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.probe", "train", str(CHAR_LM), f"run.output_dir={ctx.work / name}",
+                "train.max_steps=1"]
+
+    baseline = [sys.executable, "-m", "benchmarks.char_lm_start"]
+    launch(harness_side("lm-warmup"), 600, ctx.logs / "lmstart-warmup-harness.log", ranks=1)
+    launch(baseline, 600, ctx.logs / "lmstart-warmup-baseline.log", ranks=1)
+    rounds = []
+    for r in range(ctx.rounds):
+        record = {"loadavg": loadavg()}
+        for side in (["harness", "baseline"] if r % 2 == 0 else ["baseline", "harness"]):
+            command = harness_side(f"lm-{r}") if side == "harness" else baseline
+            result = launch(command, 600, ctx.logs / f"lmstart-{side}-{r + 1}.log", ranks=1)
+            if result["rc"] != 0 or result["first_step_s"] is None:
+                raise RuntimeError(f"{side} launch failed (rc {result['rc']}); log {result['log']}")
+            record[side] = result["first_step_s"]
+        rounds.append(record)
+        print(f"[bench] lm start round {r + 1}: harness={record['harness']:.2f}s baseline={record['baseline']:.2f}s",
+              flush=True)
+    return rounds
+
+
 def run_data(ctx: Context, selected: list[Figure]) -> list[dict]:
     """Figure 9 (in-process, benchmarks.data_loading) and figure 10 (launches), merged by round."""
     names = {f.name for f in selected}
@@ -450,6 +480,7 @@ GROUPS: dict[str, Callable] = {
     "mlp": lambda ctx, sel: run_inproc(ctx, "mlp", sel),
     "gcn": lambda ctx, sel: run_inproc(ctx, "gcn", sel),
     "charlm": lambda ctx, sel: run_inproc(ctx, "charlm", sel),
+    "lmstart": run_lm_start,
     "ddp": run_ddp,
     "ckpt": run_ckpt,
     "launch": run_launch,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.cli import build_parser, main
 from harness.config import ConfigError
@@ -182,6 +183,25 @@ def test_ckpt_errors_on_missing_folders(tmp_path, capsys):
     assert main(["ckpt", "list", str(tmp_path / "empty")]) == 3
     assert main(["ckpt", "inspect", str(tmp_path / "empty")]) == 2
     assert "is a run folder" in capsys.readouterr().err
+
+
+def test_ckpt_export_writes_the_newest_checkpoints_weights_and_refuses_to_overwrite(resumed_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model.safetensors"
+    assert main(["ckpt", "export", str(resumed_run), str(out)]) == 0
+    exported, final = load_file(out), load_file(resumed_run / "final" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert f"wrote {out}" in capsys.readouterr().out
+    before = out.read_bytes()
+    assert main(["ckpt", "export", str(resumed_run), str(out)]) == 2  # exists: not overwritten
+    assert "exists; not overwritten" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["ckpt", "export", str(tmp_path / "nothing"), str(tmp_path / "a.safetensors")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert main(["ckpt", "export", str(tmp_path / "empty"), str(tmp_path / "b.safetensors")]) == 3
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
 
 
 # --------------------------------------------------------------------------------------------
