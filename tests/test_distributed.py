@@ -134,7 +134,7 @@ def test_plateau_on_two_ranks_with_different_local_losses_uses_the_global_mean(t
     run_dir = tmp_path / "run"
     run_harness(RECIPE, [f"run.output_dir={run_dir}", *SMALL, "schedule.name=plateau", "schedule.patience=0",
                          "schedule.factor=0.5", "schedule.threshold=0.05", "optim.lr=0.01",
-                         "data.val_batch_size=50"])
+                         "data.val_batch_size=50", "metrics=[accuracy, f1]"])
     ranks = [read_json(run_dir / "ranks" / f"rank-{r}.json") for r in (0, 1)]
     tb_val = [v for _, v in read_scalars(run_dir)["val/loss"]]
     for epoch in range(EPOCHS):
@@ -154,8 +154,15 @@ def test_plateau_on_two_ranks_with_different_local_losses_uses_the_global_mean(t
     model.eval()
     with torch.no_grad():
         batch = task.val.fetch(torch.arange(len(task.val)))
-        whole = bce_with_logits().per_sample(batch.predict(model), batch.targets).mean().item()
+        outputs = batch.predict(model)
+        whole = bce_with_logits().per_sample(outputs, batch.targets).mean().item()
     assert tb_val[-1] == pytest.approx(whole, rel=1e-5)
+    # F1 (a metric of sums: true/false positives, false negatives) from the ranks' summed counts:
+    # the F1 of the whole validation set, not a mean of the ranks' own F1s.
+    predicted, truth = (outputs.reshape(-1) >= 0).long(), batch.targets.reshape(-1).long()
+    tp, fp = int(((predicted == 1) & (truth == 1)).sum()), int(((predicted == 1) & (truth == 0)).sum())
+    fn = int(((predicted == 0) & (truth == 1)).sum())
+    assert read_scalars(run_dir)["val/f1"][-1][1] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-6)
 
 
 def test_launching_one_process_while_asking_for_two_warns_loudly(tmp_path):
