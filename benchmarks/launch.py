@@ -51,7 +51,7 @@ def end_group(pgid: int, grace_s: float = 10.0) -> None:
 
 
 def launch(cmd: list[str], timeout_s: float, log_path: Path, probe: bool = True,
-           extra_env: Optional[dict] = None, ranks: int = 2) -> dict:
+           extra_env: Optional[dict] = None, processes: int = 2) -> dict:
     """Run one launch to completion (or ``timeout_s``); returns timings, exit code and probe data."""
     probe_dir = Path(tempfile.mkdtemp(prefix="harness-bench-probe-"))
     env = subprocess_env(**(extra_env or {}))
@@ -91,7 +91,7 @@ def launch(cmd: list[str], timeout_s: float, log_path: Path, probe: bool = True,
             ranks[data["rank"]] = data
         firsts = [json.loads(p.read_text())["first_step"] for p in probe_dir.glob("first-step-rank-*.json")]
         result["ranks"] = ranks
-        result["first_step_s"] = (max(firsts) - started) if len(firsts) == ranks else None
+        result["first_step_s"] = (max(firsts) - started) if len(firsts) == processes else None
         for path in probe_dir.iterdir():
             path.unlink()
     probe_dir.rmdir()

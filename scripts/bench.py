@@ -302,14 +302,14 @@ def run_lm_start(ctx: Context, selected: list[Figure]) -> list[dict]:
                 "train.max_steps=1"]
 
     baseline = [sys.executable, "-m", "benchmarks.char_lm_start"]
-    launch(harness_side("lm-warmup"), 600, ctx.logs / "lmstart-warmup-harness.log", ranks=1)
-    launch(baseline, 600, ctx.logs / "lmstart-warmup-baseline.log", ranks=1)
+    launch(harness_side("lm-warmup"), 600, ctx.logs / "lmstart-warmup-harness.log", processes=1)
+    launch(baseline, 600, ctx.logs / "lmstart-warmup-baseline.log", processes=1)
     rounds = []
     for r in range(ctx.rounds):
         record = {"loadavg": loadavg()}
         for side in (["harness", "baseline"] if r % 2 == 0 else ["baseline", "harness"]):
             command = harness_side(f"lm-{r}") if side == "harness" else baseline
-            result = launch(command, 600, ctx.logs / f"lmstart-{side}-{r + 1}.log", ranks=1)
+            result = launch(command, 600, ctx.logs / f"lmstart-{side}-{r + 1}.log", processes=1)
             if result["rc"] != 0 or result["first_step_s"] is None:
                 raise RuntimeError(f"{side} launch failed (rc {result['rc']}); log {result['log']}")
             record[side] = result["first_step_s"]
