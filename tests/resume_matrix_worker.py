@@ -30,6 +30,7 @@ WARMUPS = (0, 7)
 # The first layer in its own param group with its own LR: two LR series to compare.
 TWO_GROUPS = 'optim.param_groups=[{name: first_layer, params: ["layers.0.*"], lr: 3e-4}]'
 USER_FACTOR_MODULE = "matrix_lr_factors"  # written by the test into a folder on PYTHONPATH
+USER_STREAM_MODULE = "matrix_streams"  # likewise: a user's IterableDataset with state_dict
 
 # case -> (schedule kind, overrides): options that make the LR move within a 40-step run.
 CASES: dict[str, tuple[str, list[str]]] = {
@@ -57,7 +58,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
 
 # The data axis: every kind of data the harness batches, each with dropout (the training RNG must
 # be restored and then drawn from exactly as the straight run draws) and a stop mid-epoch.
-# case -> (recipe, overrides, total steps, stop step): 8, 8, 6 and 8 steps per epoch.
+# case -> (recipe, overrides, total steps, stop step): 8, 8, 6, 8 and 10 steps per epoch.
 DATA_CASES: dict[str, tuple[str, list[str], int, int]] = {
     "graphs": ("gnn_graphs.yaml", ["data.num_graphs=300", "data.batch_size=32", "train.epochs=3",
                                    "model.dropout=0.5", "schedule.warmup_steps=3"], 24, 11),
@@ -67,6 +68,8 @@ DATA_CASES: dict[str, tuple[str, list[str], int, int]] = {
                                           "model.dropout=0.5"], 18, 8),
     "tensors_workers": ("breast_cancer_mlp.yaml", ["data.batch_size=64", "train.epochs=2", "model.dropout=0.5",
                                                    "data.num_workers=2"], 16, 11),
+    "stream_workers": ("breast_cancer_mlp.yaml", [f"data.name={USER_STREAM_MODULE}:records", "data.batch_size=32",
+                                                  "train.epochs=2", "model.dropout=0.5", "data.num_workers=2"], 20, 13),
 }
 
 

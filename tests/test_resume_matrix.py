@@ -21,7 +21,8 @@ from harness.schedules import SCHEDULES
 from harness.tracking import read_scalars
 from tests.conftest import BIN, CPU_2PROC, ROOT, free_port, read_json, run_harness, subprocess_env
 from tests.resume_matrix_worker import (DATA_CASES, RECIPE, STOP_AT_STEP, TOTAL_STEPS, TWO_GROUPS, TWO_RANK_CASES,
-                                        TWO_RANK_EVERY_STEPS, TWO_RANK_KILL_AT_STEP, USER_FACTOR_MODULE, WARMUPS,
+                                        TWO_RANK_EVERY_STEPS, TWO_RANK_KILL_AT_STEP, USER_FACTOR_MODULE,
+                                        USER_STREAM_MODULE, WARMUPS,
                                         all_cases, case_names, data_case_names, two_rank_overrides)
 
 WORKER = ROOT / "tests" / "resume_matrix_worker.py"
@@ -36,10 +37,51 @@ def wave(t, period=9):
 '''
 
 
+# A user's own stream (an IterableDataset with state_dict), for the data axis's stream case.
+USER_STREAM_SOURCE = '''
+import torch
+from harness.streams import shard_of_stream
+
+
+class Records(torch.utils.data.IterableDataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 30, generator=g)
+        self.y = (self.x[:, :4].sum(1) > 0).float()
+        self.position, self.epoch = 0, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        index, count = shard_of_stream()
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(100 + self.epoch))
+        while self.position < len(self.x):
+            self.position += 1
+            if (self.position - 1) % count == index:
+                i = int(order[self.position - 1])
+                yield self.x[i], self.y[i]
+
+    def state_dict(self):
+        return {"position": self.position, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.position, self.epoch = state["position"], state["epoch"]
+
+
+def records():
+    return {"train": Records(320, 0), "val": Records(64, 1), "task": "binary"}
+'''
+
+
 @pytest.fixture(scope="module")
 def factor_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("user_code")
     (folder / f"{USER_FACTOR_MODULE}.py").write_text(USER_FACTOR_SOURCE)
+    (folder / f"{USER_STREAM_MODULE}.py").write_text(USER_STREAM_SOURCE)
     return folder
 
 
@@ -128,8 +170,9 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_logged_losses(matrix, case)
 
 @pytest.mark.parametrize("case", data_case_names())
 def test_every_kind_of_data_with_dropout_stopped_mid_epoch_resumes_bitwise(matrix, case):
-    """Graph lists (with and without loader workers), node batches, tensors through loader workers:
-    the resumed run draws dropout masks from the restored RNG exactly as the straight run does."""
+    """Graph lists (with and without loader workers), node batches, tensors through loader workers,
+    a stream through loader workers: the resumed run draws dropout masks from the restored RNG
+    exactly as the straight run does."""
     straight, stopped = case_runs(matrix, case)
     _, _, total, _ = DATA_CASES[case.removeprefix("data-")]
     assert read_json(stopped / "metrics.json")["steps"] == total
