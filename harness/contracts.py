@@ -26,6 +26,10 @@ GraphKind = Literal["none", "node", "graph"]
 OutputKind = Literal["logits", "probabilities", "values"]
 
 
+# Integer targets equal to this are padding: counted in no loss or metric (torch's ignore_index default).
+IGNORE_INDEX = -100
+
+
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message says where and what was expected."""
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from harness import components
-from harness.contracts import ConfigError, Metric, TaskSpec
+from harness.contracts import IGNORE_INDEX, ConfigError, Metric, TaskSpec
 
 DEFAULT_LOSS = {"binary": "bce_with_logits", "multiclass": "cross_entropy", "regression": "mse"}
 DEFAULT_METRICS = {"binary": ["accuracy"], "multiclass": ["accuracy"], "regression": ["mae"]}
@@ -83,8 +83,6 @@ def element_count(targets: torch.Tensor, loss=None) -> torch.Tensor:
     """How many target elements a per-element loss is averaged over: every element of float
     targets; integer targets other than IGNORE_INDEX (-100, torch's default: padding). A loss
     that counts its own (the model's loss, with its ignore_index) says so."""
-    from harness.builtin.objectives import IGNORE_INDEX
-
     if hasattr(loss, "count"):
         return loss.count(targets)
     if targets.is_floating_point():

@@ -9,6 +9,7 @@ padding) count in neither.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Sequence, Union
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.components import register
-from harness.contracts import ConfigError, OutputKind
+from harness.contracts import IGNORE_INDEX, ConfigError, OutputKind
 
 
 def float_targets_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -25,9 +26,6 @@ def float_targets_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
     if targets.shape != outputs.shape and targets.numel() == outputs.numel():
         targets = targets.reshape(outputs.shape)
     return targets.to(outputs.dtype) if targets.dtype != outputs.dtype else targets
-
-
-IGNORE_INDEX = -100
 
 
 def class_targets(targets: torch.Tensor) -> torch.Tensor:
@@ -128,8 +126,6 @@ class ModelLoss:
         self.last: Optional[torch.Tensor] = None
 
     def targets_parameter(self, module) -> str:
-        import inspect
-
         names = list(inspect.signature(type(module).forward).parameters)
         if self.targets_arg is not None:
             if self.targets_arg not in names:
@@ -144,8 +140,6 @@ class ModelLoss:
 
     def take(self, outputs):
         """Keep the model's loss, return the rest of its outputs (for train.model_output / metrics)."""
-        from harness.data import describe_output
-
         key = self.output
         if key is None:
             if isinstance(outputs, dict) or hasattr(outputs, "loss"):
@@ -158,6 +152,8 @@ class ModelLoss:
         except (KeyError, IndexError, TypeError, AttributeError):
             loss = None
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            from harness.data import describe_output  # the error path only: not on every forward
+
             raise ConfigError(f"loss.name: model: no one-value loss {'at ' + repr(key) if key is not None else ''} in "
                              f"the model's output, {describe_output(outputs)}; set loss.output to its key or index "
                              "(and pass the targets: loss.targets_arg)")
