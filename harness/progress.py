@@ -6,6 +6,8 @@ of lines; there we print one line every ``every_s`` seconds instead. Other ranks
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from typing import Optional
@@ -17,10 +19,17 @@ class Progress:
         self.start_step, self.started = start_step, time.perf_counter()
         self.last_print = self.started
         self.bar = None
+        self._redirect = contextlib.ExitStack()
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+            # A terminal that reports no size (a bare pty) would get no bar: assume 100 x 24.
+            sized = _columns() > 0
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=sized,
+                            ncols=None if sized else 100, nrows=None if sized else 24, leave=False)
+            # Log lines go above the bar instead of being written into it.
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def update(self, step: int, epoch: int, loss: Optional[float], lr: float, samples_per_s: Optional[float]) -> None:
         if not self.enabled:
@@ -49,8 +58,16 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self._redirect.close()
             self.bar.close()
             self.bar = None
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError):
+        return 0
 
 
 def _duration(seconds: float) -> str:

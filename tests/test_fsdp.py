@@ -169,7 +169,8 @@ def test_a_damaged_shard_is_never_unpickled_and_the_resume_falls_back_to_the_pre
 
 
 @pytest.mark.parametrize("variable,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-                                           ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")])
+                                           ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
+                                           ("PJRT_DEVICE", "XLA/TPU")])
 def test_an_accelerate_config_asking_for_another_engine_is_refused_not_run_as_ddp(tmp_path, variable, name):
     proc = run_harness(RECIPE, [f"run.output_dir={tmp_path / 'run'}", "train.epochs=1"], nproc=1, launcher="python",
                        check=False, env=subprocess_env(**{variable: "true"}))
