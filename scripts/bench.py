@@ -5,6 +5,7 @@
     .venv/bin/python scripts/bench.py --quick         # every figure, 2 rounds, shorter runs
     .venv/bin/python scripts/bench.py --only mlp_ddp2 # one figure (or a comma-separated list)
     .venv/bin/python scripts/bench.py --soak 50       # 50 clean starts and exits of a 2-rank run
+    .venv/bin/python scripts/bench.py --stops 5       # seconds from a signal / a launcher's death to the stop
 
 Harness and baseline alternate within every round (the order flips or rotates from round to
 round), so a noisy shared machine slows both; the table gives the median of the per-round
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import BREAST_CANCER, NO_CHECKPOINTS, loadavg, rates, subprocess_env, write_json  # noqa: E402
 from benchmarks.launch import baseline_command, harness_command, launch  # noqa: E402
+from benchmarks.stops import stops, stops_markdown  # noqa: E402
 
 RESULTS = ROOT / "bench-results"
 HUGE = 1_000_000_000
@@ -722,6 +724,8 @@ def main() -> int:
                                                      "data, streams, fsdp, overhead), comma-separated; see --list")
     parser.add_argument("--soak", type=int, default=None, metavar="N", help="start and exit a 2-rank run N times")
     parser.add_argument("--soak-timeout", type=float, default=180.0, help="seconds per soak run")
+    parser.add_argument("--stops", type=int, default=None, metavar="N",
+                        help="stop a run N times each way (SIGTERM on 1 and 2 ranks, launcher SIGKILLed)")
     parser.add_argument("--list", action="store_true", help="list figure names and exit")
     args = parser.parse_args()
     all_figures = figures()
@@ -750,6 +754,15 @@ def run(args, ctx: Context, all_figures: list[Figure], parser, command: str, whe
         (RESULTS / "soak.md").write_text(text)
         print(text)
         return 0 if s["ok"] == s["runs"] else 1
+
+    if args.stops is not None:
+        s = stops(ctx.work, ctx.logs, args.stops)
+        s.update(command=command, when=when, machine=machine(), tree=tree())
+        write_json(RESULTS / "stops.json", s)
+        text = stops_markdown(s, command, when)
+        (RESULTS / "stops.md").write_text(text)
+        print(text)
+        return 0
 
     selected = all_figures
     if args.only:

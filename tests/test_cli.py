@@ -20,7 +20,7 @@ from harness.cli import build_parser, main
 from harness.config import ConfigError
 from harness.inspection import resume_points
 from harness.verify import plan_interruption
-from tests.conftest import ROOT, read_json, subprocess_env
+from tests.conftest import ROOT, assert_bitwise_equal, read_json, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # 455 training samples, batch 32 -> 15 steps per epoch; 3 epochs = 45 steps. A per-step exponential
@@ -191,7 +191,7 @@ def test_ckpt_export_writes_the_newest_checkpoints_weights_and_refuses_to_overwr
     out = tmp_path / "model.safetensors"
     assert main(["ckpt", "export", str(resumed_run), str(out)]) == 0
     exported, final = load_file(out), load_file(resumed_run / "final" / "model.safetensors")
-    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert_bitwise_equal(exported, final)
     assert f"wrote {out}" in capsys.readouterr().out
     before = out.read_bytes()
     assert main(["ckpt", "export", str(resumed_run), str(out)]) == 2  # exists: not overwritten

@@ -22,7 +22,17 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_loads_and_validates(recipe: Path):
     cfg = load_config(recipe)
-    assert cfg.data.options is not None and cfg.model.options is not None and cfg.schedule.options is not None
+    raw = yaml.safe_load(recipe.read_text())
+    for section in ("data", "model", "schedule"):
+        given, loaded = raw.get(section) or {}, getattr(cfg, section)
+        assert loaded.name == given.get("name", loaded.name)
+        # The component's own options hold what the recipe gave (its defaults fill the rest).
+        options = loaded.options if isinstance(loaded.options, dict) else vars(loaded.options)
+        for key, value in given.items():
+            if key in options:
+                # YAML reads 1e-4 as a string; the harness reads it as the number.
+                wanted = float(value) if isinstance(options[key], float) and isinstance(value, str) else value
+                assert options[key] == wanted, (section, key, options[key], value)
 
 
 @pytest.mark.parametrize("recipe", RECIPES + sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")),

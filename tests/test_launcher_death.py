@@ -162,6 +162,31 @@ def test_a_rank_whose_peer_died_with_the_launcher_exits_at_once_with_one_line(tm
     assert "Traceback" not in text and not HARNESS_FRAME.search(text), text[-3000:]
 
 
+def test_a_rank_whose_peer_hangs_gives_up_30_s_after_the_launcher_died_without_saving(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "accelerate", 2)
+    wait_for_checkpoint(run_dir, proc, 30)
+    workers = workers_of(run_dir, proc.pid)
+    assert len(workers) == 2, workers
+    frozen, waiting = max(workers), min(workers)
+    os.kill(frozen, signal.SIGSTOP)  # hung: alive, but never reaches the next collective
+    committed = set(checkpoints(run_dir))
+    killed = time.monotonic()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        seconds = wait_gone([waiting], killed, timeout=90)
+    finally:
+        os.kill(frozen, signal.SIGKILL)
+    print(f"\nlauncher SIGKILLed, peer frozen -> the other rank gone in {seconds:.1f} s")
+    assert 30 <= seconds < 60, seconds
+    text = output(run_dir)
+    assert (f"harness: the launcher (pid {proc.pid}) exited 30 s ago and this rank could not stop at a step boundary "
+            "(another rank is gone or hung): exiting without a checkpoint") in text, text[-3000:]
+    assert set(checkpoints(run_dir)) == committed, "nothing new committed, nothing removed"
+    assert all(verify(run_dir / "checkpoints" / f"step-{step:06d}") for step in committed)
+
+
 @pytest.mark.parametrize("argv, is_launcher", [
     (["/venv/bin/python", "/venv/bin/accelerate", "launch", "--config_file", "x.yaml", "-m", "harness"], True),
     (["/venv/bin/python3.11", "-u", "/venv/bin/torchrun", "--standalone", "-m", "harness"], True),

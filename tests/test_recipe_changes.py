@@ -129,7 +129,7 @@ for index, param in enumerate(p for g in trainer.optimizer.param_groups for p in
     state = trainer.optimizer.state.get(param, {})
     if "exp_avg" in state:
         moments[index] = torch.equal(state["exp_avg"], saved[f"{index}/exp_avg"])
-print(json.dumps({"weights_equal": all(torch.equal(own[k], weights[k]) for k in weights),
+print(json.dumps({"weights_equal": own.keys() == weights.keys() and all(torch.equal(own[k], weights[k]) for k in weights),
                   "step": trainer.state.step, "lr": trainer.optimizer.param_groups[0]["lr"],
                   "weight_decay": trainer.optimizer.param_groups[0]["weight_decay"],
                   "moments_equal": moments, "init_from": trainer.state.init_from}))
