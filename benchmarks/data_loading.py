@@ -164,7 +164,7 @@ def cpu_only_manual_seed():
 def throughput(args) -> None:
     from benchmarks.common import NO_CHECKPOINTS
     from benchmarks.inproc import CLOCK, HarnessRun
-    from harness.cli import _setup_logging
+    from harness.commands import setup_logging as _setup_logging
     from harness.config import load_config
 
     torch.set_num_threads(1)

@@ -281,7 +281,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    from harness.cli import _setup_logging
+    from harness.commands import setup_logging as _setup_logging
 
     _setup_logging()  # epoch log lines go to stdout as in a CLI run (the bench sends it to a file)
     CLOCK.install()

@@ -32,6 +32,11 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from harness import components
+from harness.commands import setup_logging, with_exit_codes
+from harness.config import apply_override, config_from_dict, ConfigError, load_config, PROVIDED
+from harness.loop import GivenComponents, train as run
+
 
 def nn_module() -> type:
     import torch
@@ -42,8 +47,6 @@ def nn_module() -> type:
 def given_model_section(cfg, target: Any, recipe, overrides: Sequence[str]) -> None:
     """A model class or factory given from Python takes the recipe's own ``model`` keys (not the
     default mlp's), checked against its signature like a recipe's model."""
-    from harness import components
-    from harness.config import PROVIDED, ConfigError
 
     if not callable(target):
         raise ConfigError(f"model: given a {type(target).__name__}; give a torch.nn.Module, or a class or factory "
@@ -61,7 +64,6 @@ def given_model_section(cfg, target: Any, recipe, overrides: Sequence[str]) -> N
 
 def load_recipe(recipe: Union[None, str, os.PathLike, dict], overrides: Sequence[str] = ()):
     """A Config from a YAML path, a dict of sections, or nothing (the defaults), plus overrides."""
-    from harness.config import apply_override, config_from_dict, load_config
 
     if recipe is None or isinstance(recipe, dict):
         raw = yaml.safe_load(yaml.safe_dump(recipe or {}))  # a deep copy, as YAML would give it
@@ -83,10 +85,8 @@ def train(recipe: Union[None, str, os.PathLike, dict] = None, overrides: Sequenc
     sample, or metric objects (harness.contracts.Metric). With ``exit_on_failure=False`` the exit
     code is returned in the summary's place instead of ending the process (for notebooks/tests).
     """
-    from harness.cli import _setup_logging, with_exit_codes
-    from harness.loop import GivenComponents, train as run
 
-    _setup_logging()
+    setup_logging()
     given_loss = loss
     outcome: dict = {}
 

@@ -54,6 +54,7 @@ import crc32c
 import numpy as np
 import torch
 
+from harness import faults
 from harness.contracts import CheckpointError
 from harness.sharding import aliases_metadata, local, saved_once
 
@@ -114,15 +115,11 @@ class _FileCounter:
     the test hooks inside a save (faults.py)."""
 
     def __init__(self) -> None:
-        from harness import faults
-
         self.count = 0
         self.digests: dict[str, dict] = {}  # file name -> {"size", "crc32c"} for the manifest
         self.save_number, self.kill_after = faults.save_started()
 
     def wrote(self, path: Path) -> None:
-        from harness import faults
-
         _fsync_file(path)
         self.digests[path.name] = {"size": path.stat().st_size, "crc32c": crc32c_of(path)}
         self.count += 1

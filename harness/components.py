@@ -2,8 +2,8 @@
 (``mymodels:GCN``, ``torch.nn:BCELoss``), built with the recipe's keys as keyword arguments.
 
 The built-in components register themselves where they are defined (``@register("model", "mlp")``
-in harness/builtin/models.py); nothing here imports them except :func:`_load_builtins`, on the
-first lookup of a short name. A user's component needs no registration: its import path is
+in harness/builtin/models.py); nothing here imports them: harness.config does, so they are
+registered before any recipe is read. A user's component needs no registration: its import path is
 resolved from the recipe's folder, then the working directory, then the installed packages.
 
 Arguments are checked against the callable's signature before any process starts: an unknown
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from harness.contracts import ConfigError
+from harness.values import coerce_lenient
 
 SECTIONS = ("data", "model", "loss", "metric", "optim", "schedule")
 
@@ -46,7 +47,6 @@ class Entry:
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {section: {} for section in SECTIONS}
-_builtins_loaded = False
 
 
 def register(section: str, name: str, aliases: Iterable[str] = (), summary: str = ""):
@@ -65,15 +65,7 @@ def add(section: str, name: str, target: Callable, aliases: Iterable[str] = (), 
     _REGISTRY[section][name] = Entry(name, target, tuple(aliases), summary)
 
 
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        importlib.import_module("harness.builtin")
-
-
 def entries(section: str) -> dict[str, Entry]:
-    _load_builtins()
     return _REGISTRY[section]
 
 
@@ -208,8 +200,6 @@ def check_arguments(target: Callable, kwargs: dict, where: str, provided: Iterab
     ``provided``: names the harness fills in itself (an error if the recipe gives them, unless the
     parameter is also optional data the recipe may set). ``refused``: name -> why it cannot be set.
     """
-    from harness.values import coerce_lenient
-
     refused = refused or {}
     for key in kwargs:
         if key in refused:

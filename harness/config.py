@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,11 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
+import harness.builtin  # noqa: F401 - registers the shipped components before any recipe is read
+from harness import components, schedules
+from harness.schedules import ScheduleConfig
 from harness.contracts import ConfigError  # noqa: F401 - re-exported: the name users and tests know
+from harness.optimizers import UNSUPPORTED
 from harness.values import _type_name, _unknown_key_message, coerce, parse_dataclass, type_checkable  # noqa: F401
 
 
@@ -137,27 +142,6 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    name: str = "none"
-    # When the scheduler steps: after every optimizer step or after every epoch.
-    # ReduceLROnPlateau always steps once per validation.
-    interval: Literal["epoch", "step"] = "epoch"
-    # Linear warmup over this many optimizer steps, from warmup_start_factor * lr to lr;
-    # the main schedule starts counting when the warmup ends. Composes with every kind.
-    warmup_steps: int = 0
-    warmup_start_factor: float = 0.01
-    # torch's own argument, accepted so recipes written from torch's documentation load: the
-    # harness logs every LR change anyway (console per epoch, TensorBoard per step).
-    verbose: bool = False
-    options: Any = None
-
-    def __post_init__(self) -> None:
-        _require(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _require(0.0 <= self.warmup_start_factor <= 1.0, "schedule.warmup_start_factor",
-                 self.warmup_start_factor, "a number in [0, 1]")
-
-
-@dataclass
 class TrainConfig:
     epochs: int = 10
     grad_accum_steps: int = 1
@@ -245,8 +229,6 @@ class PreemptionConfig:
     graceful_interrupt: bool = True
 
     def __post_init__(self) -> None:
-        from harness.preemption import parse_signal_names
-
         self.signals = parse_signal_names(self.signals)
         _require(self.check_every_steps == "auto" or self.check_every_steps >= 1, "preemption.check_every_steps",
                  self.check_every_steps, "'auto' or an integer >= 1")
@@ -355,11 +337,7 @@ def _drop_options_of_replaced_kinds(raw: dict, original_kinds: dict, overrides, 
 
 def _argument_names(section: str, name, folders) -> set[str]:
     if section not in _COMPONENT_SECTIONS:
-        from harness import registry
-
-        return {f.name for f in dataclasses.fields(registry.options_class(section, name))}
-    from harness import components
-
+        return {f.name for f in dataclasses.fields(schedules.options_class(section, name))}
     signature = components.signature_of(components.resolve(section, name, folders))
     return set(signature.parameters) if signature is not None else set()
 
@@ -433,8 +411,6 @@ def _metrics_entries(value) -> Optional[list]:
 def _component_section(section: str, cls: type, section_raw: dict, folders):
     """``name`` plus the component's own arguments, checked against its signature now, before
     any process starts or anything is written."""
-    from harness import components
-
     common = {f.name for f in dataclasses.fields(cls)} - {"options"}
     base = {k: v for k, v in section_raw.items() if k in common}
     rest = {k: v for k, v in section_raw.items() if k not in common}
@@ -447,8 +423,6 @@ def _component_section(section: str, cls: type, section_raw: dict, folders):
     if not components.is_import_path(parsed.name):
         parsed.name = components.lookup(section, parsed.name).name
     if section == "optim":
-        from harness.optimizers import UNSUPPORTED
-
         if parsed.name.lower() in UNSUPPORTED:
             raise ConfigError(f"optim.name: {parsed.name}: {UNSUPPORTED[parsed.name.lower()]}")
     provided = PROVIDED[section]
@@ -463,8 +437,6 @@ def _component_section(section: str, cls: type, section_raw: dict, folders):
 
 
 def _kind_section(section: str, cls: type, section_raw: dict):
-    from harness import registry  # the registries import nothing heavy at module level
-
     if "last_epoch" in section_raw:
         raise ConfigError(f"{section}.last_epoch: set by the harness itself when it resumes a run (from the "
                           "checkpoint's scheduler state, with the LR checked); remove it. To start a new run part-way "
@@ -473,7 +445,7 @@ def _kind_section(section: str, cls: type, section_raw: dict):
     common = {f.name for f in dataclasses.fields(cls)} - {"options"}
     default_name = cls().name if section != "data" else DataConfig().name
     name = section_raw.get("name", default_name)
-    options_cls = registry.options_class(section, name)
+    options_cls = schedules.options_class(section, name)
     base = {k: v for k, v in section_raw.items() if k in common}
     rest = {k: v for k, v in section_raw.items() if k not in common}
     option_keys = [f.name for f in dataclasses.fields(options_cls)]
@@ -483,7 +455,7 @@ def _kind_section(section: str, cls: type, section_raw: dict):
             raise ConfigError(_unknown_key_message(f"{section}.{key}", valid,
                                                    where=f"{section} (kind {name!r})", prefix=section))
     parsed = parse_dataclass(cls, base, section)
-    parsed.name = registry.canonical_name(section, name)
+    parsed.name = schedules.canonical_name(section, name)
     parsed.options = parse_dataclass(options_cls, rest, section)
     return parsed
 
@@ -508,3 +480,15 @@ def to_plain_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_plain_dict(cfg), sort_keys=False)
+
+
+def parse_signal_names(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        canonical = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+        if not isinstance(getattr(signal, canonical, None), signal.Signals):
+            raise ConfigError(f"preemption.signals: unknown signal {name!r}, expected e.g. SIGTERM, SIGUSR1, SIGUSR2")
+        if canonical in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"preemption.signals: {canonical} cannot be caught")
+        out.append(canonical)
+    return out

@@ -12,155 +12,24 @@ A data factory (built-in or ``mydata:load``) may return:
   index through a DataLoader (:class:`DatasetSplit`), IterableDatasets with ``state_dict`` as
   streams (:mod:`harness.streams`).
 
-The model is called with what the batch has, matched to its ``forward`` by parameter name: the
-first parameter gets the inputs (``x``) whatever its name (``nn.Sequential`` calls it ``input``),
-the others by name (``edge_index``, ``batch``, ``num_graphs``, ``edge_attr``, ...); a ``forward``
-whose only parameter is called ``data`` or ``batch`` gets the whole PyG batch.
+The batches call the model as harness.batches describes; the items of a map-style Dataset are
+loaded as harness.items describes.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
-import weakref
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
+from harness.batches import (GraphBatch, TensorBatch, _edge_attributes, _graph_fields, _is_pyg_data,  # noqa: F401
+                             call_model, choose_output, describe_output, select_output)
 from harness.contracts import Batch, ConfigError, Split, TaskData, TaskSpec
-
-# --------------------------------------------------------------------------------------------
-# Calling a model with a batch's fields
-# --------------------------------------------------------------------------------------------
-
-WHOLE_BATCH_NAMES = ("data", "batch", "graph")
-
-
-@functools.lru_cache(maxsize=64)
-def _forward_plan(forward) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """(mode, required names after the first, optional names after the first) of a forward."""
-    try:
-        parameters = list(inspect.signature(forward).parameters.values())
-    except (TypeError, ValueError):
-        return "positional", (), ()
-    if parameters and parameters[0].name == "self":
-        parameters = parameters[1:]
-    plain = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if not plain:
-        return "positional", (), ()
-    if len(plain) == 1 and plain[0].name in WHOLE_BATCH_NAMES:
-        return "whole", (), ()
-    rest = plain[1:]
-    required = tuple(p.name for p in rest if p.default is p.empty)
-    optional = tuple(p.name for p in rest if p.default is not p.empty)
-    return "named", required, optional
-
-
-# model -> (its train.model_output, the loss object when the model computes its own loss), for the
-# models whose recipe sets either (weak: no model is kept alive by it).
-_CALL_PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def choose_output(model: torch.nn.Module, choice: Optional[Any], own_loss: Any = None) -> None:
-    """What call_model returns of this model's outputs (train.model_output; see select_output),
-    and, with ``loss.name: model``, the loss object that takes the model's own loss from them."""
-    if choice is None and own_loss is None:
-        _CALL_PLANS.pop(model, None)
-    else:
-        _CALL_PLANS[model] = (choice, own_loss)
-
-
-def call_model(model, x: torch.Tensor, fields: dict[str, Any], whole: Any = None,
-               targets: Optional[torch.Tensor] = None, args: Optional[tuple] = None) -> torch.Tensor:
-    """``model(x, <fields its forward names>)`` (or ``model(*args)``), the tensor the loss and
-    metrics receive of what it returns; see the module docstring. With the model's own loss
-    (``loss.name: model``) the targets go in by their forward parameter's name and the loss it
-    returns is handed to that loss object."""
-    module = getattr(model, "module", model)  # DDP's forward takes *args: look at the model's own
-    choice, own_loss = _CALL_PLANS.get(module, (None, None)) if _CALL_PLANS else (None, None)
-    extra = {}
-    if own_loss is not None:
-        if targets is None:
-            raise ConfigError("loss.name: model: this kind of data does not pass targets to the model (node-level "
-                              "graphs: the model sees whole neighbourhoods, its own loss would cover other nodes); "
-                              "use a loss of the harness's")
-        extra = {own_loss.targets_parameter(module): targets}
-    if args is not None:
-        outputs = model(*args, **extra)
-    else:
-        outputs = _forward(model, module, x, {**fields, **extra}, whole)
-    if own_loss is not None:
-        outputs = own_loss.take(outputs)
-    if choice is None and isinstance(outputs, torch.Tensor):
-        return outputs
-    return select_output(outputs, choice)
-
-
-def _forward(model, module, x: torch.Tensor, fields: dict[str, Any], whole: Any):
-    mode, required, optional = _forward_plan(type(module).forward)
-    if mode == "whole" and whole is not None:
-        return model(whole)
-    if mode != "named":
-        return model(x)
-    missing = [name for name in required if name not in fields]
-    if missing:
-        raise ConfigError(f"model: {type(module).__name__}.forward needs {', '.join(repr(m) for m in missing)}, "
-                          f"which this data does not provide; a batch here has: x, "
-                          f"{', '.join(sorted(fields)) or '(nothing else)'}")
-    kwargs = {name: fields[name] for name in (*required, *optional) if name in fields}
-    return model(x, **kwargs)
-
-
-def select_output(outputs: Any, choice: Optional[Any] = None) -> torch.Tensor:
-    """The tensor the loss and metrics receive from what a model returned (``train.model_output``).
-
-    ``choice`` null: a tensor as it is; a mapping (dict, a Hugging Face ``ModelOutput``) or an
-    object with a tensor ``logits``: that; a tuple, list or mapping holding one tensor (nanoGPT's
-    ``(logits, None)`` without targets): that one. An int indexes a tuple or list, a string is a
-    key or attribute. Anything else is a ConfigError naming the structure."""
-    if choice is None and isinstance(outputs, torch.Tensor):
-        return outputs
-    if choice is not None:
-        try:
-            if isinstance(choice, int) and not isinstance(outputs, dict):
-                picked = outputs[choice]
-            elif isinstance(outputs, dict):
-                picked = outputs[choice]
-            else:
-                picked = getattr(outputs, choice)
-        except (KeyError, IndexError, AttributeError, TypeError):
-            picked = None
-        if isinstance(picked, torch.Tensor):
-            return picked
-        raise ConfigError(f"train.model_output: {choice!r} is not a tensor of the model's output, "
-                          f"{describe_output(outputs)}")
-    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    values = list(outputs.values()) if isinstance(outputs, dict) else outputs if isinstance(outputs, (tuple, list)) else []
-    tensors = [value for value in values if isinstance(value, torch.Tensor)]
-    if len(tensors) == 1:
-        return tensors[0]
-    raise ConfigError(f"model: its forward returned {describe_output(outputs)}; set train.model_output to the "
-                      "index (0) or key (logits) of the tensor the loss and metrics should receive")
-
-
-def describe_output(outputs: Any) -> str:
-    """``a tuple (0: tensor [2, 5], 1: None)``, ``a dict (logits: tensor [2, 5], ...)``."""
-    def part(value: Any) -> str:
-        return f"tensor {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-
-    if isinstance(outputs, dict):
-        items = ", ".join(f"{key}: {part(value)}" for key, value in list(outputs.items())[:8])
-    elif isinstance(outputs, (tuple, list)):
-        items = ", ".join(f"{i}: {part(value)}" for i, value in enumerate(outputs[:8]))
-    else:
-        fields = {k: v for k, v in vars(outputs).items() if not k.startswith("_")} if hasattr(outputs, "__dict__") else {}
-        items = ", ".join(f"{key}: {part(value)}" for key, value in list(fields.items())[:8])
-    return f"a {type(outputs).__name__} ({items})"
+from harness.items import DatasetSplit, LoaderSettings, SampleError, item_generator, item_seed  # noqa: F401
+from harness.streams import StreamSplit, is_stream
 
 
 def fingerprint(task: TaskData) -> torch.Tensor:
@@ -198,17 +67,6 @@ def _tensors_of(batch: Batch) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-class TensorBatch(Batch):
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
-        self.features, self.targets = features, targets
-
-    def predict(self, model) -> torch.Tensor:
-        return call_model(model, self.features, {}, targets=self.targets)
-
-    def to(self, device) -> "TensorBatch":
-        return TensorBatch(self.features.to(device, non_blocking=True), self.targets.to(device, non_blocking=True))
-
-
 class TensorSplit(Split):
     def __init__(self, features: torch.Tensor, targets: torch.Tensor):
         self.features, self.targets = features, targets
@@ -223,10 +81,6 @@ class TensorSplit(Split):
 # --------------------------------------------------------------------------------------------
 # Node classification on one graph
 # --------------------------------------------------------------------------------------------
-
-
-def _graph_fields(graph) -> dict[str, Any]:
-    return {key: value for key, value in graph.items() if key not in ("x", "y") and not key.endswith("_mask")}
 
 
 class NodeBatch(Batch):
@@ -395,30 +249,9 @@ class _Lists:
             yield [int(i) for i in indices]
 
 
-def _edge_attributes(graph) -> bool:
-    return any(key in graph for key in ("edge_attr", "edge_weight"))
-
-
 # --------------------------------------------------------------------------------------------
 # Graph-level learning: batches of many small graphs
 # --------------------------------------------------------------------------------------------
-
-
-class GraphBatch(Batch):
-    def __init__(self, batch):
-        self.batch = batch
-        self.targets = batch.y
-
-    def predict(self, model) -> torch.Tensor:
-        fields = _graph_fields(self.batch)
-        fields["num_graphs"] = self.batch.num_graphs
-        return call_model(model, self.batch.x, fields, whole=self.batch, targets=self.targets)
-
-    def to(self, device) -> "GraphBatch":
-        return GraphBatch(self.batch.to(device))
-
-    def __len__(self) -> int:
-        return int(self.batch.num_graphs)
 
 
 class GraphSplit(Split):
@@ -533,11 +366,6 @@ def as_task_data(result: Any, where: str = "data", run_seed: int = 0,
                       "a PyG Data graph with train_mask/val_mask, or a dict of lists of PyG Data graphs")
 
 
-def _is_pyg_data(value: Any) -> bool:
-    module = type(value).__module__
-    return module.startswith("torch_geometric.data") and hasattr(value, "edge_index")
-
-
 def _is_loader(value: Any) -> bool:
     return isinstance(value, torch.utils.data.DataLoader) or type(value).__name__.endswith("Loader")
 
@@ -573,257 +401,12 @@ def _graph_task(result: dict, where: str) -> TaskData:
 
 
 # --------------------------------------------------------------------------------------------
-# Your own torch Dataset, read through a DataLoader
+# Your own torch Datasets (harness.items, harness.streams) -> TaskData
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoaderSettings:
-    """``data.num_workers`` etc.: how a Dataset split is read (not what is read)."""
-
-    num_workers: int = 0
-    pin_memory: bool = False
-    persistent_workers: bool = False
-    prefetch_factor: Optional[int] = None
-    collate_fn: Any = None  # None: torch's default_collate, PyG's Collater for Data items
-    target_key: str = "y"  # the target of dict items
-    hops: Optional[int] = None  # node-level graphs: k-hop neighbourhoods of each batch's seed nodes
-    num_neighbors: Optional[tuple] = None  # ... or sampled neighbours per hop (NeighborSampler)
-
-
-def item_seed(run_seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's randomness in one epoch: the same whatever the number of workers,
-    ranks, or interruptions (epoch -1: outside training, e.g. validation)."""
-    return (run_seed * 1_000_003 + (epoch + 1) * 7_919 + index * 104_729 + 12_345) % (2**63 - 1)
-
-
-_current_item_seed: Optional[int] = None
-
-
-def item_generator(device: str = "cpu") -> torch.Generator:
-    """A generator for the sample being loaded, seeded from (run seed, epoch, sample index): the
-    one line a Dataset's ``__getitem__`` writes for augmentations that do not depend on how the
-    data is loaded (``g = harness.data.item_generator(); torch.rand(3, generator=g)``). The
-    global torch, random and numpy generators are seeded the same way while an item loads, so
-    code that uses them is reproducible too."""
-    if _current_item_seed is None:
-        raise RuntimeError("harness.data.item_generator() is meant for a Dataset's __getitem__ while the "
-                           "harness loads it")
-    return torch.Generator(device).manual_seed(_current_item_seed)
-
-
-class SampleError(RuntimeError):
-    """A sample that could not be loaded: names the split, the index and the dataset's own error."""
-
-
-class _SeededItems(torch.utils.data.Dataset):
-    """Wraps the user's Dataset: key (index, epoch) -> its item, loaded with that item's seed;
-    checks each item against the first one's structure."""
-
-    def __init__(self, dataset, split_name: str, run_seed: int, reference: Optional[tuple], in_worker_safe: bool):
-        self.dataset, self.split_name, self.run_seed = dataset, split_name, run_seed
-        self.reference = reference  # (kind, shapes) of item 0
-        self.in_main_process = not in_worker_safe
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, epoch = key
-        global _current_item_seed
-        import random
-
-        seed = item_seed(self.run_seed, epoch, index)
-        saved = None
-        if torch.utils.data.get_worker_info() is None:
-            # In the training process: keep its own random streams (dropout) untouched.
-            saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-        # The CPU generator only: torch.manual_seed also queues seeds for every accelerator backend,
-        # ~0.1-0.4 ms an item (benchmarks figure 9). Items are loaded on the CPU.
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        _current_item_seed = seed
-        try:
-            item = self.dataset[index]
-        except Exception as exc:
-            import traceback
-
-            raise SampleError(f"loading sample {index} of the {self.split_name} split "
-                              f"({type(self.dataset).__name__}) failed:\n{traceback.format_exc()}") from exc
-        finally:
-            _current_item_seed = None
-            if saved is not None:
-                torch.set_rng_state(saved[0])
-                random.setstate(saved[1])
-                np.random.set_state(saved[2])
-        if self.reference is not None:
-            check_item(item, self.reference, index, self.split_name)
-        return item
-
-
-def describe_item(item) -> tuple:
-    """(kind, shapes) of an item: what every other item of the data set must look like."""
-    if _is_pyg_data(item):
-        return ("graph", (None if item.x is None else item.x.shape[1:],))
-    if isinstance(item, dict):
-        return ("dict", tuple(sorted((k, _shape(v)) for k, v in item.items())))
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        return ("pair", (_shape(item[0]), _shape(item[1])))
-    return ("other", type(item).__name__)
-
-
-def _shape(value):
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), str(value.dtype))
-    if isinstance(value, np.ndarray):
-        return ("array", value.shape, str(value.dtype))
-    if isinstance(value, (tuple, list)):
-        return ("seq", tuple(_shape(v) for v in value))
-    return (type(value).__name__,)
-
-
-def check_item(item, reference: tuple, index: int, split_name: str) -> None:
-    seen = describe_item(item)
-    if seen[0] == "graph" and reference[0] == "graph":
-        if seen != reference:
-            raise SampleError(f"sample {index} of the {split_name} split: node features of shape {seen[1][0]}, "
-                              f"expected {reference[1][0]} (as sample 0)")
-        return
-    if seen != reference:
-        raise SampleError(f"sample {index} of the {split_name} split is {_readable(seen)}; expected "
-                          f"{_readable(reference)} (as sample 0): every item must have the same structure, "
-                          "types and shapes (or give data.collate_fn)")
-
-
-def _readable(described: tuple) -> str:
-    kind, detail = described
-    if kind == "pair":
-        return f"an (input, target) pair of {detail[0]} and {detail[1]}"
-    if kind == "dict":
-        return "a dict " + ", ".join(f"{k}: {v}" for k, v in detail)
-    return f"a {detail}" if kind == "other" else f"a {kind} {detail}"
-
-
-def default_collate(reference: tuple, dataset):
-    """How items like ``reference`` (describe_item) are collated without data.collate_fn: PyG's
-    Collater for graphs, torch's default_collate otherwise."""
-    if reference[0] == "graph":
-        from torch_geometric.loader.dataloader import Collater
-
-        return Collater(dataset)
-    return torch.utils.data.default_collate
-
-
-class ItemBatch(Batch):
-    """A collated batch of (input, target) pairs or dicts; the model gets the input(s)."""
-
-    def __init__(self, inputs, targets: torch.Tensor):
-        self.inputs, self.targets = inputs, targets
-
-    def predict(self, model) -> torch.Tensor:
-        if isinstance(self.inputs, dict):
-            (first, x), *rest = self.inputs.items()
-            return call_model(model, x, dict(rest), targets=self.targets)
-        if isinstance(self.inputs, (tuple, list)):
-            return call_model(model, None, {}, targets=self.targets, args=tuple(self.inputs))
-        return call_model(model, self.inputs, {}, targets=self.targets)
-
-    def to(self, device) -> "ItemBatch":
-        move = lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        inputs = ({k: move(v) for k, v in self.inputs.items()} if isinstance(self.inputs, dict)
-                  else type(self.inputs)(move(v) for v in self.inputs) if isinstance(self.inputs, (tuple, list))
-                  else move(self.inputs))
-        return ItemBatch(inputs, move(self.targets))
-
-
-def as_batch(collated, target_key: str) -> Batch:
-    if _is_pyg_data(collated) or type(collated).__name__ in ("Batch", "DataBatch"):
-        return GraphBatch(collated)
-    if isinstance(collated, dict):
-        if target_key not in collated:
-            raise ConfigError(f"data.target_key: items are dicts without {target_key!r} (keys: {sorted(collated)})")
-        inputs = {k: v for k, v in collated.items() if k != target_key}
-        return ItemBatch(inputs, _targets(collated[target_key]))
-    inputs, targets = collated
-    return ItemBatch(inputs, _targets(targets))
-
-
-def _targets(targets: torch.Tensor) -> torch.Tensor:
-    return targets.view(-1, 1) if targets.is_floating_point() and targets.dim() == 1 else targets
-
-
-class DatasetSplit(Split):
-    """A map-style torch Dataset; batches are the harness's index lists for this rank, loaded by a
-    DataLoader (``batch_sampler``), so nothing is replayed on resume and a sample's randomness
-    depends on (seed, epoch, index) only."""
-
-    def __init__(self, dataset, name: str, run_seed: int, settings: LoaderSettings):
-        if len(dataset) == 0:
-            raise ConfigError(f"data: the {name} split is empty")
-        self.dataset, self.name, self.run_seed, self.settings = dataset, name, run_seed, settings
-        first = _SeededItems(dataset, name, run_seed, None, False)[(0, -1)]
-        self.reference = describe_item(first)
-        self.first_item = first
-        self.collate = settings.collate_fn or default_collate(self.reference, dataset)
-        self._loader = None
-        self._index_lists: Iterable = ()
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _items(self) -> _SeededItems:
-        # A collate_fn of the user's own takes items of any shape (padding): nothing to check against item 0.
-        check = self.reference if self.settings.collate_fn is None else None
-        return _SeededItems(self.dataset, self.name, self.run_seed, check, self.settings.num_workers > 0)
-
-    def fetch(self, indices: torch.Tensor, epoch: int = -1) -> Batch:
-        items = self._items()
-        return as_batch(self.collate([items[(int(i), epoch)] for i in indices]), self.settings.target_key)
-
-    def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[Batch]:
-        if self.settings.num_workers == 0:
-            for indices in index_batches:
-                yield self.fetch(indices, epoch)
-            return
-        self._index_lists = _Keyed(index_batches, epoch)
-        if self._loader is None or not self.settings.persistent_workers:
-            self._loader = self._make_loader()
-        for collated in self._loader:
-            yield as_batch(collated, self.settings.target_key)
-
-    def _make_loader(self):
-        s = self.settings
-        extra = {} if s.prefetch_factor is None else {"prefetch_factor": s.prefetch_factor}
-        split = self
-
-        class Sampler:  # reads the split's current index lists each time the loader iterates
-            def __iter__(self):
-                return iter(split._index_lists)
-
-        # Its own generator: the loader draws its workers' base seed from it, not from the global RNG
-        # (which drives dropout: with or without workers, the training stream stays the same).
-        return torch.utils.data.DataLoader(self._items(), batch_sampler=Sampler(), num_workers=s.num_workers,
-                                           collate_fn=self.collate, pin_memory=s.pin_memory,
-                                           persistent_workers=s.persistent_workers,
-                                           generator=torch.Generator().manual_seed(self.run_seed), **extra)
-
-
-class _Keyed:
-    """Index lists as lists of (index, epoch) keys, lazily."""
-
-    def __init__(self, index_batches, epoch: int):
-        self.index_batches, self.epoch = index_batches, epoch
-
-    def __iter__(self):
-        for indices in self.index_batches:
-            yield [(int(i), self.epoch) for i in indices]
 
 
 def _dataset_task(result: dict, where: str, run_seed: int, settings: LoaderSettings) -> TaskData:
     """Map-style splits become DatasetSplits, IterableDatasets StreamSplits (harness.streams)."""
-    from harness.streams import StreamSplit, is_stream
-
     splits = {name: StreamSplit(result[name], name, settings, where, run_seed) if is_stream(result[name])
               else DatasetSplit(result[name], name, run_seed, settings)
               for name in ("train", "val", "test") if result.get(name) is not None}

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from harness.contracts import ConfigError
+
 logger = logging.getLogger("harness")
 
 
@@ -50,8 +52,6 @@ def make_accelerator(device: str, mixed_precision: Optional[str], find_unused_pa
     # every rank believes it is rank 0 of 1.
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        from harness.config import ConfigError
-
         raise ConfigError("train.device: 'cuda' asked for, but torch sees no CUDA device (use auto or cpu)")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)

@@ -15,6 +15,9 @@ All off unless an environment variable is set; each check is one dict lookup at 
   ranks/) fails on rank R (default: every rank) with OSError ERRNO, as a full disk would.
 * HARNESS_TRACE_SAMPLES=PATH: each rank appends one JSON line per optimizer step to
   PATH.rank<r>: {"step", "epoch", "indices"}, the global sample indices it trained on.
+
+And from Python, :func:`before_each_step` (a function the loop calls with the trainer before each
+optimizer step: verify-resume's pause, tests, benchmarks), instead of replacing loop functions.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 _KILL_AT_STEP = os.environ.get("HARNESS_TEST_KILL_AT_STEP")
 _KILL_AFTER_FILES = os.environ.get("HARNESS_TEST_KILL_AFTER_FILES")
@@ -33,6 +36,13 @@ _TRACE = os.environ.get("HARNESS_TRACE_SAMPLES")
 _END_FILES_ERROR = os.environ.get("HARNESS_TEST_END_FILES_ERROR")
 TRACE_SAMPLES = _TRACE is not None
 _saves_started = 0
+# Called with the trainer before each optimizer step (before_each_step); empty: nothing to do.
+STEP_HOOKS: list[Callable] = []
+
+
+def before_each_step(hook: Callable) -> None:
+    """``hook(trainer)`` runs before each optimizer step of this process, from now on."""
+    STEP_HOOKS.append(hook)
 
 
 def after_step(step: int) -> None:

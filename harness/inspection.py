@@ -15,8 +15,13 @@ from typing import Optional
 
 import torch
 
-from harness import sampling
+from harness import checkpoint as ckpt, sampling
+from harness.assemble import build_data, build_model
 from harness.config import Config, ConfigError, ScheduleConfig
+from harness.objectives import build_loss, build_metrics
+from harness.optimizers import build_optimizer
+from harness.schedules import Horizon, main_schedule_length, NAMED_FACTORS, preview_lrs
+from harness.tracking import read_scalars, TB_DIR
 
 # The LR preview table stays readable: at most this many epoch-start rows (thinned evenly).
 MAX_EPOCH_ROWS = 10
@@ -77,10 +82,6 @@ class Plan:
 def plan_run(recipe: str, cfg: Config, world_size: int, preview: bool = True) -> Plan:
     """Build the data, the model and the optimizer as training would (no Accelerator), and (with
     ``preview``) step a scratch schedule through the planned run for the LR of every param group."""
-    from harness.assemble import build_data, build_model
-    from harness.objectives import build_loss, build_metrics
-    from harness.optimizers import build_optimizer
-    from harness.schedules import Horizon, preview_lrs
 
     if world_size < 1:
         raise ConfigError(f"--world-size: got {world_size}, expected an integer >= 1")
@@ -143,7 +144,6 @@ def rank_shares(n_train: int, n_val: int, cfg: Config, world_size: int) -> RankS
 
 def horizon_findings(cfg: Config, horizon, series: dict[str, list[float]]) -> tuple[list[str], list[str]]:
     """Warnings where a schedule's own horizon does not match the planned run, and notes."""
-    from harness.schedules import main_schedule_length
 
     s = cfg.schedule
     o = s.options
@@ -174,8 +174,6 @@ def horizon_findings(cfg: Config, horizon, series: dict[str, list[float]]) -> tu
                     "the LR reaches the end of its decay early and stays there for the rest of the run",
                     f"the decay is unfinished when the run ends (last LR: {end})")
     elif s.name == "lambda":
-        from harness.schedules import NAMED_FACTORS
-
         if o.factor in NAMED_FACTORS:
             horizon_key("total", o.total,
                         f"the {o.factor} factor finishes early (then held at min_factor={o.min_factor} or beyond)",
@@ -321,8 +319,6 @@ class CheckpointReport:
 
 
 def read_checkpoint(folder: Path | str) -> CheckpointReport:
-    from harness import checkpoint as ckpt
-
     folder = Path(folder)
     match = ckpt.STEP_DIR.match(folder.name) or ckpt.TEMP_DIR.match(folder.name)
     step = int(match.group(1)) if match else None
@@ -379,7 +375,6 @@ def checkpoints_folder(run_dir: Path | str) -> Path:
 
 def list_checkpoints(run_dir: Path | str) -> list[CheckpointReport]:
     """Every checkpoint folder of a run, committed or left over by a crash, oldest first."""
-    from harness import checkpoint as ckpt
 
     root = checkpoints_folder(run_dir)
     folders = [p for p in root.iterdir() if p.is_dir() and (ckpt.STEP_DIR.match(p.name) or ckpt.TEMP_DIR.match(p.name))]
@@ -453,8 +448,6 @@ def read_run_scalars(run_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
     checkpoint is the intended behaviour (the resumed run logs them again), not news for the user."""
     import logging
 
-    from harness.tracking import read_scalars
-
     tb_logger = logging.getLogger("tensorboard")
     level = tb_logger.level
     tb_logger.setLevel(logging.ERROR)
@@ -473,8 +466,6 @@ def resume_points(run_dir: Path | str) -> list[int]:
     event files are not, which is why this reads the files and not the checkpoints.
     """
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    from harness.tracking import TB_DIR
 
     starts = []
     for path in sorted((Path(run_dir) / TB_DIR).glob("events.out.tfevents.*")):

@@ -28,6 +28,14 @@ _FLOAT_TARGET_LOSSES = ("binary_cross_entropy", "bceloss", "bcewithlogitsloss", 
                         "smoothl1loss")
 
 
+def float_targets_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Targets as the outputs' dtype and shape, when they hold one value per output (the seeds'
+    ``y`` of shape [N] against outputs [N, 1], integer labels for BCE)."""
+    if targets.shape != outputs.shape and targets.numel() == outputs.numel():
+        targets = targets.reshape(outputs.shape)
+    return targets.to(outputs.dtype) if targets.dtype != outputs.dtype else targets
+
+
 def _outputs_kind(target: Any) -> str:
     name = getattr(target, "__name__", type(target).__name__).lower()
     declared = getattr(target, "outputs", None)
@@ -50,8 +58,6 @@ class FunctionLoss:
     def values(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Unreduced: one value per sample, or one per target element (token, label)."""
         if self.float_targets:
-            from harness.builtin.objectives import float_targets_like
-
             targets = float_targets_like(outputs, targets)
         with components.user_code(f"computing the loss {self.label}", while_training=True):
             values = self.fn(outputs, targets)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from harness.inspection import read_run_scalars, resume_points
+
 DPI = 100
 PREVIEW_FIGSIZE = (9.0, 4.5)  # 900 x 450 pixels
 RUN_FIGSIZE = (13.0, 4.5)  # 1300 x 450 pixels: LR on the left, losses on the right
@@ -69,7 +71,6 @@ def plot_lr_preview(series: dict[str, list[float]], steps_per_epoch: int, path: 
 def plot_run(run_dir: Path | str, out: Path | str, log_lr: bool = False) -> dict:
     """LR of every param group (left) and train/val loss (right) against the optimizer step, from
     the run's TensorBoard files, with a dashed line at every resume point. Returns what was drawn."""
-    from harness.inspection import read_run_scalars, resume_points
 
     run_dir = Path(run_dir)
     try:

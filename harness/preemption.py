@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.config import PreemptionConfig
+from harness.distributed import any_rank
 
 logger = logging.getLogger("harness")
 
@@ -299,7 +300,6 @@ class PreemptionWatcher:
 
     def should_stop(self, accelerator) -> bool:
         """All ranks call this at the same point; True everywhere if any rank got a signal."""
-        from harness.distributed import any_rank
 
         return any_rank(accelerator, self.requested is not None)
 
@@ -316,17 +316,3 @@ def write_marker(run_dir: Path, signal_name: str, checkpoint: Path, step: int, r
 
 def clear_marker(run_dir: Path) -> None:
     (Path(run_dir) / MARKER).unlink(missing_ok=True)
-
-
-def parse_signal_names(names: list[str]) -> list[str]:
-    from harness.config import ConfigError
-
-    out = []
-    for name in names:
-        canonical = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
-        if not isinstance(getattr(signal, canonical, None), signal.Signals):
-            raise ConfigError(f"preemption.signals: unknown signal {name!r}, expected e.g. SIGTERM, SIGUSR1, SIGUSR2")
-        if canonical in ("SIGKILL", "SIGSTOP"):
-            raise ConfigError(f"preemption.signals: {canonical} cannot be caught")
-        out.append(canonical)
-    return out

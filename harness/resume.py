@@ -17,10 +17,14 @@ from typing import Optional
 
 import torch
 
-from harness import checkpoint as ckpt
-from harness import sharding
+from harness import checkpoint as ckpt, sharding
 from harness.config import to_plain_dict
-from harness.schedules import lrs_rebuilt_from_last_epoch, replay_lrs
+from harness.distributed import all_reduce_sum
+from harness.optimizers import param_groups as recipe_param_groups
+from harness.schedules import advance, lrs_rebuilt_from_last_epoch, LRSchedule, replay_lrs
+from harness.streams import loader_state_text, STREAM_FILE
+from harness.tracking import flatten
+from harness.trainer import flush_step_logs, local_loss_sum, schedule_inputs
 
 logger = logging.getLogger("harness")
 
@@ -140,7 +144,6 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 def recipe_changes(saved: dict, current: dict) -> list[dict]:
     """``[{"key", "saved", "now"}]`` for every compared key whose value differs. A key present on
     one side only (a setting added in a later version) is not a change."""
-    from harness.tracking import flatten
 
     before, after = flatten(saved), flatten(current)
     changes = []
@@ -220,7 +223,6 @@ def recorded_validations(trainer) -> list[tuple]:
     """(step, at an epoch's end, val_loss, the plateau's monitored value) of every record so far
     (epoch ends, and validations inside epochs with train.val_every_steps), for replaying the
     schedule: see schedules.advance."""
-    from harness.loop import schedule_inputs
 
     return [(record["step"], not record.get("mid_epoch"), *schedule_inputs(trainer, record))
             for record in trainer.state.history]
@@ -230,8 +232,6 @@ def fast_forward_schedule(trainer) -> None:
     """Rebuild the schedule from the recipe on the restored optimizer and step it through the run
     so far (the recorded validations feed ReduceLROnPlateau): the LR is what the changed recipe
     gives at this step, as if it had always been the recipe."""
-    from harness.optimizers import param_groups as recipe_param_groups
-    from harness.schedules import LRSchedule, advance
 
     recipe_lrs = [g["lr"] for g in recipe_param_groups(trainer.raw_model, trainer.cfg.optim)[0]]
     for group, lr in zip(trainer.optimizer.param_groups, recipe_lrs):
@@ -432,7 +432,6 @@ def verify_lrs(trainer, meta: dict, folder: Path, schedule_rebuilt: bool = False
 def restore_stream(trainer, folder: Path, meta: dict) -> None:
     """A train stream continues where this rank's stream was (mid-epoch: same world size and
     loader workers only; at an epoch boundary there is nothing to continue)."""
-    from harness.streams import STREAM_FILE
 
     state, acc = trainer.state, trainer.accelerator
     if state.samples_in_epoch == 0:
@@ -475,8 +474,6 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     With ``checkpoint.async_save`` (and for any reason but a preemption, whose save must be on
     disk before the process exits), the files are written by a background thread from a snapshot,
     and training goes on while they are."""
-    from harness.distributed import all_reduce_sum
-    from harness.loop import flush_step_logs, local_loss_sum
 
     started = time.perf_counter()
     acc, state = trainer.accelerator, trainer.state
@@ -537,8 +534,6 @@ class CheckpointSnapshot:
         rng_meta, rng_tensors = ckpt.rng_state()  # fresh copies already
         snapshot = cls(rank, ckpt.json_text(rng_meta), rng_tensors)
         if trainer.streamed:
-            from harness.streams import loader_state_text
-
             snapshot.stream_json = loader_state_text(trainer.task.train, trainer.cfg.data.num_workers)
         sharded = sharding.is_sharded(trainer.raw_model)
         if not acc.is_main_process and not sharded:
@@ -602,8 +597,6 @@ class CheckpointSnapshot:
         ckpt.save_tensors(self.rank_tensors, path)
         counter.wrote(path)
         if self.stream_json is not None:
-            from harness.streams import STREAM_FILE
-
             path = folder / STREAM_FILE.format(rank=self.rank)
             path.write_text(self.stream_json)
             counter.wrote(path)

@@ -43,6 +43,9 @@ from typing import Optional
 
 import torch
 
+from harness.checkpoint import remove_interrupted_saves
+from harness.config import ConfigError
+
 logger = logging.getLogger("harness")
 
 LOCK_FILE = "RUN.lock"
@@ -82,7 +85,6 @@ def lock_run_folder(run_dir: Path, accelerator) -> RunLock:
     """All ranks call this before anything in ``run_dir`` is read or written. Rank 0 takes the lock
     and tells the others; every rank raises RunFolderInUse if another run holds it. Once held, the
     interrupted saves earlier runs left in ``run_dir/checkpoints`` are removed."""
-    from harness.checkpoint import remove_interrupted_saves
 
     run_dir = Path(run_dir)
     lock, problem, status = None, None, _FAILED
@@ -97,8 +99,6 @@ def lock_run_folder(run_dir: Path, accelerator) -> RunLock:
         raise problem if problem is not None else RunFolderInUse(
             f"{run_dir}: in use by another run (rank 0 names it); nothing was written")
     if status == _FAILED:
-        from harness.config import ConfigError
-
         if problem is not None:
             raise ConfigError(f"run.output_dir: cannot create the run folder's lock file {run_dir / LOCK_FILE}: "
                               f"{problem}. It must be a folder this user can write in; nothing was written")

@@ -21,8 +21,62 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from torch.optim import lr_scheduler as torch_sched
 
-from harness.config import ConfigError, ScheduleConfig
-from harness.registry import Kind
+from harness.contracts import ConfigError
+from harness.values import from_json_safe, parse_dataclass, to_json_safe
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A schedule kind: its own recipe keys (a dataclass) and its builder, by name."""
+
+    options: type
+    build: Callable[..., Any]
+    aliases: tuple[str, ...] = ()
+    summary: str = ""
+
+
+@dataclass
+class ScheduleConfig:
+    """The recipe's ``schedule`` section: the kind, when it steps, a warmup; ``options`` are the kind's own keys."""
+
+    name: str = "none"
+    # When the scheduler steps: after every optimizer step or after every epoch.
+    # ReduceLROnPlateau always steps once per validation.
+    interval: Literal["epoch", "step"] = "epoch"
+    # Linear warmup over this many optimizer steps, from warmup_start_factor * lr to lr;
+    # the main schedule starts counting when the warmup ends. Composes with every kind.
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.01
+    # torch's own argument, accepted so recipes written from torch's documentation load: the
+    # harness logs every LR change anyway (console per epoch, TensorBoard per step).
+    verbose: bool = False
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0.0 <= self.warmup_start_factor <= 1.0, "schedule.warmup_start_factor",
+               self.warmup_start_factor, "a number in [0, 1]")
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+def canonical_name(section: str, name: Any) -> str:
+    wanted = str(name).lower()
+    for canonical, kind in SCHEDULES.items():
+        if wanted == canonical.lower() or wanted in (a.lower() for a in kind.aliases):
+            return canonical
+    raise ConfigError(f"{section}.name: unknown {section} {name!r}. Valid names: {', '.join(sorted(SCHEDULES))}")
+
+
+def options_class(section: str, name: Any) -> type:
+    return SCHEDULES[canonical_name(section, name)].options
+
+
+def lookup(section: str, name: str) -> Kind:
+    return SCHEDULES[canonical_name(section, name)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,9 +378,6 @@ def _build_multiplicative(opt, o: MultiplicativeOptions, horizon: int):
 
 def sub_schedule_configs(o) -> list[tuple[str, Any]]:
     """(kind, options) of each scheduler inside a SequentialLR/ChainedScheduler, validated."""
-    from harness.config import ConfigError
-    from harness.registry import canonical_name, options_class
-    from harness.values import parse_dataclass
 
     out = []
     for i, entry in enumerate(o.schedulers):
@@ -342,8 +393,6 @@ def sub_schedule_configs(o) -> list[tuple[str, Any]]:
 
 
 def _build_sequential(opt, o: SequentialOptions, horizon: int):
-    from harness.registry import lookup
-
     subs = sub_schedule_configs(o)
     if len(o.milestones) != len(subs) - 1:
         raise ValueError(f"{len(subs)} schedulers need {len(subs) - 1} milestones, got {o.milestones}")
@@ -354,8 +403,6 @@ def _build_sequential(opt, o: SequentialOptions, horizon: int):
 
 
 def _build_chained(opt, o: ChainedOptions, horizon: int):
-    from harness.registry import lookup
-
     built = [lookup("schedule", kind).build(opt, options, horizon) for kind, options in sub_schedule_configs(o)]
     return torch_sched.ChainedScheduler(built, optimizer=opt)
 
@@ -436,8 +483,6 @@ class LRSchedule:
     """One main torch scheduler, an optional linear warmup, and where in the loop each steps."""
 
     def __init__(self, optimizer, cfg: ScheduleConfig, horizon: Horizon, group_names: list[str]):
-        from harness.registry import lookup
-
         self.optimizer = optimizer
         self.interval = cfg.interval
         self.kind = cfg.name
@@ -523,60 +568,6 @@ class LRSchedule:
         self._apply_warmup()
 
 
-def to_json_safe(value, where: str = "state"):
-    """Scheduler state as strict JSON that from_json_safe restores exactly: Counters (MultiStepLR's
-    milestones, int keys), tuples and inf/nan are tagged. Anything else JSON cannot hold (a function,
-    an arbitrary object, a dict with non-string keys) is a TypeError naming its key path (``where``
-    is the root's): written as null, it would break the resume instead of the save."""
-    from collections import Counter
-
-    if isinstance(value, Counter):
-        return {"__counter__": [[to_json_safe(k, f"{where} key"), to_json_safe(v, f"{where}[{k!r}]")]
-                                for k, v in value.items()]}
-    if isinstance(value, dict):
-        for key in value:
-            if not isinstance(key, str):
-                raise TypeError(f"{where} has a key {key!r} of type {_type_name(key)}; JSON keys are strings")
-        return {k: to_json_safe(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, tuple):
-        return {"__tuple__": [to_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [to_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else {"__float__": repr(float(value))}
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    raise TypeError(
-        f"{where} is {_type_name(value)}, which JSON cannot hold; it would be lost on resume. A scheduler's "
-        "state must be numbers, strings, lists and dicts: torch saves a callable object by its __dict__, so "
-        "keep a name or import path there to rebuild the function from (as LambdaFactor does), not the "
-        "function or object itself")
-
-
-def _type_name(value) -> str:
-    kind = type(value)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-
-
-def from_json_safe(value):
-    from collections import Counter
-
-    if isinstance(value, dict):
-        if set(value) == {"__counter__"}:
-            return Counter({from_json_safe(k): from_json_safe(v) for k, v in value["__counter__"]})
-        if set(value) == {"__tuple__"}:
-            return tuple(from_json_safe(v) for v in value["__tuple__"])
-        if set(value) == {"__float__"}:
-            return float(value["__float__"])
-        return {k: from_json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_json_safe(v) for v in value]
-    return value
-
-
 def build_schedule(optimizer, cfg: ScheduleConfig, horizon: Horizon, group_names: list[str]) -> LRSchedule:
     return LRSchedule(optimizer, cfg, horizon, group_names)
 
@@ -634,8 +625,6 @@ def lrs_rebuilt_from_last_epoch(cfg: ScheduleConfig, horizon: Horizon, restored_
     form at ``last_epoch``. Returns None for kinds torch cannot rebuild this way (plateau, restarts).
     """
     import warnings
-
-    from harness.registry import lookup
 
     if cfg.name not in _REBUILDABLE:
         return None

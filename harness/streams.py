@@ -37,7 +37,10 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from harness.batches import as_batch
 from harness.contracts import Batch, ConfigError, Split
+from harness.items import SampleError, default_collate, describe_item, item_seed
+from harness.values import from_json_safe, to_json_safe
 
 STREAM_FILE = "stream-rank-{rank}.json"
 
@@ -82,7 +85,6 @@ def check_stream(dataset, name: str, where: str) -> None:
 
 def _json_safe(state, dataset) -> dict:
     """``state`` as strict JSON (to_json_safe), or a ConfigError naming the dataset's state_dict."""
-    from harness.schedules import to_json_safe
 
     name = f"{type(dataset).__name__}.state_dict()"
     try:
@@ -118,7 +120,6 @@ class _SeededStream(torch.utils.data.IterableDataset):
             self.dataset.load_state_dict(state)
 
     def __iter__(self):
-        from harness.data import item_seed
 
         index, count = shard_of_stream()
         in_worker = torch.utils.data.get_worker_info() is not None
@@ -155,7 +156,6 @@ class StreamSplit(Split):
         _json_safe(state, dataset)
         self.initial_state = copy.deepcopy(state)
         self.first_item = self._first_items(1)[0]
-        from harness.data import default_collate, describe_item
 
         self.reference = describe_item(self.first_item)
         self.collate = settings.collate_fn or default_collate(self.reference, dataset)
@@ -165,7 +165,6 @@ class StreamSplit(Split):
         self.micro_batch: Optional[int] = None  # set by configure()
 
     def _first_items(self, k: int) -> list:
-        from harness.data import SampleError
 
         items = []
         try:
@@ -201,7 +200,6 @@ class StreamSplit(Split):
     def fetch(self, indices: torch.Tensor) -> Batch:
         """The stream's first ``len(indices)`` samples (the probe before a run; the stream is left
         where it was)."""
-        from harness.data import as_batch
 
         return as_batch(self.collate(self._first_items(len(indices))), self.settings.target_key)
 
@@ -232,14 +230,12 @@ class StreamSplit(Split):
     def batches(self, index_batches: Iterable[torch.Tensor], epoch: int = -1) -> Iterator[Optional[Batch]]:
         """One batch of ``micro_batch`` samples per index list (only their count matters); None
         once this rank's stream has run out."""
-        from harness.data import as_batch
 
         self._loader = self._make_loader(self.micro_batch, epoch)
         if self._resume is not None:
             saved_epoch, state = self._resume
             self._resume = None
             if saved_epoch == epoch:
-                from harness.schedules import from_json_safe
 
                 self._loader.load_state_dict(from_json_safe(state))
         source = iter(self._loader)
@@ -255,7 +251,6 @@ class StreamSplit(Split):
 
     def whole(self, batch_size: int) -> Iterator[Batch]:
         """Every sample of this rank's stream, from its start, in batches (the last may be short)."""
-        from harness.data import as_batch
 
         for collated in self._make_loader(batch_size, None):
             yield as_batch(collated, self.settings.target_key)

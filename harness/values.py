@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections import Counter
 import types
 import typing
 from typing import Any, Literal, Union
@@ -173,3 +174,56 @@ def _type_name(hint: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
+# --------------------------------------------------------------------------------------------
+# State as strict JSON (schedulers, stream positions)
+# --------------------------------------------------------------------------------------------
+
+
+def to_json_safe(value, where: str = "state"):
+    """Scheduler state as strict JSON that from_json_safe restores exactly: Counters (MultiStepLR's
+    milestones, int keys), tuples and inf/nan are tagged. Anything else JSON cannot hold (a function,
+    an arbitrary object, a dict with non-string keys) is a TypeError naming its key path (``where``
+    is the root's): written as null, it would break the resume instead of the save."""
+    if isinstance(value, Counter):
+        return {"__counter__": [[to_json_safe(k, f"{where} key"), to_json_safe(v, f"{where}[{k!r}]")]
+                                for k, v in value.items()]}
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has a key {key!r} of type {_value_type_name(key)}; JSON keys are strings")
+        return {k: to_json_safe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, tuple):
+        return {"__tuple__": [to_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [to_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else {"__float__": repr(float(value))}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    raise TypeError(
+        f"{where} is {_value_type_name(value)}, which JSON cannot hold; it would be lost on resume. A scheduler's "
+        "state must be numbers, strings, lists and dicts: torch saves a callable object by its __dict__, so "
+        "keep a name or import path there to rebuild the function from (as LambdaFactor does), not the "
+        "function or object itself")
+
+
+def _value_type_name(value) -> str:
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def from_json_safe(value):
+    if isinstance(value, dict):
+        if set(value) == {"__counter__"}:
+            return Counter({from_json_safe(k): from_json_safe(v) for k, v in value["__counter__"]})
+        if set(value) == {"__tuple__"}:
+            return tuple(from_json_safe(v) for v in value["__tuple__"])
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: from_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_safe(v) for v in value]
+    return value

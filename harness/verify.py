@@ -13,7 +13,7 @@ point; the first difference is reported.
 Why the interrupted run pauses itself instead of being killed "when the checkpoint appears": a
 small recipe runs hundreds of steps per second, so a watcher racing the trainer would kill it at
 a different step each time, or after it finished. Run 2 is therefore started through this module
-(``python -m harness.verify --pause-at-step K ...``), which wraps ``harness.loop.train_step``: after
+(``python -m harness.verify_child --pause-at-step K ...``), whose hook before each step (harness.faults): after
 step K every rank writes its pending LR points and flushes TensorBoard -- the worst case for a
 crash: points past the checkpoint are on disk and the resumed run must purge them -- writes a
 ready file and sleeps. The parent then freezes (SIGSTOP) and SIGKILLs the whole process tree. The
@@ -26,7 +26,6 @@ interrupted epoch, like a data order that is not reproducible across restarts).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -41,7 +40,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from harness.config import ConfigError
+from harness.config import ConfigError, load_config
+from harness.inspection import plan_run, read_run_scalars
 
 # Series that are not a function of the training itself.
 IGNORED_TAG_PREFIXES = ("perf/",)
@@ -283,8 +283,6 @@ def compare_series(what: str, tags: list[str], reference: dict, other: dict) -> 
 
 
 def compare_runs(reference_dir: Path, resumed_dir: Path) -> list[Comparison]:
-    from harness.inspection import read_run_scalars
-
     a, b = read_run_scalars(reference_dir), read_run_scalars(resumed_dir)
     tags = sorted(t for t in a.keys() | b.keys() if not t.startswith(IGNORED_TAG_PREFIXES))
     lr_tags = [t for t in tags if t.startswith(("lr/", "lr_epoch/"))]
@@ -322,8 +320,6 @@ def _say(text: str) -> None:
 
 def verify_resume(opts: VerifyOptions) -> bool:
     """Runs the three runs and compares them; True when identical. ConfigError for unusable input."""
-    from harness.config import load_config
-    from harness.inspection import plan_run
 
     if opts.nproc < 1:
         raise ConfigError(f"--nproc: got {opts.nproc}, expected an integer >= 1")
@@ -365,7 +361,7 @@ def verify_resume(opts: VerifyOptions) -> bool:
 
     started = time.perf_counter()
     _say(f"[2/3] interrupted run: SIGKILL after step {interruption.kill_at} ...")
-    paused = [*prefix, "-m", "harness.verify", "--pause-at-step", str(interruption.kill_at), "--ready-dir",
+    paused = [*prefix, "-m", "harness.verify_child", "--pause-at-step", str(interruption.kill_at), "--ready-dir",
               str(ready), opts.recipe, *shared, f"run.output_dir={interrupted}"]
     killed, code = run_and_kill(paused, work / "interrupted.log", ready, opts.nproc, opts.timeout)
     if not killed:
@@ -410,52 +406,3 @@ def verify_resume(opts: VerifyOptions) -> bool:
     else:
         _say(f"runs kept in {work}")
     return True
-
-
-# --------------------------------------------------------------------------------------------
-# The interrupted run's entry point: python -m harness.verify --pause-at-step K --ready-dir D RECIPE ...
-# --------------------------------------------------------------------------------------------
-
-
-def install_pause_hook(step: int, ready_dir: Path) -> None:
-    """After optimizer step ``step``, put everything logged so far on disk and wait to be killed."""
-    import harness.loop as loop
-
-    original = loop.train_step
-
-    def pause_before_the_next_step(trainer, *args, **kwargs):
-        # Step ``step`` is wholly done here: its validation and its checkpoint (committed, also a
-        # background one: waited for), and the epoch's end if it was the epoch's last step.
-        if trainer.state.step == step:
-            trainer.store.wait_for_background(trainer.accelerator)
-            loop.flush_step_logs(trainer, close_window=False)  # LR points past the checkpoint: on disk
-            trainer.tb.flush()
-            rank = trainer.accelerator.process_index
-            (Path(ready_dir) / f"rank-{rank}").write_text(f"{os.getpid()} {step}\n")
-            # Wait for the parent's SIGKILL; give up after a while, so a parent that died itself
-            # does not leave ranks sleeping forever.
-            deadline = time.monotonic() + PAUSE_LIMIT_S
-            while time.monotonic() < deadline:
-                time.sleep(1)
-            os._exit(EXIT_NEVER_KILLED)
-        original(trainer, *args, **kwargs)
-
-    loop.train_step = pause_before_the_next_step
-
-
-def paused_training_main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.verify",
-                                     description="harness train, pausing after one step (used by verify-resume)")
-    parser.add_argument("--pause-at-step", type=int, required=True)
-    parser.add_argument("--ready-dir", type=Path, required=True)
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    install_pause_hook(args.pause_at_step, args.ready_dir)
-    from harness.cli import main
-
-    return main(["train", args.recipe, *args.overrides])
-
-
-if __name__ == "__main__":
-    raise SystemExit(paused_training_main())

@@ -25,7 +25,8 @@ import torch
 from torch_geometric.data import Data
 
 from harness import data as hdata
-from harness import sharding
+from harness import items as hitems
+from harness import commands, sharding
 from harness.checkpoint import verify
 from harness.contracts import ConfigError
 from tests.conftest import (ROOT, assert_bitwise_equal, harness_command, read_json, run_harness, subprocess_env,
@@ -132,11 +133,11 @@ def test_item_generator_is_seeded_per_sample_and_epoch_and_refused_outside_loadi
         def __getitem__(self, i):
             return torch.rand(3, generator=hdata.item_generator())
 
-    items = hdata._SeededItems(Draw(), "train", run_seed=7, reference=None, in_worker_safe=False)
+    items = hitems._SeededItems(Draw(), "train", run_seed=7, reference=None, in_worker_safe=False)
     assert torch.equal(items[(2, 0)], items[(2, 0)])
     assert not torch.equal(items[(2, 0)], items[(2, 1)]), "another epoch, another draw"
     assert not torch.equal(items[(2, 0)], items[(3, 0)]), "another sample, another draw"
-    other_seed = hdata._SeededItems(Draw(), "train", run_seed=8, reference=None, in_worker_safe=False)
+    other_seed = hitems._SeededItems(Draw(), "train", run_seed=8, reference=None, in_worker_safe=False)
     assert not torch.equal(items[(2, 0)], other_seed[(2, 0)])
     with pytest.raises(RuntimeError, match="meant for a Dataset's __getitem__"):
         hdata.item_generator()
@@ -171,8 +172,12 @@ def test_a_dataloader_worker_killed_by_sigkill_is_called_that(folder, tmp_path):
     proc = run_harness(recipe, [f"run.output_dir={tmp_path / 'run'}", "data.num_workers=2"], nproc=1,
                        launcher="python", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "a DataLoader worker was killed with SIGKILL, most likely by the out-of-memory killer. Lower " \
-           "data.num_workers or data.prefetch_factor" in proc.stderr
+    # torch words it "killed by signal: Killed" or, when its watchdog notices first, "exited unexpectedly".
+    said = proc.stderr.strip().splitlines()[-1]
+    assert said.startswith("harness: data error: DataLoader worker (pid"), said
+    assert ("was killed with SIGKILL, most likely by the out-of-memory killer" in said
+            or "died without an error of its own; SIGKILL from the out-of-memory killer is the usual cause" in said)
+    assert said.endswith("Lower data.num_workers or data.prefetch_factor, or the memory an item takes."), said
     assert "Traceback" not in proc.stderr
 
 
@@ -334,3 +339,16 @@ def test_a_forward_that_needs_what_the_data_lacks_is_named():
     with pytest.raises(ConfigError, match=r"model: NeedsEdges.forward needs 'edge_attr', which this data does not "
                                           r"provide; a batch here has: x, edge_index"):
         hdata.call_model(NeedsEdges(), torch.zeros(2, 3), {"edge_index": torch.zeros(2, 1)})
+
+
+@pytest.mark.parametrize("torch_says, we_say", [
+    ("DataLoader worker (pid 123) is killed by signal: Killed. ", "was killed with SIGKILL, most likely by the "
+                                                                  "out-of-memory killer"),
+    ("DataLoader worker (pid(s) 123) exited unexpectedly", "died without an error of its own; SIGKILL from the "
+                                                            "out-of-memory killer is the usual cause"),
+])
+def test_both_ways_torch_reports_a_killed_worker_are_explained(torch_says, we_say):
+    said = commands.worker_death_message(RuntimeError(torch_says))
+    assert said.startswith(torch_says) and we_say in said and "Lower data.num_workers" in said
+    assert commands.worker_death_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert commands.worker_death_message(ValueError(torch_says)) is None

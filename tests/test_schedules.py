@@ -11,7 +11,7 @@ import torch
 from torch.optim import lr_scheduler as S
 
 from harness.config import ConfigError, apply_override, config_from_dict
-from harness.registry import Kind
+from harness.schedules import Kind
 from harness.schedules import (SCHEDULES, Horizon, LRSchedule, NoOptions, from_json_safe, main_schedule_length,
                                preview_lrs, to_json_safe)
 from tests.reference import stock_series, warmup_cosine_closed_form

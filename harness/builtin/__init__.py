@@ -2,7 +2,7 @@
 
 Each module registers its entries where they are defined, through the same public contract a
 user's component uses (harness.contracts, harness.components.register); the engine never imports
-them by name. Importing this package (on the first lookup of a short name) fills the registry.
+them by name. harness.config imports this package, which fills the registry.
 """
 
 from harness.builtin import datasets, models, objectives, optimizers  # noqa: F401 - registration on import

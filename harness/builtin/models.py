@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from harness.components import register
+from harness.contracts import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -146,8 +147,6 @@ def hf_gpt2(in_dim: int, out_dim: int, dim: int = 64, layers: int = 2, heads: in
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        from harness.contracts import ConfigError
-
         raise ConfigError("model.name: hf_gpt2 needs the transformers package: pip install -e .[hf] "
                           "(or pip install transformers)") from None
     config = GPT2Config(vocab_size=out_dim, n_positions=positions or in_dim, n_embd=dim, n_layer=layers, n_head=heads,

@@ -16,16 +16,10 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from harness.batches import describe_output
 from harness.components import register
 from harness.contracts import IGNORE_INDEX, ConfigError, OutputKind
-
-
-def float_targets_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Targets as the outputs' dtype and shape, when they hold one value per output (the seeds'
-    ``y`` of shape [N] against outputs [N, 1], integer labels for BCE)."""
-    if targets.shape != outputs.shape and targets.numel() == outputs.numel():
-        targets = targets.reshape(outputs.shape)
-    return targets.to(outputs.dtype) if targets.dtype != outputs.dtype else targets
+from harness.objectives import float_targets_like
 
 
 def class_targets(targets: torch.Tensor) -> torch.Tensor:
@@ -152,8 +146,6 @@ class ModelLoss:
         except (KeyError, IndexError, TypeError, AttributeError):
             loss = None
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            from harness.data import describe_output  # the error path only: not on every forward
-
             raise ConfigError(f"loss.name: model: no one-value loss {'at ' + repr(key) if key is not None else ''} in "
                              f"the model's output, {describe_output(outputs)}; set loss.output to its key or index "
                              "(and pass the targets: loss.targets_arg)")
