@@ -5,7 +5,7 @@
 The trainer is the harness's own (``harness.loop.build_trainer`` on the breast-cancer recipe with
 ``model.hidden`` widened), with Adam's state initialised by one ``harness.loop.train_step``.
 
-* save (4): ``harness.resume.save_checkpoint`` (model, optimizer, scheduler, trainer state, RNG;
+* save (4): ``harness.snapshot.save_checkpoint`` (model, optimizer, scheduler, trainer state, RNG;
   every file fsynced; CRC-32C manifest; atomic rename; directory fsyncs) vs writing the same
   number of bytes straight from the tensors' memory into one file, then fsync of the file and its
   folder. ``checkpoint.keep_last`` is raised so pruning never deletes inside the timed window;
@@ -169,7 +169,8 @@ def main() -> None:
     from harness.loop import build_trainer, train_step
     from harness.preemption import PreemptionWatcher
     from harness.checkpoint import CheckpointStore
-    from harness.resume import restore, save_checkpoint
+    from harness.resume import restore
+    from harness.snapshot import save_checkpoint
 
     width, layers = (int(v) for v in args.hidden.split("x"))
     workdir = Path(tempfile.mkdtemp(prefix="harness-bench-ckpt-", dir=args.workdir))
@@ -293,7 +294,7 @@ def main() -> None:
             profiler.enable()
             save_checkpoint(trainer, store, "bench")
             profiler.disable()
-            texts.append("=== harness.resume.save_checkpoint (one save) ===\n" + profile_text(profiler))
+            texts.append("=== harness.snapshot.save_checkpoint (one save) ===\n" + profile_text(profiler))
             drop_caches()
             profiler = cProfile.Profile()
             profiler.enable()

@@ -232,7 +232,7 @@ def prepare_resume(args) -> None:
     from harness.config import load_config
     from harness.loop import build_trainer, train_step
     from harness.preemption import PreemptionWatcher
-    from harness.resume import save_checkpoint
+    from harness.snapshot import save_checkpoint
     from harness.schedules import advance
 
     cfg = load_config(ROWS_RECIPE, [f"run.output_dir={args.run_dir}"])

@@ -13,7 +13,7 @@ recipe with ``model.hidden`` widened to ~100M parameters) and calls ``harness.lo
   their gradients and every optimizer state tensor. Also the process's RSS then, and its peak RSS
   (VmHWM) over the run. Rank 0 reports the largest value over the ranks.
 * steps/s (11c, information): ``--steps`` steps after the first, between two barriers.
-* save / load (12a-c, FSDP only): ``harness.resume.save_checkpoint`` (each rank writes its rows,
+* save / load (12a-c, FSDP only): ``harness.snapshot.save_checkpoint`` (each rank writes its rows,
   rank 0 the shared files, CRC-32C manifest, atomic rename) vs each rank writing the same number
   of bytes (its share of the checkpoint folder: its ``*-rank-<r>.*`` files, and the shared files
   on rank 0) from its tensors' memory into one file, fsync of file and folder, then a barrier.
@@ -126,7 +126,8 @@ def main() -> None:
     from harness.config import load_config
     from harness.loop import build_trainer, train_step
     from harness.preemption import PreemptionWatcher
-    from harness.resume import restore, save_checkpoint
+    from harness.resume import restore
+    from harness.snapshot import save_checkpoint
 
     torch.set_num_threads(1)
     width, layers = (int(v) for v in args.hidden.split("x"))

@@ -23,16 +23,17 @@ from harness.batches import choose_output
 from harness.checkpoint import CheckpointStore, EndFilesError, os_error_reason, rehearse_model_save
 from harness.config import Config, ConfigError, dump_config, to_plain_dict
 from harness.contracts import Split
-from harness.distributed import (all_reduce_sum, any_rank, buffers_from_rank0, check_lrs_agree, launcher_pid,
-                                 lost_rank_error, make_accelerator, shutdown_process_group, warn_if_ranks_lost)
 from harness.objectives import element_count
 from harness.optimizers import build_optimizer
-from harness.preemption import Preempted, PreemptionWatcher, clear_marker
+from harness.preemption import clear_marker, Preempted, PreemptionWatcher
 from harness.progress import Progress
-from harness.resume import choose_checkpoint, initialize_from, record_changes, restore, save_checkpoint
+from harness.resume import choose_checkpoint, initialize_from, record_changes, restore
 from harness.run_lock import lock_run_folder
-from harness.schedules import Horizon, build_schedule
-from harness.tracking import TensorBoardLog, flatten
+from harness.schedules import build_schedule, Horizon
+from harness.snapshot import save_checkpoint
+from harness.tracking import flatten, TensorBoardLog
+from harness.distributed import (all_reduce_sum, any_rank, buffers_from_rank0, check_lrs_agree, launcher_pid,
+                                 lost_rank_error, make_accelerator, shutdown_process_group, warn_if_ranks_lost)
 from harness.trainer import (GivenComponents, Trainer, TrainState, build_components, check_same_data,  # noqa: F401
                              flush_step_logs, fold, local_loss_sum, monitor_names, monitored_value, probe_objective,
                              schedule_inputs, seed_everything)

@@ -1,16 +1,13 @@
-"""What the trainer puts into a checkpoint, and how a run comes back from one.
-
-Order on resume matters: weights, then the optimizer (it carries ``initial_lr``), then the
-schedule, then a check that the LR each param group will use next is what the schedule says it
-should be, recomputed independently by replaying the schedule from the start.
+"""How a run comes back from a checkpoint: which one, whether the recipe changed since, then
+every part of harness.parts.PARTS loaded in order (weights, then the optimizer: it carries
+``initial_lr``; the counters; the schedule, checked against an independent replay of the schedule
+from the start; RNG; a stream's position). Also ``run.init_from``: another run's weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,12 +16,8 @@ import torch
 
 from harness import checkpoint as ckpt, sharding
 from harness.config import to_plain_dict
-from harness.distributed import all_reduce_sum
-from harness.optimizers import param_groups as recipe_param_groups
-from harness.schedules import advance, lrs_rebuilt_from_last_epoch, LRSchedule, replay_lrs
-from harness.streams import loader_state_text, STREAM_FILE
+from harness.parts import Loading, load_model_state, load_parts, optimizer_tensors
 from harness.tracking import flatten
-from harness.trainer import flush_step_logs, local_loss_sum, schedule_inputs
 
 logger = logging.getLogger("harness")
 
@@ -72,36 +65,10 @@ def restore(trainer, folder: Path) -> list[dict]:
     warn_about_changed_environment(meta.get("versions") or {}, ckpt.library_versions(), trainer.is_main)
     refuse_unapproved_changes(trainer.cfg, changes, folder, meta.get("step"))
     changed_keys = [c["key"] for c in changes]
-    load_model_state(trainer.raw_model, folder)
-    # This recipe's optimizer hyperparameters, before loading replaces them with the saved ones.
-    recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
-    restore_optimizer(trainer, folder)
-    saved_state = meta["state"]
-    for f in dataclasses.fields(state):
-        if f.name in saved_state:
-            setattr(state, f.name, saved_state[f.name])
     allowed = trainer.cfg.run.on_change == "allow"
-    rebuild = allowed and any(_matches(key, SCHEDULE_KEYS) for key in changed_keys)
-    if allowed and any(key.startswith("optim.") for key in changed_keys):
-        apply_recipe_hyperparameters(trainer.optimizer, recipe_groups)
-    if rebuild:
-        # The changed schedule applies as if the recipe had always said so, from this step on.
-        fast_forward_schedule(trainer)
-    else:
-        try:
-            trainer.schedule.load_state_dict(ckpt._read_json(folder / "scheduler.json"))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ckpt.CheckpointError(f"{folder / 'scheduler.json'}: cannot restore the schedule: {exc}") from None
-    scaler = getattr(acc, "scaler", None)
-    if scaler is not None and meta.get("grad_scaler"):
-        scaler.load_state_dict(meta["grad_scaler"])
-    verify_lrs(trainer, meta, folder, schedule_rebuilt=rebuild)
-    restore_rng(trainer, folder, meta)
-    if trainer.streamed:
-        restore_stream(trainer, folder, meta)
-    if not acc.is_main_process:
-        # Partial log sums were reduced over ranks at save time; rank 0 carries them.
-        state.window_loss_sum = state.epoch_loss_sum = 0.0
+    load_parts(Loading(trainer, folder, meta,
+                       optim_changed=allowed and any(key.startswith("optim.") for key in changed_keys),
+                       schedule_changed=allowed and any(_matches(key, SCHEDULE_KEYS) for key in changed_keys)))
     saved_world = meta["world_size"]
     if acc.is_main_process:
         if saved_world != acc.num_processes:
@@ -211,39 +178,6 @@ def refuse_unapproved_changes(cfg, changes: list[dict], folder: Path, step) -> N
         "the change. Nothing was changed.")
 
 
-def apply_recipe_hyperparameters(optimizer, recipe_groups: list[dict]) -> None:
-    """Loading an optimizer state replaces every group setting with the saved one; put back this
-    recipe's (weight_decay, betas, momentum, ...). LR keys are the schedule's business."""
-    lr_keys = {"lr", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"}
-    for group, recipe in zip(optimizer.param_groups, recipe_groups):
-        group.update({k: v for k, v in recipe.items() if k not in lr_keys})
-
-
-def recorded_validations(trainer) -> list[tuple]:
-    """(step, at an epoch's end, val_loss, the plateau's monitored value) of every record so far
-    (epoch ends, and validations inside epochs with train.val_every_steps), for replaying the
-    schedule: see schedules.advance."""
-
-    return [(record["step"], not record.get("mid_epoch"), *schedule_inputs(trainer, record))
-            for record in trainer.state.history]
-
-
-def fast_forward_schedule(trainer) -> None:
-    """Rebuild the schedule from the recipe on the restored optimizer and step it through the run
-    so far (the recorded validations feed ReduceLROnPlateau): the LR is what the changed recipe
-    gives at this step, as if it had always been the recipe."""
-
-    recipe_lrs = [g["lr"] for g in recipe_param_groups(trainer.raw_model, trainer.cfg.optim)[0]]
-    for group, lr in zip(trainer.optimizer.param_groups, recipe_lrs):
-        for key in ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"):
-            group.pop(key, None)  # set again by the new scheduler, from this recipe
-        group["lr"] = lr
-    state = trainer.state
-    trainer.schedule = LRSchedule(trainer.optimizer, trainer.cfg.schedule, trainer.horizon, trainer.group_names)
-    validations = recorded_validations(trainer)
-    advance(trainer.schedule, trainer.horizon, state.step, state.epoch, validations)
-
-
 def record_changes(trainer, changes: list[dict]) -> None:
     """Rank 0: one line per accepted change set in <run>/changes.jsonl, and a TensorBoard text."""
     if not changes or not trainer.is_main:
@@ -331,321 +265,3 @@ def initialize_from(trainer, path: str) -> Path:
     return folder
 
 
-def load_model_state(model: torch.nn.Module, folder: Path) -> None:
-    """The checkpoint's weights, sharded or not, into ``model``, sharded or not (each rank takes
-    its own rows of an FSDP parameter: resuming on another number of ranks reshards)."""
-    reader = sharding.Reader(folder, "model")
-    path = folder / ("model.safetensors" if not (folder / sharding.SHARDING).is_file() else sharding.SHARDING)
-    own = model.state_dict()
-    names = set(reader.names())
-    missing, unexpected = sorted(set(own) - names), sorted(names - set(own))
-    if missing or unexpected:
-        raise ckpt.CheckpointError(f"{path}: does not fit this model: missing {missing[:5]}, unexpected "
-                                   f"{unexpected[:5]} (a checkpoint from another recipe?)")
-    with torch.no_grad():
-        for name in sorted(own):
-            saved_shape = reader.shape(name)
-            if tuple(saved_shape) != tuple(own[name].shape):
-                raise ckpt.CheckpointError(f"{path}: tensor {name!r} has shape {tuple(saved_shape)}, this model has "
-                                           f"{tuple(own[name].shape)} (a checkpoint from a recipe with other shapes?)")
-            if sharding.is_dtensor(own[name]):
-                own[name].to_local().copy_(sharding.local_rows(reader, name, own[name]))
-            else:
-                own[name].copy_(reader.full(name))
-
-
-def optimizer_tensors(trainer, folder: Path) -> dict[str, torch.Tensor]:
-    """The optimizer state tensors ("<param index>/<name>"), laid out like their parameters."""
-    reader = sharding.Reader(folder, "optimizer")
-    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
-    out = {}
-    for name in reader.names():
-        index = int(name.partition("/")[0])
-        param = params[index] if index < len(params) else None
-        if param is not None and sharding.is_dtensor(param) and tuple(reader.shape(name)) == tuple(param.shape):
-            out[name] = sharding.as_dtensor_like(sharding.local_rows(reader, name, param), param)
-        else:
-            out[name] = reader.full(name)
-    return out
-
-
-def restore_optimizer(trainer, folder: Path) -> None:
-    tensors = optimizer_tensors(trainer, folder)
-    meta = ckpt._read_json(folder / "optimizer.json")
-    state_dict = ckpt.optimizer_from_files(tensors, meta)
-    groups_now = trainer.optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in groups_now] != [len(g["params"]) for g in state_dict["param_groups"]]:
-        raise ckpt.CheckpointError(f"{folder / 'optimizer.json'}: param groups do not match this recipe's "
-                                   "(a checkpoint from another recipe or param_groups setting?)")
-    try:
-        trainer.optimizer.load_state_dict(state_dict)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise ckpt.CheckpointError(f"{folder / 'optimizer.safetensors'}: cannot restore the optimizer: {exc}") from None
-
-
-def verify_lrs(trainer, meta: dict, folder: Path, schedule_rebuilt: bool = False) -> None:
-    """The LRs after loading must equal the saved ones and an independent replay of the schedule.
-
-    When an allowed recipe change rebuilt the schedule, the LRs are those of the new recipe at
-    this step: they may differ from the saved ones, but must still equal the independent replay
-    and torch's own ``last_epoch`` reconstruction."""
-    loaded = [g["lr"] for g in trainer.optimizer.param_groups]
-    saved = loaded if schedule_rebuilt else meta["lrs"]
-    problems = []
-    if loaded != saved:
-        problems.append(f"restored optimizer/scheduler give {loaded}, the checkpoint recorded {saved}")
-    val_history = recorded_validations(trainer)
-    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    recipe_lrs = {g.name: (g.lr if g.lr is not None else trainer.cfg.optim.lr) for g in trainer.cfg.optim.param_groups}
-
-    def scratch_optimizer():
-        params = [torch.nn.Parameter(torch.zeros(1)) for _ in trainer.group_names]
-        groups = [{"params": [p], "lr": recipe_lrs.get(name, trainer.cfg.optim.lr)}
-                  for p, name in zip(params, trainer.group_names)]
-        import inspect
-
-        accepted = inspect.signature(type(inner).__init__).parameters
-        return type(inner)(groups, **{k: v for k, v in inner.defaults.items() if k != "lr" and k in accepted})
-
-    replayed = replay_lrs(trainer.cfg.schedule, trainer.horizon, trainer.group_names, scratch_optimizer,
-                          trainer.state.step, trainer.state.epoch, val_history)
-    if replayed is not None and any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30) for a, b in zip(replayed, saved)):
-        problems.append(f"replaying the schedule from the recipe gives {replayed}, the checkpoint recorded {saved}")
-    # The other restore path torch offers, built with last_epoch on the restored optimizer's groups.
-    groups = trainer.optimizer.state_dict()["param_groups"]
-    try:
-        rebuilt = lrs_rebuilt_from_last_epoch(trainer.cfg.schedule, trainer.horizon, groups,
-                                              getattr(trainer.schedule.main, "last_epoch", None),
-                                              trainer.schedule.steps_done)
-    except KeyError as exc:
-        rebuilt = None
-        problems.append(f"the restored optimizer lacks {exc} needed to build the scheduler with last_epoch")
-    if rebuilt is not None and any(abs(a - b) > 1e-9 * max(abs(a), abs(b), 1e-30) for a, b in zip(rebuilt, loaded)):
-        problems.append(f"building the scheduler with last_epoch={getattr(trainer.schedule.main, 'last_epoch', None)} "
-                        f"gives {rebuilt}, "
-                        f"loading its state gives {loaded}")
-    if problems:
-        raise ckpt.CheckpointError(f"{folder}: LR check after resume failed: {'; '.join(problems)}. "
-                                   "The recipe's schedule differs from the one that wrote this checkpoint.")
-
-
-def restore_stream(trainer, folder: Path, meta: dict) -> None:
-    """A train stream continues where this rank's stream was (mid-epoch: same world size and
-    loader workers only; at an epoch boundary there is nothing to continue)."""
-
-    state, acc = trainer.state, trainer.accelerator
-    if state.samples_in_epoch == 0:
-        return
-    saved_world, workers = meta["world_size"], trainer.cfg.data.num_workers
-    path = folder / STREAM_FILE.format(rank=acc.process_index)
-    where = f"{state.samples_in_epoch} samples into epoch {state.epoch + 1} of"
-    if saved_world != acc.num_processes:
-        raise ckpt.CheckpointError(
-            f"{folder}: this checkpoint is {where} a stream (IterableDataset) read by {saved_world} rank(s); this run "
-            f"has {acc.num_processes}. Each rank's stream saved its own position, which cannot be re-split: resume "
-            f"with {saved_world} rank(s), or from a checkpoint at an epoch's end (checkpoint.every_epochs)")
-    if not path.is_file():
-        raise ckpt.CheckpointError(f"{folder}: {path.name} is missing: the checkpoint is {where} a stream, and holds "
-                                   "no position for it (written before the data was a stream?)")
-    saved = ckpt._read_json(path)
-    if saved.get("num_workers") != workers:
-        raise ckpt.CheckpointError(
-            f"{path}: the stream was read by {saved.get('num_workers')} loader worker(s) per rank, this run has "
-            f"data.num_workers={workers}; each worker's copy of the stream saved its own position: resume with "
-            f"data.num_workers={saved.get('num_workers')} (or change it at an epoch boundary)")
-    trainer.task.train.resume_at(state.epoch, saved["loader"])
-
-
-def restore_rng(trainer, folder: Path, meta: dict) -> None:
-    acc = trainer.accelerator
-    rank = acc.process_index
-    json_path, tensor_path = folder / f"rng-rank-{rank}.json", folder / f"rng-rank-{rank}.safetensors"
-    if rank < meta["world_size"] and json_path.is_file():
-        ckpt.set_rng_state(ckpt._read_json(json_path), ckpt._load_tensors(tensor_path))
-    else:
-        # A rank that did not exist when the checkpoint was written: derive its stream from the
-        # seed and the step, so it does not replay the stream of the run's start.
-        torch.manual_seed(trainer.cfg.run.seed * 1000 + 17 + rank + 7919 * trainer.state.step)
-
-
-def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
-    """All ranks call this at the same point. Reduces partial log sums first so any world size can resume.
-
-    With ``checkpoint.async_save`` (and for any reason but a preemption, whose save must be on
-    disk before the process exits), the files are written by a background thread from a snapshot,
-    and training goes on while they are."""
-
-    started = time.perf_counter()
-    acc, state = trainer.accelerator, trainer.state
-    background = trainer.cfg.checkpoint.async_save and reason != "preempted"
-    store.wait_for_background(acc)  # its snapshot's staging buffers are about to be reused
-    flush_step_logs(trainer, close_window=False)
-    # Logged points up to this checkpoint reach the disk with it: a resume purges only later ones.
-    trainer.tb.flush()
-    local = [local_loss_sum(trainer.window_losses), local_loss_sum(trainer.epoch_losses)]
-    window, epoch = all_reduce_sum(acc, local).tolist()
-    trainer.window_losses.clear()
-    trainer.epoch_losses.clear()
-    if acc.is_main_process:
-        state.window_loss_sum += window
-        state.epoch_loss_sum += epoch
-    else:
-        state.window_loss_sum = state.epoch_loss_sum = 0.0
-    # Every rank must hold the same counters in the file: take rank 0's partial sums.
-    sums = all_reduce_sum(acc, [state.window_loss_sum, state.epoch_loss_sum]).tolist()
-    saved_state = dataclasses.asdict(state)
-    saved_state["window_loss_sum"], saved_state["epoch_loss_sum"] = sums
-    snapshot = CheckpointSnapshot.take(trainer, saved_state, reason,
-                                       staging=trainer.checkpoint_staging if background else None)
-    # What this rank writes, for the message when a save fails (disk full...).
-    size = ckpt.estimated_bytes({**(snapshot.main or {}), **snapshot.rank_files, "rng.json": snapshot.rank_json,
-                                 "rng.safetensors": snapshot.rank_tensors, "stream.json": snapshot.stream_json or ""})
-    folder = store.save(acc, state.step, snapshot.write_main, snapshot.write_rank, trainer.last_monitored,
-                        background=background, size_bytes=size)
-    if acc.is_main_process:
-        # Routine saves stay out of the console (harness ckpt list shows them); the others are news.
-        log = logger.debug if reason in ("epoch_end", "every_steps") else logger.info
-        log("checkpoint %s (%s) %s in %.2f s", folder, reason,
-            "snapshot taken, writing in the background," if background else "saved", time.perf_counter() - started)
-    return folder
-
-
-@dataclasses.dataclass
-class CheckpointSnapshot:
-    """Everything one rank writes into a checkpoint, captured at one step boundary.
-
-    Without staging buffers the tensors are the live ones (a synchronous save writes them before
-    training moves on). With them, every tensor is copied into its reused buffer and every JSON
-    file is rendered now, so a background thread can write while training changes the originals.
-    """
-
-    rank: int
-    rank_json: str
-    rank_tensors: dict[str, torch.Tensor]
-    main: Optional[dict] = None  # rank 0: file name -> JSON text or tensors
-    rank_files: dict = dataclasses.field(default_factory=dict)  # FSDP: this rank's shards, file name -> tensors
-    stream_json: Optional[str] = None  # a train stream's loader state on this rank (harness.streams)
-    aliases: dict = dataclasses.field(default_factory=dict)  # tensor file name -> {tied name: name stored}
-
-    @classmethod
-    def take(cls, trainer, saved_state: dict, reason: str, staging: Optional[dict]) -> "CheckpointSnapshot":
-        acc, state = trainer.accelerator, trainer.state
-        rank, world = acc.process_index, acc.num_processes
-        rng_meta, rng_tensors = ckpt.rng_state()  # fresh copies already
-        snapshot = cls(rank, ckpt.json_text(rng_meta), rng_tensors)
-        if trainer.streamed:
-            snapshot.stream_json = loader_state_text(trainer.task.train, trainer.cfg.data.num_workers)
-        sharded = sharding.is_sharded(trainer.raw_model)
-        if not acc.is_main_process and not sharded:
-            return snapshot
-        model_tensors = trainer.raw_model.state_dict()
-        optimizer_tensors, optimizer_meta = ckpt.optimizer_to_files(trainer.optimizer.state_dict())
-        if sharded:
-            # Each rank writes its own rows; sharding.json (rank 0) says whose rows are where.
-            model_tensors, model_layout = sharding.split_for_files(model_tensors, rank, world)
-            optimizer_tensors, optimizer_layout = sharding.split_for_files(optimizer_tensors, rank, world)
-        # Tied weights once (before staging, which would copy them apart); their names in the metadata.
-        model_tensors, model_aliases = sharding.saved_once(model_tensors)
-        model_file = f"model-rank-{rank}.safetensors" if sharded else "model.safetensors"
-        snapshot.aliases[model_file] = model_aliases
-        if staging is not None:
-            model_tensors = _stage(model_tensors, staging, "model/")
-            optimizer_tensors = _stage(optimizer_tensors, staging, "optimizer/")
-        if sharded:
-            snapshot.rank_files = {f"model-rank-{rank}.safetensors": model_tensors,
-                                   f"optimizer-rank-{rank}.safetensors": optimizer_tensors}
-            if not acc.is_main_process:
-                return snapshot
-            tensor_files = {sharding.SHARDING: ckpt.json_text({"world_size": world, "model": model_layout,
-                                                                 "optimizer": optimizer_layout})}
-        else:
-            tensor_files = {"model.safetensors": model_tensors, "optimizer.safetensors": optimizer_tensors}
-        snapshot.main = {
-            **tensor_files,
-            "optimizer.json": ckpt.json_text(optimizer_meta),
-            "scheduler.json": ckpt.json_text(trainer.schedule.state_dict()),
-            "trainer.json": ckpt.json_text({
-                "state": saved_state,
-                "step": state.step,
-                "epoch": state.epoch,
-                "samples_in_epoch": state.samples_in_epoch,
-                "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
-                "group_names": trainer.group_names,
-                "metric_name": trainer.metrics[0].name if trainer.metrics else None,
-                "metrics": [m.name for m in trainer.metrics],
-                # Import path and source hash of each component, read by `ckpt inspect` without importing it.
-                "components": trainer.components,
-                # fp16 on GPU: the loss scale and its growth tracker, so the resumed run scales identically.
-                "grad_scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
-                "world_size": acc.num_processes,
-                "reason": reason,
-                "config": to_plain_dict(trainer.cfg),
-                "versions": ckpt.library_versions(),
-                "saved_at": time.time(),
-            }),
-        }
-        return snapshot
-
-    def write_rank(self, folder: Path, counter) -> None:
-        for name, tensors in self.rank_files.items():
-            ckpt.save_tensors(tensors, folder / name, self.aliases.get(name))
-            counter.wrote(folder / name)
-        path = folder / f"rng-rank-{self.rank}.json"
-        path.write_text(self.rank_json)
-        counter.wrote(path)
-        path = folder / f"rng-rank-{self.rank}.safetensors"
-        ckpt.save_tensors(self.rank_tensors, path)
-        counter.wrote(path)
-        if self.stream_json is not None:
-            path = folder / STREAM_FILE.format(rank=self.rank)
-            path.write_text(self.stream_json)
-            counter.wrote(path)
-
-    def write_main(self, folder: Path, counter) -> None:
-        for name, content in self.main.items():  # model first: a crash mid-save is tested file by file
-            path = folder / name
-            if isinstance(content, str):
-                path.write_text(content)
-            else:
-                ckpt.save_tensors(content, path, self.aliases.get(name))
-            counter.wrote(path)
-
-
-def _stage(tensors: dict[str, torch.Tensor], staging: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Copies into CPU buffers kept between saves (allocating ~1 GB anew each time costs more in
-    page faults than the copy itself), pinned when the source is on a GPU. CPU-to-CPU copies run
-    on a few threads in ~64 MB pieces (copy_ releases the GIL): one thread does not saturate the
-    memory bandwidth, and this copy is the whole training stall of a background save."""
-    out, pieces = {}, []
-    for name, tensor in tensors.items():
-        tensor = tensor.detach()
-        buffer = staging.get(prefix + name)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
-            staging[prefix + name] = buffer
-        out[name] = buffer
-        if tensor.is_cuda or not tensor.is_contiguous():
-            buffer.copy_(tensor, non_blocking=tensor.is_cuda)
-            continue
-        flat_src, flat_dst = tensor.view(-1), buffer.view(-1)
-        step = max(1, STAGING_PIECE_BYTES // max(1, tensor.element_size()))
-        pieces += [(flat_dst[i:i + step], flat_src[i:i + step]) for i in range(0, flat_src.numel(), step)]
-    if pieces:
-        list(_copy_pool().map(lambda pair: pair[0].copy_(pair[1]), pieces))
-    if any(t.is_cuda for t in tensors.values()):
-        torch.cuda.synchronize()
-    return out
-
-
-STAGING_PIECE_BYTES = 64 << 20
-_pool = None
-
-
-def _copy_pool():
-    global _pool
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="harness-stage")
-    return _pool

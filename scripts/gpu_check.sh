@@ -62,9 +62,10 @@ result bf16 $? "test_accuracy=${acc:-none}"
 killed_and_resumed fp16 train.mixed_precision=$fp16
 status=$?
 scaler=$("$py" -c "
-import json, glob
-f = sorted(glob.glob('$work/fp16-killed/checkpoints/step-*/trainer.json'))[-1]
-print(json.load(open(f))['grad_scaler'])" 2>/dev/null)
+import json, glob, os
+d = sorted(glob.glob('$work/fp16-killed/checkpoints/step-*'))[-1]
+f = os.path.join(d, 'grad_scaler.json')
+print(json.load(open(f)) if os.path.isfile(f) else None)" 2>/dev/null)
 [ "$status" = 0 ] && [ -n "$scaler" ] && { [ "$scaler" != None ] || [ "$rehearse" = 1 ]; }
 result fp16_scaler_resume $? "grad_scaler=${scaler:-missing}"
 

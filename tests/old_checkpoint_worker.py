@@ -27,7 +27,7 @@ def main(run_dir: Path, new_run_dir: Path, overrides: list[str]) -> None:
     from harness.checkpoint import CheckpointStore
     from harness.config import load_config
     from harness.loop import build_trainer
-    from harness.resume import save_checkpoint
+    from harness.snapshot import save_checkpoint
 
     (old,) = sorted((run_dir / "checkpoints").glob("step-*"))
     trainer = build_trainer(load_config(RECIPE, [f"run.output_dir={run_dir}", *overrides]))

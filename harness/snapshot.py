@@ -1,0 +1,105 @@
+"""Saving a checkpoint: the log sums reduced over the ranks, a snapshot of every part of
+:data:`harness.parts.PARTS`, written through the checkpoint store (atomic folder, manifest),
+synchronously or in the background."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from harness import checkpoint as ckpt, sharding
+from harness.distributed import all_reduce_sum
+from harness.parts import PARTS, Saving
+from harness.trainer import flush_step_logs, local_loss_sum
+
+logger = logging.getLogger("harness")
+
+
+def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
+    """All ranks call this at the same point. Reduces partial log sums first so any world size can resume.
+
+    With ``checkpoint.async_save`` (and for any reason but a preemption, whose save must be on
+    disk before the process exits), the files are written by a background thread from a snapshot,
+    and training goes on while they are."""
+
+    started = time.perf_counter()
+    acc, state = trainer.accelerator, trainer.state
+    background = trainer.cfg.checkpoint.async_save and reason != "preempted"
+    store.wait_for_background(acc)  # its snapshot's staging buffers are about to be reused
+    flush_step_logs(trainer, close_window=False)
+    # Logged points up to this checkpoint reach the disk with it: a resume purges only later ones.
+    trainer.tb.flush()
+    local = [local_loss_sum(trainer.window_losses), local_loss_sum(trainer.epoch_losses)]
+    window, epoch = all_reduce_sum(acc, local).tolist()
+    trainer.window_losses.clear()
+    trainer.epoch_losses.clear()
+    if acc.is_main_process:
+        state.window_loss_sum += window
+        state.epoch_loss_sum += epoch
+    else:
+        state.window_loss_sum = state.epoch_loss_sum = 0.0
+    # Every rank must hold the same counters in the file: take rank 0's partial sums.
+    sums = all_reduce_sum(acc, [state.window_loss_sum, state.epoch_loss_sum]).tolist()
+    saved_state = dataclasses.asdict(state)
+    saved_state["window_loss_sum"], saved_state["epoch_loss_sum"] = sums
+    snapshot = CheckpointSnapshot.take(trainer, saved_state, reason,
+                                       staging=trainer.checkpoint_staging if background else None)
+    # What this rank writes, for the message when a save fails (disk full...).
+    size = ckpt.estimated_bytes({**snapshot.run, **snapshot.rank})
+    folder = store.save(acc, state.step, snapshot.write_main, snapshot.write_rank, trainer.last_monitored,
+                        background=background, size_bytes=size)
+    if acc.is_main_process:
+        # Routine saves stay out of the console (harness ckpt list shows them); the others are news.
+        log = logger.debug if reason in ("epoch_end", "every_steps") else logger.info
+        log("checkpoint %s (%s) %s in %.2f s", folder, reason,
+            "snapshot taken, writing in the background," if background else "saved", time.perf_counter() - started)
+    return folder
+
+
+@dataclasses.dataclass
+class CheckpointSnapshot:
+    """Everything one rank writes into a checkpoint, captured at one step boundary: the files of
+    every part of :data:`harness.parts.PARTS`, in that order.
+
+    Without staging buffers the tensors are the live ones (a synchronous save writes them before
+    training moves on). With them, every tensor is copied into its reused buffer and every JSON
+    file is rendered now, so a background thread can write while training changes the originals.
+    """
+
+    run: dict  # rank 0: the run's files, file name -> JSON text or tensors
+    rank: dict  # this rank's own files
+    aliases: dict  # tensor file name -> {tied name: name stored}
+
+    @classmethod
+    def take(cls, trainer, saved_state: dict, reason: str, staging: Optional[dict]) -> "CheckpointSnapshot":
+        acc = trainer.accelerator
+        saving = Saving(trainer, acc.process_index, acc.num_processes, sharding.is_sharded(trainer.raw_model),
+                        saved_state, reason, staging)
+        run, rank, aliases = {}, {}, {}
+        for part in PARTS:
+            files = part.save(saving)
+            run.update(files.run)
+            rank.update(files.rank)
+            aliases.update(files.aliases)
+        if saving.layouts and saving.writes_run_files:
+            # FSDP2: which rank's file holds which rows of each tensor (first: read before any shard).
+            run = {sharding.SHARDING: ckpt.json_text({"world_size": saving.world, **saving.layouts}), **run}
+        return cls(run, rank, aliases)
+
+    def write_rank(self, folder: Path, counter) -> None:
+        self._write(self.rank, folder, counter)
+
+    def write_main(self, folder: Path, counter) -> None:
+        self._write(self.run, folder, counter)
+
+    def _write(self, files: dict, folder: Path, counter) -> None:
+        for name, content in files.items():  # in the parts' order: a crash mid-save is tested file by file
+            path = folder / name
+            if isinstance(content, str):
+                path.write_text(content)
+            else:
+                ckpt.save_tensors(content, path, self.aliases.get(name))
+            counter.wrote(path)
