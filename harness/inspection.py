@@ -20,6 +20,7 @@ from harness.assemble import build_data, build_model
 from harness.config import Config, ConfigError, ScheduleConfig
 from harness.objectives import build_loss, build_metrics
 from harness.optimizers import build_optimizer
+from harness.parts import part_of
 from harness.schedules import Horizon, main_schedule_length, NAMED_FACTORS, preview_lrs
 from harness.tracking import read_scalars, TB_DIR
 
@@ -411,9 +412,10 @@ def format_checkpoint(report: CheckpointReport) -> list[str]:
     lines.append("files:")
     for name, size in report.files:
         mark = "" if name in listed or name == "MANIFEST.json" else "  (not in the manifest)"
-        lines.append(f"  {name:<28} {size:>12,} bytes{mark}")
+        part = part_of(name) or ("the commit" if name == "MANIFEST.json" else "?")
+        lines.append(f"  {name:<32} {size:>12,} bytes  {part}{mark}")
     for name in sorted(set(listed) - {n for n, _ in report.files}):
-        lines.append(f"  {name:<28} {'MISSING':>12}  (listed in the manifest)")
+        lines.append(f"  {name:<32} {'MISSING':>12}  (listed in the manifest)")
     if t:
         state = t.get("state", {})
         lines += [f"step: {t.get('step')}",

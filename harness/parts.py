@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class Loading:
 @dataclass(frozen=True)
 class Part:
     name: str
-    files: str  # how its files are named (ckpt inspect)
+    files: str  # a regular expression for its file names (ckpt inspect names the part of each file)
     save: Callable[[Saving], Files]
     load: Callable[[Loading], None]
 
@@ -221,15 +222,19 @@ def _load_stream(r: Loading) -> None:
 
 
 PARTS: list[Part] = [
-    Part("model", "model.safetensors | model-rank-<r>.safetensors + sharding.json", _save_model, _load_model),
-    Part("optimizer", "optimizer.safetensors | optimizer-rank-<r>.safetensors, optimizer.json", _save_optimizer,
-         _load_optimizer),
-    Part("trainer", "trainer.json", _save_trainer, _load_trainer),
-    Part("scheduler", "scheduler.json", _save_scheduler, _load_scheduler),
-    Part("grad_scaler", "grad_scaler.json (fp16)", _save_grad_scaler, _load_grad_scaler),
-    Part("rng", "rng-rank-<r>.json, rng-rank-<r>.safetensors", _save_rng, _load_rng),
-    Part("stream", "stream-rank-<r>.json (a train stream)", _save_stream, _load_stream),
+    Part("model", r"model(-rank-\d+)?\.safetensors|sharding\.json", _save_model, _load_model),
+    Part("optimizer", r"optimizer(-rank-\d+)?\.safetensors|optimizer\.json", _save_optimizer, _load_optimizer),
+    Part("trainer", r"trainer\.json", _save_trainer, _load_trainer),
+    Part("scheduler", r"scheduler\.json", _save_scheduler, _load_scheduler),
+    Part("grad_scaler", r"grad_scaler\.json", _save_grad_scaler, _load_grad_scaler),
+    Part("rng", r"rng-rank-\d+\.(json|safetensors)", _save_rng, _load_rng),
+    Part("stream", r"stream-rank-\d+\.json", _save_stream, _load_stream),
 ]
+
+
+def part_of(file_name: str) -> Optional[str]:
+    """The part a checkpoint file belongs to (None: the manifest, or not a checkpoint file)."""
+    return next((part.name for part in PARTS if re.fullmatch(part.files, file_name)), None)
 
 
 def load_parts(loading: Loading) -> None:

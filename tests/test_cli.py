@@ -158,6 +158,11 @@ def test_ckpt_inspect_shows_the_saved_lrs_and_counters(resumed_run):
     assert "world size: 1" in out and "reason: every_steps" in out and "versions: torch " in out
     assert re.search(r"model\.safetensors\s+[\d,]+ bytes", out)
     assert "manifest: verified (7 files" in out
+    # Every file is named by the checkpoint part it belongs to (harness/parts.py).
+    parts = dict(re.findall(r"^  (\S+)\s+[\d,]+ bytes  (\S+)", out, re.M))
+    assert parts == {"MANIFEST.json": "the", "model.safetensors": "model", "optimizer.safetensors": "optimizer",
+                     "optimizer.json": "optimizer", "trainer.json": "trainer", "scheduler.json": "scheduler",
+                     "rng-rank-0.json": "rng", "rng-rank-0.safetensors": "rng"}
 
 
 def test_ckpt_damaged_checkpoint_exits_3_naming_the_file(resumed_run, tmp_path, capsys):
