@@ -39,11 +39,9 @@ import json
 import logging
 import mmap
 import os
-import random
 import re
 import secrets
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -51,12 +49,11 @@ from pathlib import Path
 from typing import Optional
 
 import crc32c
-import numpy as np
 import torch
 
 from harness import faults
 from harness.contracts import CheckpointError
-from harness.sharding import aliases_metadata, local, saved_once
+from harness.sharding import aliases_metadata, saved_once
 
 logger = logging.getLogger("harness")
 
@@ -212,29 +209,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, aliases: Optional
     save_file(tensors, str(path), metadata=aliases_metadata({**(aliases or {}), **found}))
 
 
-def rehearse_model_save(model: torch.nn.Module) -> None:
-    """Before the first step: the model's state goes through what a save does (tied tensors
-    kept once, every value to safetensors), on one element of each tensor, in memory. A model
-    that cannot be checkpointed fails now, naming its tensors, not an epoch later at its first save."""
-    from safetensors.torch import save
-
-    problems = []
-    kept, _ = saved_once(model.state_dict())
-    for name, value in kept.items():
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"{name}: a {type(value).__name__}, not a tensor (get_extra_state?)")
-            continue
-        try:
-            value = local(value)
-            if value.device.type != "meta":
-                save({name: value.detach().reshape(-1)[:1].cpu().clone()})
-        except Exception as exc:  # noqa: BLE001 - sparse layouts, dtypes safetensors cannot store
-            problems.append(f"{name}: {type(value).__name__} {value.dtype} {value.layout}: {exc}")
-    if problems:
-        raise CheckpointError("the model cannot be checkpointed (its state_dict goes to safetensors, which "
-                              "stores dense tensors only):\n  " + "\n  ".join(problems[:20]))
-
-
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -246,94 +220,6 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); it may be truncated, "
                               "damaged or of another format (pickles are never loaded)") from None
-
-
-# --------------------------------------------------------------------------------------------
-# State <-> files
-# --------------------------------------------------------------------------------------------
-
-
-def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for index, entries in state_dict["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}/{name}"] = value
-            else:
-                scalars[f"{index}/{name}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalar_state": scalars}
-
-
-def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalar_state"].items()):
-        index, _, name = key.partition("/")
-        state.setdefault(int(index), {})[name] = value
-    groups = []
-    for group in meta["param_groups"]:
-        group = dict(group)
-        if "betas" in group and isinstance(group["betas"], list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
-def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    meta = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = state
-    return meta, tensors
-
-
-def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-
-
-def raw_rng_state() -> tuple:
-    """The generators' states as their own getters give them (no conversion to JSON: ~80 us), to
-    put back with set_raw_rng_state in this process."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), random.getstate(), np.random.get_state(), cuda
-
-
-def set_raw_rng_state(state: tuple) -> None:
-    cpu, python, numpy_state, cuda = state
-    torch.set_rng_state(cpu)
-    random.setstate(python)
-    np.random.set_state(numpy_state)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def library_versions() -> dict:
-    """What a run's numbers depend on besides its recipe and seed: the libraries that compute, and
-    the CPU kernels torch picked (AVX2, AVX512...) or the GPU. Recorded in every checkpoint; a resume
-    where any of them changed says it cannot be bitwise (resume.warn_about_changed_environment)."""
-    import accelerate
-    import safetensors
-
-    versions = {"torch": torch.__version__, "accelerate": accelerate.__version__, "safetensors": safetensors.__version__,
-                "numpy": np.__version__, "python": sys.version.split()[0],
-                "cpu": torch.backends.cpu.get_cpu_capability()}
-    if torch.cuda.is_available():
-        versions["gpu"] = torch.cuda.get_device_name()
-    return versions
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import yaml
 
 
 import harness.builtin  # noqa: F401 - registers the shipped components before any recipe is read
-from harness import components, schedules
-from harness.schedules import ScheduleConfig
+from harness import components, schedule_kinds
+from harness.schedule_kinds import ScheduleConfig
 from harness.contracts import ConfigError  # noqa: F401 - re-exported: the name users and tests know
 from harness.optimizers import UNSUPPORTED
 from harness.values import _type_name, _unknown_key_message, coerce, parse_dataclass, type_checkable  # noqa: F401
@@ -337,7 +337,7 @@ def _drop_options_of_replaced_kinds(raw: dict, original_kinds: dict, overrides, 
 
 def _argument_names(section: str, name, folders) -> set[str]:
     if section not in _COMPONENT_SECTIONS:
-        return {f.name for f in dataclasses.fields(schedules.options_class(section, name))}
+        return {f.name for f in dataclasses.fields(schedule_kinds.options_class(section, name))}
     signature = components.signature_of(components.resolve(section, name, folders))
     return set(signature.parameters) if signature is not None else set()
 
@@ -445,7 +445,7 @@ def _kind_section(section: str, cls: type, section_raw: dict):
     common = {f.name for f in dataclasses.fields(cls)} - {"options"}
     default_name = cls().name if section != "data" else DataConfig().name
     name = section_raw.get("name", default_name)
-    options_cls = schedules.options_class(section, name)
+    options_cls = schedule_kinds.options_class(section, name)
     base = {k: v for k, v in section_raw.items() if k in common}
     rest = {k: v for k, v in section_raw.items() if k not in common}
     option_keys = [f.name for f in dataclasses.fields(options_cls)]
@@ -455,7 +455,7 @@ def _kind_section(section: str, cls: type, section_raw: dict):
             raise ConfigError(_unknown_key_message(f"{section}.{key}", valid,
                                                    where=f"{section} (kind {name!r})", prefix=section))
     parsed = parse_dataclass(cls, base, section)
-    parsed.name = schedules.canonical_name(section, name)
+    parsed.name = schedule_kinds.canonical_name(section, name)
     parsed.options = parse_dataclass(options_cls, rest, section)
     return parsed
 

@@ -21,7 +21,8 @@ from harness.config import Config, ConfigError, ScheduleConfig
 from harness.objectives import build_loss, build_metrics
 from harness.optimizers import build_optimizer
 from harness.parts import part_of
-from harness.schedules import Horizon, main_schedule_length, NAMED_FACTORS, preview_lrs
+from harness.schedule_kinds import NAMED_FACTORS
+from harness.schedules import Horizon, main_schedule_length, preview_lrs
 from harness.tracking import read_scalars, TB_DIR
 
 # The LR preview table stays readable: at most this many epoch-start rows (thinned evenly).

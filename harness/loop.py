@@ -9,34 +9,34 @@ micro-batches. That is what makes 1 rank and N ranks train the same model.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from harness import checkpoint as ckpt, faults, sampling, sharding
+from harness import faults, sampling, sharding, states
 from harness.batches import choose_output
-from harness.checkpoint import CheckpointStore, EndFilesError, os_error_reason, rehearse_model_save
-from harness.config import Config, ConfigError, dump_config, to_plain_dict
+from harness.checkpoint import CheckpointStore
+from harness.config import Config, ConfigError, to_plain_dict
 from harness.contracts import Split
 from harness.objectives import element_count
 from harness.optimizers import build_optimizer
+from harness.parts import rehearse_model_save
 from harness.preemption import clear_marker, Preempted, PreemptionWatcher
 from harness.progress import Progress
 from harness.resume import choose_checkpoint, initialize_from, record_changes, restore
+from harness.run_files import log_epoch, log_start, write_end_files, write_run_files
 from harness.run_lock import lock_run_folder
 from harness.schedules import build_schedule, Horizon
 from harness.snapshot import save_checkpoint
 from harness.tracking import flatten, TensorBoardLog
 from harness.distributed import (all_reduce_sum, any_rank, buffers_from_rank0, check_lrs_agree, launcher_pid,
                                  lost_rank_error, make_accelerator, shutdown_process_group, warn_if_ranks_lost)
-from harness.trainer import (GivenComponents, Trainer, TrainState, build_components, check_same_data,  # noqa: F401
-                             flush_step_logs, fold, local_loss_sum, monitor_names, monitored_value, probe_objective,
-                             schedule_inputs, seed_everything)
+from harness.trainer import (GivenComponents, Trainer, build_components, check_same_data, flush_step_logs, fold,
+                             local_loss_sum, check_monitors, monitored_value, probe_objective, schedule_inputs,
+                             seed_everything)
 
 logger = logging.getLogger("harness")
 
@@ -121,13 +121,6 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if accelerator.is_main_process:
         clear_marker(cfg.run_dir)
     return trainer
-
-
-def write_run_files(trainer: Trainer) -> None:
-    if not trainer.is_main:
-        return
-    trainer.run_dir.mkdir(parents=True, exist_ok=True)
-    (trainer.run_dir / "config.yaml").write_text(dump_config(trainer.cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +253,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
         buffers_from_rank0(acc, model)  # one set of BatchNorm statistics, the one checkpoints hold
     # A preemption inside this validation saves the RNG state of the step boundary before it (a
     # model may draw randomness in eval mode): the resumed run redoes the validation from there.
-    boundary_rng = ckpt.raw_rng_state() if interruptible else None
+    boundary_rng = states.raw_rng_state() if interruptible else None
     was_training = model.training
     model.eval()
     widths = [metric.width for metric in trainer.metrics]
@@ -292,7 +285,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
             if interruptible and start + every < len(shards) and trainer.preemption is not None \
                     and trainer.preemption.should_stop(acc):
                 model.train(was_training)
-                ckpt.set_raw_rng_state(boundary_rng)
+                states.set_raw_rng_state(boundary_rng)
                 stop_for_preemption(trainer)
     sums = sums.cpu()
     if split is trainer.task.val:
@@ -553,15 +546,6 @@ def validate_mid_epoch_if_due(trainer: Trainer) -> None:
                     " ".join(f"val_{k}={v:.4f}" for k, v in validation.items()))
 
 
-def check_monitors(trainer: Trainer) -> None:
-    """checkpoint.monitor and a plateau's monitor must name something this run reports."""
-    valid = monitor_names(trainer.metrics)
-    for key, name in (("checkpoint.monitor", trainer.cfg.checkpoint.monitor),
-                      ("schedule.monitor", trainer.schedule.monitor)):
-        if name is not None and name not in valid:
-            raise ConfigError(f"{key}: {name!r} is not reported by this run; valid: {', '.join(valid)}")
-
-
 def update_best(trainer: Trainer, value: Optional[float]) -> None:
     """Best monitored value and the early-stopping count; ``value`` is the same on every rank."""
     cfg, state = trainer.cfg, trainer.state
@@ -607,101 +591,3 @@ def finish(trainer: Trainer) -> dict:
     return summary
 
 
-def write_end_files(trainer: Trainer, summary: dict) -> None:
-    """final/model.safetensors, ranks/rank-<r>.json and metrics.json, each written to a temporary
-    name and renamed. A write that fails on any rank (a full disk, a quota, permissions) fails on
-    every rank together with one message (exit 4): the last checkpoint already holds the finished
-    run, and the same command run again resumes at its end and writes these files."""
-
-    def write_metrics() -> None:  # last, once every rank's files are written: it says the run is complete
-        if trainer.is_main:
-            _write_replacing(trainer.run_dir / "metrics.json",
-                             lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
-
-    def every_rank_model_and_report() -> None:
-        faults.before_end_files(trainer.accelerator.process_index, trainer.run_dir / "final")
-        write_final_model(trainer)
-        write_rank_report(trainer)
-
-    for phase in (every_rank_model_and_report, write_metrics):
-        failure: Optional[OSError] = None
-        try:
-            phase()
-        except OSError as exc:
-            failure = exc
-        if any_rank(trainer.accelerator, failure is not None):
-            raise end_files_error(trainer, failure)
-
-
-def end_files_error(trainer: Trainer, failure: Optional[OSError]):
-    committed = trainer.store.committed()
-    newest = f"checkpoint {committed[0].path}" if committed else "no checkpoint (none was written)"
-    what = ("another rank could not write its end-of-run files" if failure is None
-            else f"{failure.filename or trainer.run_dir}: {os_error_reason(failure)}")
-    return EndFilesError(f"writing the run's end files failed: {what}. Training finished; {newest} holds its end "
-                         "state, nothing is lost. Free space (or fix the permissions) and run the same command "
-                         "again: it resumes at the end and writes final/model.safetensors, metrics.json and ranks/")
-
-
-def _write_replacing(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``: a failure leaves no half-written file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def write_final_model(trainer: Trainer) -> None:
-    """Final weights of the unwrapped model, loadable with safetensors alone (FSDP: gathered whole,
-    every rank takes part); tied weights once, their other names in the file's metadata."""
-    state = trainer.raw_model.state_dict()
-    _, aliases = sharding.saved_once(state)  # on the shards: gathered tensors share no memory
-    if trainer.sharded:
-        state = sharding.full_tensors(state)
-    if not trainer.is_main:
-        return
-    (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
-    kept = {name: tensor for name, tensor in state.items() if name not in aliases}
-    _write_replacing(trainer.run_dir / "final" / "model.safetensors",
-                     lambda tmp: ckpt.save_tensors(kept, tmp, aliases))
-
-
-def write_rank_report(trainer: Trainer) -> None:
-    """Each rank's own view at the end (LRs, scheduler counters, local validation sums), so a user
-    can see that ranks agree, or where they do not."""
-    acc = trainer.accelerator
-    main = trainer.schedule.main
-    report = {
-        "rank": acc.process_index,
-        "world_size": acc.num_processes,
-        "lrs": trainer.schedule.lrs(),
-        "schedule_steps_done": trainer.schedule.steps_done,
-        "scheduler_last_epoch": getattr(main, "last_epoch", None),
-        "plateau_num_bad_epochs": getattr(main, "num_bad_epochs", None),
-        "local_validations": trainer.local_validations,
-    }
-    folder = trainer.run_dir / "ranks"
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_replacing(folder / f"rank-{acc.process_index}.json",
-                     lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
-
-
-def log_start(trainer: Trainer) -> None:
-    acc = trainer.accelerator
-    if trainer.is_main:
-        logger.info("%s | world size %d | device %s | mixed precision %s | %d steps/epoch x %d epochs | "
-                    "schedule %s (%s) | run folder %s", trainer.task.description, acc.num_processes, acc.device,
-                    acc.mixed_precision, trainer.horizon.steps_per_epoch, trainer.horizon.epochs,
-                    trainer.cfg.schedule.name, trainer.cfg.schedule.interval, trainer.run_dir)
-
-
-def log_epoch(trainer: Trainer, record: dict, lrs: dict[str, float]) -> None:
-    if not trainer.is_main:
-        return
-    values = " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
-    lr_text = " ".join(f"lr/{k}={v:.3g}" for k, v in lrs.items())
-    logger.info("epoch %d/%d step %d %s %s", record["epoch"], trainer.cfg.train.epochs, record["step"], values, lr_text)

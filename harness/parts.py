@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from safetensors.torch import save as save_in_memory
 
-from harness import checkpoint as ckpt, sharding
+from harness import checkpoint as ckpt, sharding, states
 from harness.config import to_plain_dict
 from harness.optimizers import param_groups as recipe_param_groups
 from harness.schedules import LRSchedule, advance, lrs_rebuilt_from_last_epoch, replay_lrs
@@ -114,7 +115,7 @@ def _load_model(r: Loading) -> None:
 def _save_optimizer(s: Saving) -> Files:
     if not (s.sharded or s.writes_run_files):
         return Files()
-    tensors, meta = ckpt.optimizer_to_files(s.trainer.optimizer.state_dict())
+    tensors, meta = states.optimizer_to_files(s.trainer.optimizer.state_dict())
     if s.sharded:
         tensors, s.layouts["optimizer"] = sharding.split_for_files(tensors, s.rank, s.world)
     tensors = s.stage(tensors, "optimizer/")
@@ -151,7 +152,7 @@ def _save_trainer(s: Saving) -> Files:
         "world_size": s.world,
         "reason": s.reason,
         "config": to_plain_dict(t.cfg),
-        "versions": ckpt.library_versions(),
+        "versions": states.library_versions(),
         "saved_at": time.time(),
     })})
 
@@ -201,7 +202,7 @@ def _load_grad_scaler(r: Loading) -> None:
 
 
 def _save_rng(s: Saving) -> Files:
-    meta, tensors = ckpt.rng_state()  # fresh copies already
+    meta, tensors = states.rng_state()  # fresh copies already
     return Files(rank={f"rng-rank-{s.rank}.json": ckpt.json_text(meta), f"rng-rank-{s.rank}.safetensors": tensors})
 
 
@@ -240,6 +241,27 @@ def part_of(file_name: str) -> Optional[str]:
 def load_parts(loading: Loading) -> None:
     for part in PARTS:
         part.load(loading)
+
+
+def rehearse_model_save(model: torch.nn.Module) -> None:
+    """Before the first step: the model's state goes through what a save does (tied tensors
+    kept once, every value to safetensors), on one element of each tensor, in memory. A model
+    that cannot be checkpointed fails now, naming its tensors, not an epoch later at its first save."""
+    problems = []
+    kept, _ = sharding.saved_once(model.state_dict())
+    for name, value in kept.items():
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{name}: a {type(value).__name__}, not a tensor (get_extra_state?)")
+            continue
+        try:
+            value = sharding.local(value)
+            if value.device.type != "meta":
+                save_in_memory({name: value.detach().reshape(-1)[:1].cpu().clone()})
+        except Exception as exc:  # noqa: BLE001 - sparse layouts, dtypes safetensors cannot store
+            problems.append(f"{name}: {type(value).__name__} {value.dtype} {value.layout}: {exc}")
+    if problems:
+        raise ckpt.CheckpointError("the model cannot be checkpointed (its state_dict goes to safetensors, which "
+                              "stores dense tensors only):\n  " + "\n  ".join(problems[:20]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +343,7 @@ def optimizer_tensors(trainer, folder: Path) -> dict[str, torch.Tensor]:
 def restore_optimizer(trainer, folder: Path) -> None:
     tensors = optimizer_tensors(trainer, folder)
     meta = ckpt._read_json(folder / "optimizer.json")
-    state_dict = ckpt.optimizer_from_files(tensors, meta)
+    state_dict = states.optimizer_from_files(tensors, meta)
     groups_now = trainer.optimizer.state_dict()["param_groups"]
     if [len(g["params"]) for g in groups_now] != [len(g["params"]) for g in state_dict["param_groups"]]:
         raise ckpt.CheckpointError(f"{folder / 'optimizer.json'}: param groups do not match this recipe's "
@@ -408,7 +430,7 @@ def restore_rng(trainer, folder: Path, meta: dict) -> None:
     rank = acc.process_index
     json_path, tensor_path = folder / f"rng-rank-{rank}.json", folder / f"rng-rank-{rank}.safetensors"
     if rank < meta["world_size"] and json_path.is_file():
-        ckpt.set_rng_state(ckpt._read_json(json_path), ckpt._load_tensors(tensor_path))
+        states.set_rng_state(ckpt._read_json(json_path), ckpt._load_tensors(tensor_path))
     else:
         # A rank that did not exist when the checkpoint was written: derive its stream from the
         # seed and the step, so it does not replay the stream of the run's start.

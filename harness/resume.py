@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from harness import checkpoint as ckpt, sharding
+from harness import checkpoint as ckpt, sharding, states
 from harness.config import to_plain_dict
-from harness.parts import Loading, load_model_state, load_parts, optimizer_tensors
+from harness.parts import Loading, load_parts, optimizer_tensors
 from harness.tracking import flatten
 
 logger = logging.getLogger("harness")
@@ -62,7 +62,7 @@ def restore(trainer, folder: Path) -> list[dict]:
     meta = ckpt.read_trainer_json(folder)
     changes = recipe_changes(meta.get("config") or {}, to_plain_dict(trainer.cfg))
     warn_about_changed_components(meta.get("components") or {}, trainer.components, trainer.is_main)
-    warn_about_changed_environment(meta.get("versions") or {}, ckpt.library_versions(), trainer.is_main)
+    warn_about_changed_environment(meta.get("versions") or {}, states.library_versions(), trainer.is_main)
     refuse_unapproved_changes(trainer.cfg, changes, folder, meta.get("step"))
     changed_keys = [c["key"] for c in changes]
     allowed = trainer.cfg.run.on_change == "allow"
@@ -237,7 +237,7 @@ def initialize_from(trainer, path: str) -> Path:
     load_weights_that_fit(trainer.raw_model, folder / "model.safetensors")
     if trainer.cfg.run.init_optimizer:
         tensors = optimizer_tensors(trainer, folder)
-        saved = ckpt.optimizer_from_files(tensors, ckpt._read_json(folder / "optimizer.json"))
+        saved = states.optimizer_from_files(tensors, ckpt._read_json(folder / "optimizer.json"))
         params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
         problems = []
         for index, entries in sorted(saved["state"].items()):

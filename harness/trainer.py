@@ -308,3 +308,12 @@ def schedule_inputs(trainer: Trainer, record: dict) -> tuple[Optional[float], Op
     """(val_loss, the value ReduceLROnPlateau watches) for LRSchedule.after_validation."""
     monitor = trainer.schedule.monitor or "val_loss"
     return record.get("val_loss"), monitored_value(record, monitor, trainer.metrics)
+
+
+def check_monitors(trainer: Trainer) -> None:
+    """checkpoint.monitor and a plateau's monitor must name something this run reports."""
+    valid = monitor_names(trainer.metrics)
+    for key, name in (("checkpoint.monitor", trainer.cfg.checkpoint.monitor),
+                      ("schedule.monitor", trainer.schedule.monitor)):
+        if name is not None and name not in valid:
+            raise ConfigError(f"{key}: {name!r} is not reported by this run; valid: {', '.join(valid)}")
