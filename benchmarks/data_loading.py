@@ -243,7 +243,7 @@ def prepare_resume(args) -> None:
     steps = args.at // batch
     state = trainer.state
     state.step, state.samples_in_epoch, state.epoch_count = steps, steps * batch, steps * batch
-    trainer.pending_lrs.clear()
+    trainer.logs.pending_lrs.clear()
     advance(trainer.schedule, trainer.horizon, steps, 0, [])
     folder = save_checkpoint(trainer, trainer.store, "every_steps")
     trainer.tb.close()

@@ -109,9 +109,9 @@ def main() -> None:
             lambda: [g["lr"] for g in trainer.optimizer.param_groups])
 
         def flush_setup():
-            trainer.pending_lrs[:] = [(s, [1e-3]) for s in range(1, 11)]
-            trainer.state.window_count, trainer.window_samples = 320, 320
-            trainer.window_losses[:] = [torch.tensor(3.0)]
+            trainer.logs.pending_lrs[:] = [(s, [1e-3]) for s in range(1, 11)]
+            trainer.state.window_count, trainer.logs.window_samples = 320, 320
+            trainer.logs.window_losses[:] = [torch.tensor(3.0)]
 
         def flush():
             flush_setup()

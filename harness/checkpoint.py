@@ -235,6 +235,7 @@ class CheckpointStore:
         self.keep_last, self.keep_best, self.monitor_mode = keep_last, keep_best, monitor_mode
         self._background: Optional[_BackgroundSave] = None
         self._attempt_id: Optional[str] = None
+        self.staging: dict = {}  # CPU copies of the state for background saves, reused between saves
 
     # Finding
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from harness import faults, sampling, sharding, states
+from harness import faults, sampling, sharding, states, strategy
 from harness.batches import choose_output
 from harness.checkpoint import CheckpointStore
 from harness.config import Config, ConfigError, to_plain_dict
@@ -32,8 +32,8 @@ from harness.run_lock import lock_run_folder
 from harness.schedules import build_schedule, Horizon
 from harness.snapshot import save_checkpoint
 from harness.tracking import flatten, TensorBoardLog
-from harness.distributed import (all_reduce_sum, any_rank, buffers_from_rank0, check_lrs_agree, launcher_pid,
-                                 lost_rank_error, make_accelerator, shutdown_process_group, warn_if_ranks_lost)
+from harness.distributed import (all_reduce_sum, any_rank, check_lrs_agree, launcher_pid, lost_rank_error,
+                                 make_accelerator, shutdown_process_group, warn_if_ranks_lost)
 from harness.trainer import (GivenComponents, Trainer, build_components, check_same_data, flush_step_logs, fold,
                              local_loss_sum, check_monitors, monitored_value, probe_objective, schedule_inputs,
                              seed_everything)
@@ -47,7 +47,7 @@ logger = logging.getLogger("harness")
 
 
 def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Trainer:
-    strategy = sharding.strategy_from_launch(cfg.train.strategy)  # before Accelerator reads the launch's env
+    configured = sharding.strategy_from_launch(cfg.train.strategy)  # before Accelerator reads the launch's env
     accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters)
     warn_if_ranks_lost(accelerator.num_processes)
     if cfg.run.deterministic:
@@ -56,7 +56,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
         torch.backends.cudnn.benchmark = False
     given = given or GivenComponents()
     # train.fsdp_init rank0: only rank 0 builds the model's memory; the others get theirs from it.
-    from_rank0 = strategy == "fsdp" and cfg.train.fsdp_init == "rank0" and accelerator.num_processes > 1
+    from_rank0 = configured == "fsdp" and cfg.train.fsdp_init == "rank0" and accelerator.num_processes > 1
     if from_rank0 and isinstance(given.model, torch.nn.Module):
         raise ConfigError("train.fsdp_init: rank0 builds the model on the meta device on ranks > 0, but this model was "
                           "built in Python before harness.train(); use every_rank, or let the recipe build it")
@@ -66,20 +66,12 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if cfg.data.batch_size > len(task.train) and cfg.data.drop_last:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {len(task.train)} "
                           "training samples and data.drop_last is true: no step would run")
-    sharded = strategy == "fsdp" and (accelerator.num_processes > 1 or sharding.join_single_rank_group(accelerator))
+    distribution = strategy.choose(accelerator, configured, cfg.train.fsdp_wrap, from_rank0)
     streamed = getattr(task.train, "streamed", False)
     if streamed:
         task.train.configure(cfg.data.batch_size, cfg.train.grad_accum_steps, accelerator.num_processes)
-    if sharded and any(getattr(split, "streamed", False) for split in (task.val, task.test)):
-        raise ConfigError("data: a validation or test stream (IterableDataset) with train.strategy fsdp: every rank "
-                          "must run every sharded forward in lockstep, which a stream of unknown length per rank "
-                          "cannot promise; give map-style val/test Datasets")
-    if sharded:
-        # Sharded before the optimizer is built: its state then holds this rank's rows only.
-        model = sharding.shard(model, accelerator.device, accelerator.num_processes, cfg.train.fsdp_wrap,
-                               accelerator.mixed_precision, from_rank0=from_rank0)
-    elif strategy == "fsdp" and accelerator.is_main_process:
-        logger.info("train.strategy fsdp with one process: nothing to shard, training unsharded")
+    distribution.check_data(task)
+    model = distribution.shard(model)
     optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)
     horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last or streamed),
                       cfg.train.epochs)
@@ -88,14 +80,12 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     # steps it once per process. Nor the optimizer: AcceleratedOptimizer re-checks installed packages
     # and inspects signatures on every step()/zero_grad(), ~1 ms a step; we do its one job (fp16
     # loss scaling) ourselves in optimizer_step().
-    if not sharded:
-        model = accelerator.prepare(model)  # DDP on several ranks (FSDP2 modules are already distributed)
+    model, raw_model = distribution.wrap(model)
     store = CheckpointStore(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                             cfg.checkpoint.monitor_mode)
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
                       TensorBoardLog(cfg.run_dir, enabled=False), store=store, loss=loss, metrics=metrics,
-                      raw_model=model if sharded else accelerator.unwrap_model(model), components=origins,
-                      sharded=sharded)
+                      raw_model=raw_model, components=origins, strategy=distribution)
     check_monitors(trainer)
     choose_output(trainer.raw_model, cfg.train.model_output, loss if hasattr(loss, "take") else None)
     probe_objective(trainer)
@@ -139,7 +129,7 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loade
     rank, world = acc.process_index, acc.num_processes
     global_count = len(global_indices)
     # TensorBoard's x axis is the optimizer step, counted from 1: this LR is applied in step state.step + 1.
-    trainer.pending_lrs.append((trainer.state.step + 1, [g["lr"] for g in trainer.optimizer.param_groups]))
+    trainer.logs.pending_lrs.append((trainer.state.step + 1, [g["lr"] for g in trainer.optimizer.param_groups]))
     if faults.TRACE_SAMPLES:
         faults.trace_samples(rank, trainer.state.step + 1, trainer.state.epoch, sampling.shard(global_indices, rank, world))
     if micro is None:
@@ -174,21 +164,12 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loade
     trainer.state.samples_in_epoch += global_count
     trainer.state.window_count += counted  # what the logged train loss is a mean over
     trainer.state.epoch_count += counted
-    trainer.window_samples += global_count
+    trainer.logs.window_samples += global_count
 
 
-@contextlib.contextmanager
 def no_gradient_sync(trainer: Trainer):
     """A micro-batch before the last: accumulate locally, reduce once at the last (DDP or FSDP)."""
-    if trainer.sharded:
-        sharding.set_gradient_sync(trainer.model, False)
-        try:
-            yield
-        finally:
-            sharding.set_gradient_sync(trainer.model, True)
-    else:
-        with trainer.accelerator.no_sync(trainer.model):
-            yield
+    return trainer.strategy.no_sync(trainer.model)
 
 
 def backward(trainer: Trainer, loss_sum: torch.Tensor, scale: float) -> None:
@@ -211,12 +192,12 @@ def backward(trainer: Trainer, loss_sum: torch.Tensor, scale: float) -> None:
 
 
 def add_loss(trainer: Trainer, loss_sum: torch.Tensor) -> None:
-    trainer.window_losses.append(loss_sum)
-    trainer.epoch_losses.append(loss_sum)
-    if len(trainer.epoch_losses) >= 64:  # bounded memory for long epochs and long log windows
-        fold(trainer.epoch_losses)
-    if len(trainer.window_losses) >= 64:
-        fold(trainer.window_losses)
+    trainer.logs.window_losses.append(loss_sum)
+    trainer.logs.epoch_losses.append(loss_sum)
+    if len(trainer.logs.epoch_losses) >= 64:  # bounded memory for long epochs and long log windows
+        fold(trainer.logs.epoch_losses)
+    if len(trainer.logs.window_losses) >= 64:
+        fold(trainer.logs.window_losses)
 
 
 def optimizer_step(trainer: Trainer) -> None:
@@ -249,8 +230,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
     """
     acc = trainer.accelerator
     model = trainer.raw_model  # no DDP collectives inside a rank-local loop
-    if not trainer.sharded:
-        buffers_from_rank0(acc, model)  # one set of BatchNorm statistics, the one checkpoints hold
+    trainer.strategy.before_validation(model)
     # A preemption inside this validation saves the RNG state of the step boundary before it (a
     # model may draw randomness in eval mode): the resumed run redoes the validation from there.
     boundary_rng = states.raw_rng_state() if interruptible else None
@@ -269,10 +249,8 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
             chunk = shards[start:start + every]
             if streamed:
                 loaded = ((batch, True) for batch in split.whole(trainer.cfg.data.val_batch_size))
-            elif trainer.sharded:  # every rank runs every forward (each all-gathers parameters)
-                loaded = sharding.lockstep(split.batches, chunk)
             else:
-                loaded = ((batch, True) for batch in split.batches([s for s in chunk if len(s)]))
+                loaded = trainer.strategy.validation_batches(split, chunk)
             for batch, counts in loaded:
                 batch = batch.to(acc.device)
                 outputs = batch.predict(model).float()
@@ -289,7 +267,7 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
                 stop_for_preemption(trainer)
     sums = sums.cpu()
     if split is trainer.task.val:
-        trainer.local_validations.append(sums.tolist())
+        trainer.logs.local_validations.append(sums.tolist())
     total = all_reduce_sum(acc, sums).tolist()
     model.train(was_training)
     results = {"loss": total[0] / max(total[1], 1.0)}
@@ -478,14 +456,14 @@ def after_step(trainer: Trainer) -> None:
         stop_for_preemption(trainer)
     if state.step % trainer.cfg.train.log_every_steps == 0:
         flush_step_logs(trainer, close_window=True)
-    trainer.progress.update(state.step, state.epoch, trainer.last_logged.get("loss"),
-                            trainer.optimizer.param_groups[0]["lr"], trainer.last_logged.get("samples_per_s"))
+    trainer.progress.update(state.step, state.epoch, trainer.logs.last_logged.get("loss"),
+                            trainer.optimizer.param_groups[0]["lr"], trainer.logs.last_logged.get("samples_per_s"))
 
 
 def end_epoch(trainer: Trainer) -> None:
     cfg, state = trainer.cfg, trainer.state
     # One collective: the pending LRs cross-checked, this epoch's train-loss sum reduced.
-    (epoch_loss_of_ranks,) = flush_step_logs(trainer, close_window=False, sums=[local_loss_sum(trainer.epoch_losses)])
+    (epoch_loss_of_ranks,) = flush_step_logs(trainer, close_window=False, sums=[local_loss_sum(trainer.logs.epoch_losses)])
     epoch_number = state.epoch + 1
     validate = epoch_number % cfg.train.val_every_epochs == 0 or epoch_number == cfg.train.epochs
     # Validation comes before any state changes: a preemption inside it saves the state of the
@@ -496,7 +474,7 @@ def end_epoch(trainer: Trainer) -> None:
     state.epoch = epoch_number
     state.samples_in_epoch = 0
     state.epoch_loss_sum, state.epoch_count = 0.0, 0
-    trainer.epoch_losses.clear()
+    trainer.logs.epoch_losses.clear()
     trainer.schedule.after_epoch()
     scalars = {"train/loss_epoch": train_loss}
     record = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss}

@@ -61,7 +61,7 @@ class Saving:
     trainer: Any
     rank: int
     world: int
-    sharded: bool  # FSDP2: every rank writes its rows of the model and optimizer
+    strategy: Any  # harness.strategy: who writes which rows of the model and optimizer
     saved_state: dict  # TrainState as saved (partial log sums reduced over the ranks)
     reason: str
     staging: Optional[dict]  # reused CPU buffers of a background save (None: the live tensors)
@@ -95,16 +95,16 @@ class Part:
 
 
 def _save_model(s: Saving) -> Files:
-    if not (s.sharded or s.writes_run_files):
+    if not s.strategy.writes_state(s.rank):
         return Files()
-    tensors = s.trainer.raw_model.state_dict()
-    if s.sharded:
-        tensors, s.layouts["model"] = sharding.split_for_files(tensors, s.rank, s.world)
+    tensors, layout = s.strategy.rows_to_save(s.trainer.raw_model.state_dict(), s.rank, s.world)
+    if layout is not None:
+        s.layouts["model"] = layout
     # Tied weights once (before staging, which would copy them apart); their names in the metadata.
     tensors, aliases = sharding.saved_once(tensors)
-    name = f"model-rank-{s.rank}.safetensors" if s.sharded else "model.safetensors"
+    name = f"model-rank-{s.rank}.safetensors" if layout is not None else "model.safetensors"
     tensors = s.stage(tensors, "model/")
-    return Files(rank={name: tensors}, aliases={name: aliases}) if s.sharded else \
+    return Files(rank={name: tensors}, aliases={name: aliases}) if layout is not None else \
         Files(run={name: tensors}, aliases={name: aliases})
 
 
@@ -113,13 +113,13 @@ def _load_model(r: Loading) -> None:
 
 
 def _save_optimizer(s: Saving) -> Files:
-    if not (s.sharded or s.writes_run_files):
+    if not s.strategy.writes_state(s.rank):
         return Files()
     tensors, meta = states.optimizer_to_files(s.trainer.optimizer.state_dict())
-    if s.sharded:
-        tensors, s.layouts["optimizer"] = sharding.split_for_files(tensors, s.rank, s.world)
+    tensors, layout = s.strategy.rows_to_save(tensors, s.rank, s.world)
     tensors = s.stage(tensors, "optimizer/")
-    if s.sharded:
+    if layout is not None:
+        s.layouts["optimizer"] = layout
         return Files(run={"optimizer.json": ckpt.json_text(meta)} if s.writes_run_files else {},
                      rank={f"optimizer-rank-{s.rank}.safetensors": tensors})
     return Files(run={"optimizer.safetensors": tensors, "optimizer.json": ckpt.json_text(meta)})

@@ -79,8 +79,7 @@ def write_final_model(trainer: Trainer) -> None:
     every rank takes part); tied weights once, their other names in the file's metadata."""
     state = trainer.raw_model.state_dict()
     _, aliases = sharding.saved_once(state)  # on the shards: gathered tensors share no memory
-    if trainer.sharded:
-        state = sharding.full_tensors(state)
+    state = trainer.strategy.full_state(state)
     if not trainer.is_main:
         return
     (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
@@ -101,7 +100,7 @@ def write_rank_report(trainer: Trainer) -> None:
         "schedule_steps_done": trainer.schedule.steps_done,
         "scheduler_last_epoch": getattr(main, "last_epoch", None),
         "plateau_num_bad_epochs": getattr(main, "num_bad_epochs", None),
-        "local_validations": trainer.local_validations,
+        "local_validations": trainer.logs.local_validations,
     }
     folder = trainer.run_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)

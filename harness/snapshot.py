@@ -32,10 +32,10 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     flush_step_logs(trainer, close_window=False)
     # Logged points up to this checkpoint reach the disk with it: a resume purges only later ones.
     trainer.tb.flush()
-    local = [local_loss_sum(trainer.window_losses), local_loss_sum(trainer.epoch_losses)]
+    local = [local_loss_sum(trainer.logs.window_losses), local_loss_sum(trainer.logs.epoch_losses)]
     window, epoch = all_reduce_sum(acc, local).tolist()
-    trainer.window_losses.clear()
-    trainer.epoch_losses.clear()
+    trainer.logs.window_losses.clear()
+    trainer.logs.epoch_losses.clear()
     if acc.is_main_process:
         state.window_loss_sum += window
         state.epoch_loss_sum += epoch
@@ -46,7 +46,7 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     saved_state = dataclasses.asdict(state)
     saved_state["window_loss_sum"], saved_state["epoch_loss_sum"] = sums
     snapshot = CheckpointSnapshot.take(trainer, saved_state, reason,
-                                       staging=trainer.checkpoint_staging if background else None)
+                                       staging=trainer.store.staging if background else None)
     # What this rank writes, for the message when a save fails (disk full...).
     size = ckpt.estimated_bytes({**snapshot.run, **snapshot.rank})
     folder = store.save(acc, state.step, snapshot.write_main, snapshot.write_rank, trainer.last_monitored,
@@ -76,8 +76,8 @@ class CheckpointSnapshot:
     @classmethod
     def take(cls, trainer, saved_state: dict, reason: str, staging: Optional[dict]) -> "CheckpointSnapshot":
         acc = trainer.accelerator
-        saving = Saving(trainer, acc.process_index, acc.num_processes, sharding.is_sharded(trainer.raw_model),
-                        saved_state, reason, staging)
+        saving = Saving(trainer, acc.process_index, acc.num_processes, trainer.strategy, saved_state, reason,
+                        staging)
         run, rank, aliases = {}, {}, {}
         for part in PARTS:
             files = part.save(saving)

@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,23 @@ class TrainState:
 
 
 @dataclass
+class StepLogs:
+    """This rank's numbers between two log lines (flush_step_logs writes and cross-checks them)."""
+
+    # LRs applied at steps not yet written/checked: [(step, [lr per group])]
+    pending_lrs: list[tuple[int, list[float]]] = field(default_factory=list)
+    # This rank's per-step summed losses (detached) since the log window / the epoch started: a list
+    # append per step instead of a tensor op; summed when logged, folded when long (see add_loss).
+    window_losses: list[torch.Tensor] = field(default_factory=list)
+    epoch_losses: list[torch.Tensor] = field(default_factory=list)
+    window_started: float = field(default_factory=time.perf_counter)
+    window_samples: int = 0
+    last_logged: dict = field(default_factory=dict)  # latest train loss and samples/s, for progress
+    # This rank's own validation sums (loss_sum, metric_sum, count) before the reduction.
+    local_validations: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
 class Trainer:
     """What one run holds; the functions below do the work."""
 
@@ -72,7 +89,7 @@ class Trainer:
     loss: object = None  # per_sample / summed (harness.contracts.Loss)
     metrics: list = field(default_factory=list)  # harness.contracts.Metric
     components: dict = field(default_factory=dict)  # import path + source hash of each component
-    sharded: bool = False  # FSDP2: parameters are DTensors holding this rank's rows
+    strategy: Any = None  # harness.strategy: DDP or FSDP2 (parameters are DTensors holding this rank's rows)
     # The loss gives several values per sample (tokens, labels): means are over the counted target
     # elements (harness.objectives.element_count), not over samples. Decided by probe_objective.
     per_element: bool = False
@@ -80,28 +97,20 @@ class Trainer:
     last_monitored: Optional[float] = None
     preemption: Optional[PreemptionWatcher] = None
     progress: Optional[Progress] = None
-    last_logged: dict = field(default_factory=dict)  # latest train loss and samples/s, for progress
     state: TrainState = field(default_factory=TrainState)
-    # LRs applied at steps not yet written/checked: [(step, [lr per group])]
-    pending_lrs: list[tuple[int, list[float]]] = field(default_factory=list)
-    # This rank's per-step summed losses (detached) since the log window / the epoch started: a list
-    # append per step instead of a tensor op; summed when logged, folded when long (see add_loss).
-    window_losses: list[torch.Tensor] = field(default_factory=list)
-    epoch_losses: list[torch.Tensor] = field(default_factory=list)
+    logs: StepLogs = field(default_factory=lambda: StepLogs())
     # Backward seeds (the loss scale as a tensor), by scale: see backward().
     gradient_seeds: dict = field(default_factory=dict)
-    window_started: float = field(default_factory=time.perf_counter)
-    window_samples: int = 0
-    # This rank's own validation sums (loss_sum, metric_sum, count) before the reduction.
-    local_validations: list[list[float]] = field(default_factory=list)
-    # CPU copies of the model and optimizer tensors for background saves, reused between saves.
-    checkpoint_staging: dict = field(default_factory=dict)
 
     # The model without Accelerate's wrappers (DDP...): unwrapped once, in build_trainer, because
     # Accelerator.unwrap_model looks for DeepSpeed with an uncached importlib search (~0.1 ms) per call.
     raw_model: Optional[torch.nn.Module] = None
     # A stream (IterableDataset) ran out before the epoch's planned steps: the epoch ends there.
     stream_ended: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy.sharded
 
     @property
     def is_main(self) -> bool:
@@ -262,8 +271,8 @@ def flush_step_logs(trainer: Trainer, close_window: bool, sums: Sequence[float] 
     """
     acc, state = trainer.accelerator, trainer.state
     close = close_window and state.window_count > 0
-    rows = [lrs for _, lrs in trainer.pending_lrs]
-    local_loss = local_loss_sum(trainer.window_losses) if close else 0.0
+    rows = [lrs for _, lrs in trainer.logs.pending_lrs]
+    local_loss = local_loss_sum(trainer.logs.window_losses) if close else 0.0
     loss_of_ranks, totals = local_loss, list(sums)
     if acc.num_processes > 1 and (rows or close or sums):
         payload = torch.tensor([local_loss, *sums] + [lr for row in rows for lr in row], dtype=torch.float64)
@@ -272,23 +281,23 @@ def flush_step_logs(trainer: Trainer, close_window: bool, sums: Sequence[float] 
         loss_of_ranks, totals = added[0], added[1:]
         if rows:
             raise_if_lrs_differ(gathered[:, 1 + len(sums):].reshape(gathered.size(0), len(rows), -1),
-                                trainer.group_names, trainer.pending_lrs[0][0], "optimizer step")
+                                trainer.group_names, trainer.logs.pending_lrs[0][0], "optimizer step")
     if rows:
-        trainer.tb.lr_series(trainer.pending_lrs[0][0], trainer.group_names, rows)
-        trainer.pending_lrs = []
+        trainer.tb.lr_series(trainer.logs.pending_lrs[0][0], trainer.group_names, rows)
+        trainer.logs.pending_lrs = []
     if close:
-        elapsed = time.perf_counter() - trainer.window_started
-        trainer.last_logged = {"loss": (loss_of_ranks + state.window_loss_sum) / state.window_count,
-                               "samples_per_s": trainer.window_samples / max(elapsed, 1e-9)}
+        elapsed = time.perf_counter() - trainer.logs.window_started
+        trainer.logs.last_logged = {"loss": (loss_of_ranks + state.window_loss_sum) / state.window_count,
+                               "samples_per_s": trainer.logs.window_samples / max(elapsed, 1e-9)}
         trainer.tb.scalars(state.step, {
-            "train/loss": trainer.last_logged["loss"],
-            "perf/samples_per_s": trainer.last_logged["samples_per_s"],
+            "train/loss": trainer.logs.last_logged["loss"],
+            "perf/samples_per_s": trainer.logs.last_logged["samples_per_s"],
         })
-        trainer.window_losses.clear()
+        trainer.logs.window_losses.clear()
         state.window_loss_sum = 0.0
         state.window_count = 0
-        trainer.window_started = time.perf_counter()
-        trainer.window_samples = 0
+        trainer.logs.window_started = time.perf_counter()
+        trainer.logs.window_samples = 0
     return totals
 
 
