@@ -11,6 +11,7 @@ Each run trains the breast-cancer recipe long enough to be stopped mid-run, in i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import BIN, BREAST_CANCER, CPU_2PROC, ROOT, free_port, subprocess_env
-from benchmarks.launch import group_members
+from harness.verify import proc_stats, process_tree
 
 LONG = ["train.epochs=300", "checkpoint.every_steps=30", "train.log_every_steps=50"]
 
@@ -58,13 +59,18 @@ def _sigterm(run_dir: Path, ranks: int, log: Path) -> dict:
 
 def _launcher_killed(run_dir: Path, log: Path) -> dict:
     proc = _start(run_dir, 2, log)
-    workers = [pid for pid in group_members(proc.pid) if pid != proc.pid]
+    # Its descendants (each rank in its own process group): the two workers.
+    workers = [pid for pid in process_tree(proc.pid) if pid != proc.pid]
+    if len(workers) < 2:
+        raise RuntimeError(f"expected 2 workers under the launcher, found {workers}")
     killed = time.monotonic()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    while [pid for pid in group_members(proc.pid) if pid in workers]:
+    while any(pid in workers and state != "Z" for pid, state, _, _ in proc_stats()):
         if time.monotonic() - killed > 120:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             raise RuntimeError(f"workers still alive 120 s after their launcher died; see {log}")
         time.sleep(0.02)
     return {"launcher_killed_to_workers_gone_s": time.monotonic() - killed}
