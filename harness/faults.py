@@ -17,7 +17,8 @@ All off unless an environment variable is set; each check is one dict lookup at 
   PATH.rank<r>: {"step", "epoch", "indices"}, the global sample indices it trained on.
 
 And from Python, :func:`before_each_step` (a function the loop calls with the trainer before each
-optimizer step: verify-resume's pause, tests, benchmarks), instead of replacing loop functions.
+optimizer step: verify-resume's pause, tests, benchmarks) and ``KEEP_PROCESS_GROUP``, instead of
+replacing loop functions.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ TRACE_SAMPLES = _TRACE is not None
 _saves_started = 0
 # Called with the trainer before each optimizer step (before_each_step); empty: nothing to do.
 STEP_HOOKS: list[Callable] = []
+
+
+# Set from Python to keep the process group joined when a run ends, for several runs in one
+# process (Accelerate's state is a process-wide singleton that would still say it is joined).
+KEEP_PROCESS_GROUP = False
 
 
 def before_each_step(hook: Callable) -> None:

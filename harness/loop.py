@@ -333,7 +333,8 @@ def train(cfg: Config, given: Optional[GivenComponents] = None) -> dict:
             raise lost from exc
         raise
     watcher.uninstall()
-    shutdown_process_group()
+    if not faults.KEEP_PROCESS_GROUP:
+        shutdown_process_group()
     return summary
 
 

@@ -155,18 +155,15 @@ def straight_on_two_ranks(out: Path) -> None:
     train() leaves the process group at its end while Accelerate's state, a process-wide
     singleton, still says it is joined (and joining again on the launcher's port hangs): the
     runs before the last keep the group."""
-    import harness.loop
+    from harness import faults
 
-    leave = harness.loop.shutdown_process_group
     cases = list(TWO_RANK_CASES)
     try:
-        harness.loop.shutdown_process_group = lambda *args, **kwargs: None
         for case in cases:
-            if case == cases[-1]:
-                harness.loop.shutdown_process_group = leave
+            faults.KEEP_PROCESS_GROUP = case != cases[-1]
             train(two_rank_overrides(case, out / case / "straight"))
     finally:
-        harness.loop.shutdown_process_group = leave
+        faults.KEEP_PROCESS_GROUP = False
 
 
 if __name__ == "__main__":
