@@ -173,12 +173,14 @@ def test_a_dataloader_worker_killed_by_sigkill_is_called_that(folder, tmp_path):
                        launcher="python", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     # torch words it "killed by signal: Killed" or, when its watchdog notices first, "exited unexpectedly".
-    said = proc.stderr.strip().splitlines()[-1]
-    assert said.startswith("harness: data error: DataLoader worker (pid"), said
+    said = next((line for line in proc.stderr.splitlines()
+                 if line.startswith("harness: data error: DataLoader worker (pid")), proc.stderr[-3000:])
     assert ("was killed with SIGKILL, most likely by the out-of-memory killer" in said
             or "died without an error of its own; SIGKILL from the out-of-memory killer is the usual cause" in said)
     assert said.endswith("Lower data.num_workers or data.prefetch_factor, or the memory an item takes."), said
-    assert "Traceback" not in proc.stderr
+    # No traceback of ours (under load the stdlib's multiprocessing may print one from a thread of its
+    # own while the surviving worker is torn down).
+    assert not re.search(r'File "[^"]*/harness/\w+\.py"', proc.stderr), proc.stderr[-3000:]
 
 
 def popen(run_dir: Path, overrides=(), recipe=BREAST_CANCER, **kwargs) -> subprocess.Popen:
