@@ -216,7 +216,9 @@ def test_a_fixed_check_every_steps_stops_on_a_multiple_of_it(tmp_path):
     out = finish(proc)
     assert proc.returncode == 75, out[-3000:]
     marker = read_json(run_dir / "PREEMPTED.json")
-    assert marker["step"] % 7 == 0 and marker["step"] >= 30, marker
+    # Signalled after the first checkpoint (the end of epoch 1, step 15, or step 30): the stop is the
+    # next multiple of 7 the ranks agree at.
+    assert marker["step"] % 7 == 0 and marker["step"] >= 21, marker
     assert verify(Path(marker["checkpoint"]))["step"] == marker["step"]
 
 
