@@ -141,7 +141,7 @@ def main() -> None:
     dist.all_reduce(start_peak)
     trainer.preemption = PreemptionWatcher(cfg.preemption)
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
-    result = {"world_size": world, "strategy": "fsdp" if trainer.sharded else "ddp", "hidden": [width] * layers,
+    result = {"world_size": world, "strategy": trainer.strategy.name, "hidden": [width] * layers,
               "parameters": sum(p.numel() for p in trainer.raw_model.parameters()), "loadavg": loadavg(),
               "init": args.init, "start_peak_by_rank": start_peak.tolist()}
 

@@ -25,7 +25,7 @@ from harness import components, schedule_kinds
 from harness.schedule_kinds import ScheduleConfig
 from harness.contracts import ConfigError  # noqa: F401 - re-exported: the name users and tests know
 from harness.optimizers import UNSUPPORTED
-from harness.values import _type_name, _unknown_key_message, coerce, parse_dataclass, type_checkable  # noqa: F401
+from harness.values import _type_name, _unknown_key_message, coerce, parse_dataclass, require, type_checkable  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,16 +84,16 @@ class DataConfig:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "an integer >= 1")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
-        _require(not self.persistent_workers or self.num_workers > 0, "data.persistent_workers",
+        require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        require(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "an integer >= 1")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        require(not self.persistent_workers or self.num_workers > 0, "data.persistent_workers",
                  self.persistent_workers, "false with data.num_workers: 0 (no workers to keep)")
-        _require(self.hops is None or self.hops >= 1, "data.hops", self.hops, "an integer >= 1 (or null)")
-        _require(self.num_neighbors is None or (len(self.num_neighbors) > 0 and all(
+        require(self.hops is None or self.hops >= 1, "data.hops", self.hops, "an integer >= 1 (or null)")
+        require(self.num_neighbors is None or (len(self.num_neighbors) > 0 and all(
             isinstance(k, int) and (k >= 0 or k == -1) for k in self.num_neighbors)), "data.num_neighbors",
             self.num_neighbors, "a list of neighbours per hop, each an integer >= 0 or -1 for all (or null)")
-        _require(self.hops is None or self.num_neighbors is None, "data.hops", self.hops,
+        require(self.hops is None or self.num_neighbors is None, "data.hops", self.hops,
                  "null when data.num_neighbors is set (its length is the number of hops)")
 
 
@@ -134,10 +134,10 @@ class OptimConfig:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", self.lr, "a positive number")
+        require(self.lr > 0, "optim.lr", self.lr, "a positive number")
         names = [g.name for g in self.param_groups]
-        _require(len(set(names)) == len(names), "optim.param_groups", names, "unique group names")
-        _require("default" not in names, "optim.param_groups", names,
+        require(len(set(names)) == len(names), "optim.param_groups", names, "unique group names")
+        require("default" not in names, "optim.param_groups", names,
                  "names other than 'default' (the group of all unmatched parameters)")
 
 
@@ -183,11 +183,11 @@ class TrainConfig:
     model_output: Optional[Union[int, str]] = None
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
-        _require(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "an integer >= 1")
-        _require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, "an integer >= 1")
-        _require(self.val_every_steps is None or self.val_every_steps >= 1, "train.val_every_steps",
+        require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
+        require(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "an integer >= 1")
+        require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, "an integer >= 1")
+        require(self.val_every_steps is None or self.val_every_steps >= 1, "train.val_every_steps",
                  self.val_every_steps, "null or an integer >= 1")
 
 
@@ -207,11 +207,11 @@ class CheckpointConfig:
     async_save: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "an integer >= 1")
-        _require(self.keep_best >= 0, "checkpoint.keep_best", self.keep_best, "an integer >= 0")
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "an integer >= 1")
+        require(self.keep_best >= 0, "checkpoint.keep_best", self.keep_best, "an integer >= 0")
         for key in ("every_steps", "every_epochs"):
             value = getattr(self, key)
-            _require(value is None or value >= 1, f"checkpoint.{key}", value, "null or an integer >= 1")
+            require(value is None or value >= 1, f"checkpoint.{key}", value, "null or an integer >= 1")
 
 
 @dataclass
@@ -230,10 +230,10 @@ class PreemptionConfig:
 
     def __post_init__(self) -> None:
         self.signals = parse_signal_names(self.signals)
-        _require(self.check_every_steps == "auto" or self.check_every_steps >= 1, "preemption.check_every_steps",
+        require(self.check_every_steps == "auto" or self.check_every_steps >= 1, "preemption.check_every_steps",
                  self.check_every_steps, "'auto' or an integer >= 1")
-        _require(self.check_interval_s > 0, "preemption.check_interval_s", self.check_interval_s, "a number > 0")
-        _require(self.check_every_val_batches >= 1, "preemption.check_every_val_batches",
+        require(self.check_interval_s > 0, "preemption.check_interval_s", self.check_interval_s, "a number > 0")
+        require(self.check_every_val_batches >= 1, "preemption.check_every_val_batches",
                  self.check_every_val_batches, "an integer >= 1")
 
 
@@ -280,11 +280,6 @@ REFUSED = {
                           "over ranks and micro-batches; it sets it"},
     "optim": {"params": "parameters come from the model; use optim.param_groups for groups with their own LR"},
 }
-
-
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from torch.optim import lr_scheduler as torch_sched
 
 from harness.contracts import ConfigError
-from harness.values import parse_dataclass
+from harness.values import parse_dataclass, require
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,9 @@ class ScheduleConfig:
     options: Any = None
 
     def __post_init__(self) -> None:
-        _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(0.0 <= self.warmup_start_factor <= 1.0, "schedule.warmup_start_factor",
+        require(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(0.0 <= self.warmup_start_factor <= 1.0, "schedule.warmup_start_factor",
                self.warmup_start_factor, "a number in [0, 1]")
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
 
 
 def canonical_name(section: str, name: Any) -> str:

@@ -20,10 +20,9 @@ from typing import Callable, Optional
 import torch
 from torch.optim import lr_scheduler as torch_sched
 
-from harness.schedule_kinds import (NAMED_FACTORS, SCHEDULES, Kind, NoOptions, ScheduleConfig,  # noqa: F401
-                                    _check_saved_factors, lookup)
 from harness.contracts import ConfigError
-from harness.values import from_json_safe, to_json_safe  # noqa: F401
+from harness.schedule_kinds import ScheduleConfig, _check_saved_factors, lookup
+from harness.values import from_json_safe, to_json_safe
 
 
 # --------------------------------------------------------------------------------------------

@@ -109,10 +109,6 @@ class Trainer:
     stream_ended: bool = False
 
     @property
-    def sharded(self) -> bool:
-        return self.strategy.sharded
-
-    @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 

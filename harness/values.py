@@ -174,6 +174,12 @@ def _type_name(hint: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """A recipe check: ``key: got <value>, expected <expected>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
 # --------------------------------------------------------------------------------------------
 # State as strict JSON (schedulers, stream positions)
 # --------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ TWO_RANK_KILL_AT_STEP = 13  # mid epoch 2; the last checkpoint before it is the 
 
 def all_cases() -> dict[str, tuple[str, list[str]]]:
     """CASES, plus each kind the harness offers that CASES does not name yet, with its defaults."""
-    from harness.schedules import SCHEDULES
+    from harness.schedule_kinds import SCHEDULES
 
     covered = {kind for kind, _ in CASES.values()}
     return {**CASES, **{kind: (kind, []) for kind in SCHEDULES if kind not in covered}}

@@ -110,14 +110,20 @@ def assert_same_weights(run_dir: Path, reference: dict) -> None:
     assert_bitwise_equal(load_file(run_dir / "final/model.safetensors"), reference)
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
-def test_killing_the_launcher_makes_every_rank_save_and_exit_and_the_relaunch_resumes_bitwise(
-        tmp_path, tmp_path_factory, launcher):
-    run_dir = tmp_path / "run"
+def started_on_two_ranks(run_dir: Path, launcher: str) -> tuple[subprocess.Popen, list[int]]:
+    """The run on 2 ranks, past its step-30 checkpoint: (the launcher, its two workers' pids)."""
     proc = start(run_dir, launcher, 2)
     wait_for_checkpoint(run_dir, proc, 30)
     workers = workers_of(run_dir, proc.pid)
     assert len(workers) == 2, workers
+    return proc, workers
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_killing_the_launcher_makes_every_rank_save_and_exit_and_the_relaunch_resumes_bitwise(
+        tmp_path, tmp_path_factory, launcher):
+    run_dir = tmp_path / "run"
+    proc, workers = started_on_two_ranks(run_dir, launcher)
     killed_wall, killed = time.time(), time.monotonic()
     os.kill(proc.pid, signal.SIGKILL)  # the launcher only
     proc.wait()
@@ -146,10 +152,7 @@ def test_killing_the_launcher_makes_every_rank_save_and_exit_and_the_relaunch_re
 
 def test_a_rank_whose_peer_died_with_the_launcher_exits_at_once_with_one_line(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "accelerate", 2)
-    wait_for_checkpoint(run_dir, proc, 30)
-    workers = workers_of(run_dir, proc.pid)
-    assert len(workers) == 2, workers
+    proc, workers = started_on_two_ranks(run_dir, "accelerate")
     killed = time.monotonic()
     for pid in (max(workers), proc.pid):  # one rank (the later-started), then the launcher
         os.kill(pid, signal.SIGKILL)
@@ -164,10 +167,7 @@ def test_a_rank_whose_peer_died_with_the_launcher_exits_at_once_with_one_line(tm
 
 def test_a_rank_whose_peer_hangs_gives_up_30_s_after_the_launcher_died_without_saving(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "accelerate", 2)
-    wait_for_checkpoint(run_dir, proc, 30)
-    workers = workers_of(run_dir, proc.pid)
-    assert len(workers) == 2, workers
+    proc, workers = started_on_two_ranks(run_dir, "accelerate")
     frozen, waiting = max(workers), min(workers)
     os.kill(frozen, signal.SIGSTOP)  # hung: alive, but never reaches the next collective
     committed = set(checkpoints(run_dir))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.schedules import SCHEDULES
+from harness.schedule_kinds import SCHEDULES
 from harness.tracking import read_scalars
 from tests.conftest import BIN, CPU_2PROC, ROOT, free_port, read_json, run_harness, subprocess_env
 from tests.resume_matrix_worker import (DATA_CASES, RECIPE, STOP_AT_STEP, TOTAL_STEPS, TWO_GROUPS, TWO_RANK_CASES,

@@ -11,9 +11,9 @@ import torch
 from torch.optim import lr_scheduler as S
 
 from harness.config import ConfigError, apply_override, config_from_dict
-from harness.schedules import Kind
-from harness.schedules import (SCHEDULES, Horizon, LRSchedule, NoOptions, from_json_safe, main_schedule_length,
-                               preview_lrs, to_json_safe)
+from harness.schedule_kinds import SCHEDULES, Kind, NoOptions
+from harness.schedules import Horizon, LRSchedule, main_schedule_length, preview_lrs
+from harness.values import from_json_safe, to_json_safe
 from tests.reference import stock_series, warmup_cosine_closed_form
 
 SPE, EPOCHS = 4, 9
