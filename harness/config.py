@@ -142,6 +142,24 @@ class OptimConfig:
 
 
 @dataclass
+class EmaConfig:
+    """train.ema: an exponential moving average of the weights (harness/ema.py), in float32."""
+
+    decay: float = 0.999
+    # Before this optimizer step the average is a copy of the weights; from it on it averages.
+    start_step: int = 0
+    every_steps: int = 1
+    # Validation (and so ReduceLROnPlateau, keep_best, early stopping) and the test split on the
+    # averaged weights instead of the training weights.
+    evaluate: bool = False
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.decay < 1.0, "train.ema.decay", self.decay, "a number between 0 and 1 (exclusive)")
+        require(self.start_step >= 0, "train.ema.start_step", self.start_step, "an integer >= 0")
+        require(self.every_steps >= 1, "train.ema.every_steps", self.every_steps, "an integer >= 1")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
     grad_accum_steps: int = 1
@@ -181,6 +199,9 @@ class TrainConfig:
     # a tuple, a key or attribute (logits) of a dict, dataclass or Hugging Face ModelOutput. null:
     # a lone tensor, else `logits`, else the only tensor of a tuple, list or dict (harness.data.select_output).
     model_output: Optional[Union[int, str]] = None
+    # An exponential moving average of the weights: {decay: 0.999, start_step: 0, every_steps: 1,
+    # evaluate: false}; checkpointed, written to final/ema.safetensors. null: none.
+    ema: Optional[EmaConfig] = None
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

@@ -21,6 +21,7 @@ from harness.batches import choose_output
 from harness.checkpoint import CheckpointStore
 from harness.config import Config, ConfigError, to_plain_dict
 from harness.contracts import Split
+from harness.ema import EMA
 from harness.objectives import element_count
 from harness.optimizers import build_optimizer
 from harness.parts import rehearse_model_save
@@ -86,6 +87,9 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
                       TensorBoardLog(cfg.run_dir, enabled=False), store=store, loss=loss, metrics=metrics,
                       raw_model=raw_model, components=origins, strategy=distribution)
+    if cfg.train.ema is not None:
+        ema = cfg.train.ema
+        trainer.ema = EMA(raw_model, ema.decay, ema.start_step, ema.every_steps)
     check_monitors(trainer)
     choose_output(trainer.raw_model, cfg.train.model_output, loss if hasattr(loss, "take") else None)
     probe_objective(trainer)
@@ -161,6 +165,8 @@ def train_step(trainer: Trainer, global_indices: torch.Tensor, micro=None, loade
     optimizer_step(trainer)
     trainer.schedule.after_optimizer_step()
     trainer.state.step += 1
+    if trainer.ema is not None:
+        trainer.ema.after_step(trainer.state.step)
     trainer.state.samples_in_epoch += global_count
     trainer.state.window_count += counted  # what the logged train loss is a mean over
     trainer.state.epoch_count += counted
@@ -224,10 +230,18 @@ def optimizer_step(trainer: Trainer) -> None:
 def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dict[str, float]:
     """Global mean loss and every metric over ``split`` ({"loss": ..., "<metric>": ...}): each
     rank adds up its contiguous shards' sums (loss sum, count, each metric's sums), one all-reduce.
+    On the averaged weights with ``train.ema.evaluate``.
 
     With ``interruptible``, the ranks check for a preemption request every few batches (every rank
     walks the same global batches, some with an empty shard, so the collectives line up).
     """
+    if trainer.ema is None or not trainer.cfg.train.ema.evaluate:
+        return _evaluate(trainer, split, interruptible)
+    with trainer.ema.applied():
+        return _evaluate(trainer, split, interruptible)
+
+
+def _evaluate(trainer: Trainer, split: Split, interruptible: bool) -> dict[str, float]:
     acc = trainer.accelerator
     model = trainer.raw_model  # no DDP collectives inside a rank-local loop
     trainer.strategy.before_validation(model)
@@ -264,6 +278,8 @@ def evaluate(trainer: Trainer, split: Split, interruptible: bool = False) -> dic
                     and trainer.preemption.should_stop(acc):
                 model.train(was_training)
                 states.set_raw_rng_state(boundary_rng)
+                if trainer.ema is not None:
+                    trainer.ema.swap_out()  # the checkpoint holds the training weights
                 stop_for_preemption(trainer)
     sums = sums.cpu()
     if split is trainer.task.val:

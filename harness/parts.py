@@ -7,6 +7,7 @@ each part's files. Adding a checkpointed object is one entry here.
 
     part         written by   files
     model        rank 0       model.safetensors (FSDP2: model-rank-<r>.safetensors, rows in sharding.json)
+    ema          rank 0       ema.safetensors: train.ema's float32 averages (FSDP2: ema-rank-<r>.safetensors)
     optimizer    rank 0       optimizer.safetensors + optimizer.json (FSDP2: optimizer-rank-<r>.safetensors)
     trainer      rank 0       trainer.json: counters, data position, history, LRs, recipe, versions
     scheduler    rank 0       scheduler.json (then the LRs are checked against a replay of the schedule)
@@ -110,6 +111,29 @@ def _save_model(s: Saving) -> Files:
 
 def _load_model(r: Loading) -> None:
     load_model_state(r.trainer.raw_model, r.folder)
+
+
+def _save_ema(s: Saving) -> Files:
+    ema = s.trainer.ema
+    if ema is None or not s.strategy.writes_state(s.rank):
+        return Files()
+    tensors, layout = s.strategy.rows_to_save(ema.state(), s.rank, s.world)
+    tensors = s.stage(tensors, "ema/")
+    if layout is not None:
+        s.layouts["ema"] = layout
+        return Files(rank={f"ema-rank-{s.rank}.safetensors": tensors})
+    return Files(run={"ema.safetensors": tensors})
+
+
+def _load_ema(r: Loading) -> None:
+    ema = r.trainer.ema
+    if ema is None:
+        return
+    sharded = (r.folder / sharding.SHARDING).is_file()
+    if (r.folder / ("ema-rank-0.safetensors" if sharded else "ema.safetensors")).is_file():
+        load_tensors_into(ema.state(), r.folder, "ema")
+    else:  # train.ema added on resume (run.on_change: allow): the average starts from these weights
+        ema.reset_to_weights()
 
 
 def _save_optimizer(s: Saving) -> Files:
@@ -224,6 +248,7 @@ def _load_stream(r: Loading) -> None:
 
 PARTS: list[Part] = [
     Part("model", r"model(-rank-\d+)?\.safetensors|sharding\.json", _save_model, _load_model),
+    Part("ema", r"ema(-rank-\d+)?\.safetensors", _save_ema, _load_ema),
     Part("optimizer", r"optimizer(-rank-\d+)?\.safetensors|optimizer\.json", _save_optimizer, _load_optimizer),
     Part("trainer", r"trainer\.json", _save_trainer, _load_trainer),
     Part("scheduler", r"scheduler\.json", _save_scheduler, _load_scheduler),
@@ -305,9 +330,14 @@ def fast_forward_schedule(trainer) -> None:
 def load_model_state(model: torch.nn.Module, folder: Path) -> None:
     """The checkpoint's weights, sharded or not, into ``model``, sharded or not (each rank takes
     its own rows of an FSDP parameter: resuming on another number of ranks reshards)."""
-    reader = sharding.Reader(folder, "model")
-    path = folder / ("model.safetensors" if not (folder / sharding.SHARDING).is_file() else sharding.SHARDING)
-    own = model.state_dict()
+    load_tensors_into(model.state_dict(), folder, "model")
+
+
+def load_tensors_into(own: dict[str, torch.Tensor], folder: Path, part: str) -> None:
+    """A part's tensors (``<part>.safetensors``, or FSDP2's ``<part>-rank-<r>.safetensors`` rows)
+    copied into ``own``'s tensors, plain or DTensors (each rank reads only its rows)."""
+    reader = sharding.Reader(folder, part)
+    path = folder / (f"{part}.safetensors" if not (folder / sharding.SHARDING).is_file() else sharding.SHARDING)
     names = set(reader.names())
     missing, unexpected = sorted(set(own) - names), sorted(names - set(own))
     if missing or unexpected:

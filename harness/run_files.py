@@ -76,16 +76,21 @@ def _write_replacing(path: Path, write) -> None:
 
 def write_final_model(trainer: Trainer) -> None:
     """Final weights of the unwrapped model, loadable with safetensors alone (FSDP: gathered whole,
-    every rank takes part); tied weights once, their other names in the file's metadata."""
-    state = trainer.raw_model.state_dict()
+    every rank takes part); tied weights once, their other names in the file's metadata. With
+    train.ema, final/ema.safetensors beside it: the same keys, the averaged parameters."""
+    _write_final_state(trainer, trainer.raw_model.state_dict(), "model.safetensors")
+    if trainer.ema is not None:
+        _write_final_state(trainer, trainer.ema.model_state(trainer.raw_model), "ema.safetensors")
+
+
+def _write_final_state(trainer: Trainer, state: dict, name: str) -> None:
     _, aliases = sharding.saved_once(state)  # on the shards: gathered tensors share no memory
     state = trainer.strategy.full_state(state)
     if not trainer.is_main:
         return
     (trainer.run_dir / "final").mkdir(parents=True, exist_ok=True)
-    kept = {name: tensor for name, tensor in state.items() if name not in aliases}
-    _write_replacing(trainer.run_dir / "final" / "model.safetensors",
-                     lambda tmp: ckpt.save_tensors(kept, tmp, aliases))
+    kept = {key: tensor for key, tensor in state.items() if key not in aliases}
+    _write_replacing(trainer.run_dir / "final" / name, lambda tmp: ckpt.save_tensors(kept, tmp, aliases))
 
 
 def write_rank_report(trainer: Trainer) -> None:

@@ -21,6 +21,7 @@ from harness.config import Config, ConfigError
 from harness.components import UserCodeError
 from harness.contracts import TaskData
 from harness.data import as_task_data, fingerprint
+from harness.ema import EMA
 from harness.distributed import gather_rows, raise_if_lrs_differ
 from harness.objectives import averages_elements, build_loss, build_metrics, make_metric, metric_context, wrap_loss
 from harness.preemption import PreemptionWatcher
@@ -107,6 +108,7 @@ class Trainer:
     raw_model: Optional[torch.nn.Module] = None
     # A stream (IterableDataset) ran out before the epoch's planned steps: the epoch ends there.
     stream_ended: bool = False
+    ema: Optional[EMA] = None  # train.ema: the averaged weights (harness/ema.py)
 
     @property
     def is_main(self) -> bool:
