@@ -199,6 +199,12 @@ class TrainConfig:
     # a tuple, a key or attribute (logits) of a dict, dataclass or Hugging Face ModelOutput. null:
     # a lone tensor, else `logits`, else the only tensor of a tuple, list or dict (harness.data.select_output).
     model_output: Optional[Union[int, str]] = None
+    # Recompute these blocks' activations in backward instead of keeping them (less memory, about
+    # one more forward of compute): module class names, e.g. [Block]. Gradients are bitwise the same.
+    activation_checkpointing: Optional[list[str]] = None
+    # torch.compile: true (the whole model) or module class names (each such block compiled on its
+    # own: regional compilation, much shorter compile times). Checkpoint keys stay the model's own.
+    compile: Union[bool, list[str]] = False
     # An exponential moving average of the weights: {decay: 0.999, start_step: 0, every_steps: 1,
     # evaluate: false}; checkpointed, written to final/ema.safetensors. null: none.
     ema: Optional[EmaConfig] = None

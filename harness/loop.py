@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from harness import faults, sampling, sharding, states, strategy
+from harness import blocks, faults, sampling, sharding, states, strategy
 from harness.batches import choose_output
 from harness.checkpoint import CheckpointStore
 from harness.config import Config, ConfigError, to_plain_dict
@@ -72,6 +72,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if streamed:
         task.train.configure(cfg.data.batch_size, cfg.train.grad_accum_steps, accelerator.num_processes)
     distribution.check_data(task)
+    apply_block_options(model, cfg, accelerator.is_main_process)
     model = distribution.shard(model)
     optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)
     horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last or streamed),
@@ -115,6 +116,19 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if accelerator.is_main_process:
         clear_marker(cfg.run_dir)
     return trainer
+
+
+def apply_block_options(model: torch.nn.Module, cfg: Config, is_main: bool) -> None:
+    """train.activation_checkpointing and train.compile, before DDP or FSDP2 wraps the model."""
+    if cfg.train.activation_checkpointing:
+        count = blocks.checkpoint_activations(model, cfg.train.activation_checkpointing)
+        if is_main:
+            logger.info("activation checkpointing: %d blocks (%s)", count, ", ".join(cfg.train.activation_checkpointing))
+    if cfg.train.compile is not False:
+        count = blocks.compile_model(model, cfg.train.compile)
+        if is_main:
+            logger.info("torch.compile: %s", "the whole model" if cfg.train.compile is True else
+                        f"{count} blocks ({', '.join(cfg.train.compile)}), each compiled on its own")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""train.activation_checkpointing and train.compile: the model's own parameter names and
+checkpoint keys, activation checkpointing keeps fewer activations and trains bitwise the same
+(DDP and FSDP2 on 2 ranks, dropout included), a compiled run SIGKILLed and resumed compiled is
+bitwise the uninterrupted compiled run, and resumes uncompiled.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from harness import blocks
+from harness.builtin.models import Gpt
+from harness.contracts import ConfigError
+from tests.conftest import ROOT, assert_bitwise_equal, read_json, run_harness, subprocess_env, weights
+
+CHAR_LM = ROOT / "recipes" / "char_lm.yaml"
+SMALL_LM = ["train.epochs=1", "train.max_steps=4", "data.max_chars=20000", "checkpoint.every_steps=1000"]
+MLP = ROOT / "recipes" / "breast_cancer_mlp.yaml"
+
+
+def saved_activation_bytes(model: torch.nn.Module, idx: torch.Tensor) -> int:
+    """Bytes autograd keeps from the forward for the backward."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits, _ = model(idx)
+    logits.sum().backward()
+    return total
+
+
+def gpt() -> Gpt:
+    torch.manual_seed(0)
+    return Gpt(in_dim=128, out_dim=64, dim=64, layers=4, heads=4, dropout=0.1)
+
+
+def test_activation_checkpointing_keeps_a_fraction_of_the_activations_and_the_same_gradients():
+    idx = torch.randint(0, 64, (8, 128), generator=torch.Generator().manual_seed(1))
+    plain, checkpointed = gpt(), gpt()
+    names = list(checkpointed.state_dict())
+    assert blocks.checkpoint_activations(checkpointed, ["_Block"]) == 4
+    assert list(checkpointed.state_dict()) == names  # no wrapper prefixes
+    assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    torch.manual_seed(2)
+    full = saved_activation_bytes(plain, idx)
+    torch.manual_seed(2)
+    kept = saved_activation_bytes(checkpointed, idx)
+    assert kept < full / 4, (kept, full)  # only the blocks' inputs and what lies outside them
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.equal(a.grad, b.grad), name  # dropout's masks replayed in the recomputation
+
+
+def test_an_unknown_block_class_names_the_models_classes():
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing: no module of class \['Block'\].*_Block"):
+        blocks.checkpoint_activations(gpt(), ["Block"])
+    with pytest.raises(ConfigError, match=r"train.compile: no module of class \['Layer'\].*Gpt"):
+        blocks.compile_model(gpt(), ["Layer"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_activation_checkpointing_trains_bitwise_the_same_on_two_ranks(strategy, tmp_path):
+    runs = {}
+    for name, extra in (("plain", []), ("checkpointed", ["train.activation_checkpointing=[_Block]"])):
+        runs[name] = tmp_path / name
+        proc = run_harness(CHAR_LM, [f"run.output_dir={runs[name]}", f"train.strategy={strategy}", *SMALL_LM, *extra])
+        if extra:
+            assert "activation checkpointing: 2 blocks (_Block)" in proc.stderr + proc.stdout
+    assert_bitwise_equal(weights(runs["plain"]), weights(runs["checkpointed"]))
+    assert read_json(runs["plain"] / "metrics.json") == read_json(runs["checkpointed"] / "metrics.json")
+
+
+def test_a_compiled_run_resumes_bitwise_compiled_and_also_uncompiled(tmp_path):
+    compiled = ["train.compile=true", "train.epochs=2", "checkpoint.every_steps=10"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    first = run_harness(MLP, [f"run.output_dir={straight}", *compiled], nproc=1, launcher="python")
+    assert "torch.compile: the whole model" in first.stderr + first.stdout
+    proc = run_harness(MLP, [f"run.output_dir={killed}", *compiled], nproc=1, launcher="python", check=False,
+                       env=subprocess_env(HARNESS_TEST_KILL_AT_STEP="23"))
+    assert proc.returncode != 0 and not (killed / "final").exists()
+    uncompiled = tmp_path / "uncompiled"
+    shutil.copytree(killed, uncompiled)
+    # The checkpoint's keys are the model's own: no _orig_mod. prefix.
+    saved = weights_of(killed / "checkpoints" / "step-000020" / "model.safetensors")
+    assert saved and not any("_orig_mod" in key for key in saved)
+    run_harness(MLP, [f"run.output_dir={killed}", *compiled], nproc=1, launcher="python")
+    assert_bitwise_equal(weights(straight), weights(killed))
+    assert read_json(straight / "metrics.json") == read_json(killed / "metrics.json")
+    # The same checkpoint resumed without compiling (train.compile is not compared on resume).
+    resumed = run_harness(MLP, [f"run.output_dir={uncompiled}", "train.epochs=2", "checkpoint.every_steps=10"],
+                          nproc=1, launcher="python")
+    assert "step 20" in resumed.stdout and "torch.compile" not in resumed.stdout + resumed.stderr
+    assert weights(uncompiled).keys() == weights(straight).keys()
+
+
+def weights_of(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
