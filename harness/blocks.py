@@ -22,6 +22,19 @@ from harness.contracts import ConfigError
 logger = logging.getLogger("harness")
 
 
+def apply(model: nn.Module, train, is_main: bool) -> None:
+    """``train.activation_checkpointing`` then ``train.compile`` (the recipe's train section)."""
+    if train.activation_checkpointing:
+        count = checkpoint_activations(model, train.activation_checkpointing)
+        if is_main:
+            logger.info("activation checkpointing: %d blocks (%s)", count, ", ".join(train.activation_checkpointing))
+    if train.compile is not False:
+        count = compile_model(model, train.compile)
+        if is_main:
+            logger.info("torch.compile: %s", "the whole model" if train.compile is True else
+                        f"{count} blocks ({', '.join(train.compile)}), each compiled on its own")
+
+
 def modules_of_classes(model: nn.Module, class_names: list[str], key: str) -> list[nn.Module]:
     """The model's submodules whose class is named in ``class_names`` (outermost only)."""
     wanted = set(class_names)

@@ -27,6 +27,11 @@ class EMA:
         self.shadow = {name: p.detach().float().clone() for name, p in self.params.items()}
         self._swapped: list[torch.Tensor] | None = None
 
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, ema) -> "EMA | None":
+        """The average train.ema asks for (None when it is null)."""
+        return None if ema is None else cls(model, ema.decay, ema.start_step, ema.every_steps)
+
     def _locals(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shadow = [sharding.local(s) for s in self.shadow.values()]
         weights = [sharding.local(p.detach()) for p in self.params.values()]

@@ -72,7 +72,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if streamed:
         task.train.configure(cfg.data.batch_size, cfg.train.grad_accum_steps, accelerator.num_processes)
     distribution.check_data(task)
-    apply_block_options(model, cfg, accelerator.is_main_process)
+    blocks.apply(model, cfg.train, accelerator.is_main_process)  # activation checkpointing, compile
     model = distribution.shard(model)
     optimizer, group_names = build_optimizer(model, cfg.optim, cfg.import_folders)
     horizon = Horizon(sampling.steps_per_epoch(len(task.train), cfg.data.batch_size, cfg.data.drop_last or streamed),
@@ -88,9 +88,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
                       TensorBoardLog(cfg.run_dir, enabled=False), store=store, loss=loss, metrics=metrics,
                       raw_model=raw_model, components=origins, strategy=distribution)
-    if cfg.train.ema is not None:
-        ema = cfg.train.ema
-        trainer.ema = EMA(raw_model, ema.decay, ema.start_step, ema.every_steps)
+    trainer.ema = EMA.from_config(raw_model, cfg.train.ema)
     check_monitors(trainer)
     choose_output(trainer.raw_model, cfg.train.model_output, loss if hasattr(loss, "take") else None)
     probe_objective(trainer)
@@ -116,19 +114,6 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     if accelerator.is_main_process:
         clear_marker(cfg.run_dir)
     return trainer
-
-
-def apply_block_options(model: torch.nn.Module, cfg: Config, is_main: bool) -> None:
-    """train.activation_checkpointing and train.compile, before DDP or FSDP2 wraps the model."""
-    if cfg.train.activation_checkpointing:
-        count = blocks.checkpoint_activations(model, cfg.train.activation_checkpointing)
-        if is_main:
-            logger.info("activation checkpointing: %d blocks (%s)", count, ", ".join(cfg.train.activation_checkpointing))
-    if cfg.train.compile is not False:
-        count = blocks.compile_model(model, cfg.train.compile)
-        if is_main:
-            logger.info("torch.compile: %s", "the whole model" if cfg.train.compile is True else
-                        f"{count} blocks ({', '.join(cfg.train.compile)}), each compiled on its own")
 
 
 # --------------------------------------------------------------------------------------------
