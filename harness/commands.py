@@ -24,7 +24,7 @@ from harness.inspection import (format_checkpoint, format_checkpoint_list, forma
                                 read_checkpoint)
 from harness.items import SampleError
 from harness.loop import train
-from harness.plots import PlotError, plot_lr_preview, plot_run
+from harness.plots import PlotError, plot_lr_preview, plot_run, run_folder
 from harness.preemption import Preempted
 from harness.run_lock import RunFolderInUse
 from harness.sharding import aliases_metadata, exported
@@ -209,7 +209,7 @@ def run_ckpt_export(args) -> int:
 
 def run_plot_lr(args) -> int:
 
-    out = args.out if args.out is not None else args.run_dir / "lr.png"
+    out = args.out if args.out is not None else run_folder(args.run_dir) / "lr.png"
     try:
         drawn = plot_run(args.run_dir, out, log_lr=args.log_lr)
     except PlotError as exc:

@@ -566,6 +566,11 @@ def finish(trainer: Trainer) -> dict:
                "early_stopped": state.early_stopped, "best_monitored": state.best_metric}
     if state.history and "val_loss" in state.history[-1]:
         summary.update({k: v for k, v in state.history[-1].items() if k.startswith("val_")})
+    stopped_inside_epoch = max_steps_reached(trainer) and 0 < state.samples_in_epoch < trainer.epoch_length()
+    if stopped_inside_epoch and (not state.history or state.history[-1].get("step") != state.step):
+        # Stopped by train.max_steps inside an epoch: the final weights validated, for the summary
+        # only (the schedule and the history are as the checkpoint at this step holds them).
+        summary.update({f"val_{name}": value for name, value in evaluate(trainer, trainer.task.val).items()})
     if trainer.task.test is not None:
         test = evaluate(trainer, trainer.task.test)
         summary.update({f"test_{name}": value for name, value in test.items()})
@@ -579,9 +584,11 @@ def finish(trainer: Trainer) -> dict:
     if trainer.is_main:
         parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float) and k != "best_monitored"]
         best = "" if state.best_metric is None else f" | best {trainer.cfg.checkpoint.monitor} {state.best_metric:.4f}"
-        logger.info("done: %d epochs, %d steps, %s%s%s | checkpoints %s | TensorBoard %s", state.epoch, state.step,
-                    " ".join(parts), " (early stopped)" if state.early_stopped else "", best,
-                    trainer.store.root, trainer.run_dir / "tb")
+        where = f" (train.max_steps: {state.samples_in_epoch} samples into epoch {state.epoch + 1})" \
+            if stopped_inside_epoch else ""
+        logger.info("done: %d epochs, %d steps%s%s%s%s | checkpoints %s | TensorBoard %s", state.epoch, state.step,
+                    where, ", " + " ".join(parts) if parts else "", " (early stopped)" if state.early_stopped else "",
+                    best, trainer.store.root, trainer.run_dir / "tb")
     return summary
 
 

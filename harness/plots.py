@@ -68,11 +68,19 @@ def plot_lr_preview(series: dict[str, list[float]], steps_per_epoch: int, path: 
     return _save(figure, path)
 
 
+def run_folder(path: Path | str) -> Path:
+    """A run folder, also when given its ``tb/`` (the folder a TensorBoard user passes as logdir)."""
+    path = Path(path)
+    if path.name == "tb" and not (path / "tb").is_dir() and (path.parent / "config.yaml").is_file():
+        return path.parent
+    return path
+
+
 def plot_run(run_dir: Path | str, out: Path | str, log_lr: bool = False) -> dict:
     """LR of every param group (left) and train/val loss (right) against the optimizer step, from
     the run's TensorBoard files, with a dashed line at every resume point. Returns what was drawn."""
 
-    run_dir = Path(run_dir)
+    run_dir = run_folder(run_dir)
     try:
         scalars = read_run_scalars(run_dir)
     except FileNotFoundError as exc:

@@ -71,17 +71,36 @@ def restore(trainer, folder: Path) -> list[dict]:
                        schedule_changed=allowed and any(_matches(key, SCHEDULE_KEYS) for key in changed_keys)))
     saved_world = meta["world_size"]
     if acc.is_main_process:
-        if saved_world != acc.num_processes:
+        finished = finished_because(trainer)
+        if saved_world != acc.num_processes and finished is None:
             logger.warning("World size changed: the checkpoint was written by %d rank(s), this run has %d. The "
                            "schedule continues unchanged and the rest of epoch %d (from sample %d) is re-split "
                            "across the new ranks.", saved_world, acc.num_processes, state.epoch + 1,
                            state.samples_in_epoch)
-        logger.info("resumed from %s: epoch %d, step %d, %d samples into the epoch", folder, state.epoch, state.step,
-                    state.samples_in_epoch)
+        if finished is not None:
+            logger.info("resumed from %s: step %d, the run had already finished (%s): nothing left to train", folder,
+                        state.step, finished)
+        else:
+            where = "at its start" if state.samples_in_epoch == 0 else f"{state.samples_in_epoch} samples into the epoch"
+            logger.info("resumed from %s: epoch %d of %d, step %d, %s", folder, state.epoch + 1,
+                        trainer.cfg.train.epochs, state.step, where)
         if changes:
             logger.warning("recipe changed on resume (run.on_change=allow), applied from step %d on: %s", state.step,
                            "; ".join(_describe(c) for c in changes))
     return changes
+
+
+def finished_because(trainer) -> Optional[str]:
+    """Why a run resumed at this state trains no further (None: it goes on). The loop's rule: an
+    epoch whose steps are all done is still closed first."""
+    state, train = trainer.state, trainer.cfg.train
+    if state.early_stopped:
+        return "early stopped"
+    if state.epoch >= train.epochs:
+        return f"all {train.epochs} epochs done"
+    if train.max_steps is not None and state.step >= train.max_steps and state.samples_in_epoch < trainer.epoch_length():
+        return f"train.max_steps {train.max_steps} reached"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
