@@ -302,7 +302,7 @@ def main() -> None:
             profiler.disable()
             texts.append("=== verify + harness.resume.restore, cold cache ===\n" + profile_text(profiler))
             Path(args.profile).write_text("\n".join(texts))
-        trainer.tb.close()
+        trainer.trackers.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         subprocess.run(["sync"], check=False)

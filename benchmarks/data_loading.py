@@ -246,7 +246,7 @@ def prepare_resume(args) -> None:
     trainer.logs.pending_lrs.clear()
     advance(trainer.schedule, trainer.horizon, steps, 0, [])
     folder = save_checkpoint(trainer, trainer.store, "every_steps")
-    trainer.tb.close()
+    trainer.trackers.close()
     write_json(args.out, {"folder": str(folder), "step": steps, "samples_in_epoch": steps * batch,
                           "batch_size": batch, "samples": len(trainer.task.train)})
 

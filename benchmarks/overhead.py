@@ -126,7 +126,7 @@ def main() -> None:
             progress = Progress(True, 1000, 0, 30.0)
         row("progress.update (no terminal: a time check)", "per step",
             lambda: progress.update(5, 0, 0.5, 1e-3, 100.0))
-        trainer.tb.close()
+        trainer.trackers.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     write_json(args.out, {"rows": rows, **result_meta})

@@ -225,7 +225,7 @@ def main() -> None:
                 print(f"[bench] sharded io round {r + 1}: " + " ".join(
                     f"{k}={v:.3f}s" for k, v in record.items() if isinstance(v, float)), flush=True)
         result.update(io_rounds=rounds, drop_caches=bool(can_drop))
-    trainer.tb.close()
+    trainer.trackers.close()
     if rank == 0:
         shutil.rmtree(workdir, ignore_errors=True)
         write_json(args.out, result)

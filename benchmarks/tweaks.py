@@ -20,8 +20,8 @@ import contextlib
 def no_logging(trainer) -> bool:
     from harness.tracking import TensorBoardLog
 
-    trainer.tb.close()
-    trainer.tb = TensorBoardLog(trainer.run_dir, enabled=False)
+    trainer.trackers.close()
+    trainer.trackers = TensorBoardLog(trainer.run_dir, enabled=False)
     return True
 
 

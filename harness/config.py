@@ -52,9 +52,15 @@ class RunConfig:
     # complete checkpoint). This run's schedule and counters start fresh. Used only when this run
     # folder has no checkpoint yet; once it has, the run resumes from its own.
     init_from: Optional[str] = None
+    # Where the logged series go (each gets them all: LR per group per step, losses, metrics,
+    # samples/s, the recipe): tensorboard (<run>/tb), jsonl (<run>/log.jsonl, a record per point).
+    log_with: list[Literal["tensorboard", "jsonl"]] = field(default_factory=lambda: ["tensorboard"])
     # With init_from: take the optimizer state too (e.g. Adam's moments), under this recipe's LRs
     # and hyperparameters.
     init_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        require(len(set(self.log_with)) == len(self.log_with), "run.log_with", self.log_with, "each tracker once")
 
 
 @dataclass
@@ -160,6 +166,26 @@ class EmaConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """train.profile: torch.profiler over a window of optimizer steps, counted from the first step
+    this process takes; traces in <run>/profile (Chrome trace JSON: Perfetto, chrome://tracing)."""
+
+    wait: int = 5
+    warmup: int = 2
+    active: int = 5
+    repeat: int = 1
+    ranks: Literal["main", "all"] = "main"
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("wait", "warmup", "repeat"):
+            require(getattr(self, key) >= 0, f"train.profile.{key}", getattr(self, key), "an integer >= 0")
+        require(self.active >= 1, "train.profile.active", self.active, "an integer >= 1")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
     grad_accum_steps: int = 1
@@ -205,6 +231,8 @@ class TrainConfig:
     # torch.compile: true (the whole model) or module class names (each such block compiled on its
     # own: regional compilation, much shorter compile times). Checkpoint keys stay the model's own.
     compile: Union[bool, list[str]] = False
+    # torch.profiler over a few optimizer steps: {wait: 5, warmup: 2, active: 5}; null: off.
+    profile: Optional[ProfileConfig] = None
     # An exponential moving average of the weights: {decay: 0.999, start_step: 0, every_steps: 1,
     # evaluate: false}; checkpointed, written to final/ema.safetensors. null: none.
     ema: Optional[EmaConfig] = None

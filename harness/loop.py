@@ -26,13 +26,14 @@ from harness.objectives import element_count
 from harness.optimizers import build_optimizer
 from harness.parts import rehearse_model_save
 from harness.preemption import clear_marker, Preempted, PreemptionWatcher
+from harness.profiling import StepProfiler
 from harness.progress import Progress
 from harness.resume import choose_checkpoint, initialize_from, record_changes, restore
 from harness.run_files import log_epoch, log_start, write_end_files, write_run_files
 from harness.run_lock import lock_run_folder
 from harness.schedules import build_schedule, Horizon
 from harness.snapshot import save_checkpoint
-from harness.tracking import flatten, TensorBoardLog
+from harness.tracking import flatten, Trackers
 from harness.distributed import (all_reduce_sum, any_rank, check_lrs_agree, launcher_pid, lost_rank_error,
                                  make_accelerator, shutdown_process_group, warn_if_ranks_lost)
 from harness.trainer import (GivenComponents, Trainer, build_components, check_same_data, flush_step_logs, fold,
@@ -86,7 +87,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     store = CheckpointStore(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                             cfg.checkpoint.monitor_mode)
     trainer = Trainer(cfg, accelerator, task, model, optimizer, schedule, group_names, horizon,
-                      TensorBoardLog(cfg.run_dir, enabled=False), store=store, loss=loss, metrics=metrics,
+                      Trackers(cfg.run_dir, [], enabled=False), store=store, loss=loss, metrics=metrics,
                       raw_model=raw_model, components=origins, strategy=distribution)
     trainer.ema = EMA.from_config(raw_model, cfg.train.ema)
     check_monitors(trainer)
@@ -108,7 +109,7 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
         initialize_from(trainer, cfg.run.init_from)
     # Opened only now, so a failed resume writes nothing. purge_step drops points the interrupted
     # process logged after its last checkpoint: the resumed run logs them again.
-    trainer.tb = TensorBoardLog(cfg.run_dir, enabled=accelerator.is_main_process,
+    trainer.trackers = Trackers(cfg.run_dir, cfg.run.log_with, enabled=accelerator.is_main_process,
                                 purge_step=trainer.state.step + 1 if folder is not None else None)
     record_changes(trainer, changes)
     if accelerator.is_main_process:
@@ -323,6 +324,8 @@ def train(cfg: Config, given: Optional[GivenComponents] = None) -> dict:
         log_start(trainer)
         trainer.progress = Progress(trainer.is_main, trainer.horizon.total_steps, trainer.state.step,
                                     cfg.train.progress_every_s)
+        trainer.profiler = StepProfiler.start(cfg.train.profile, cfg.run_dir, trainer.accelerator.process_index,
+                                              trainer.is_main, trainer.accelerator.device.type == "cuda")
         try:
             summary = fit(trainer)
             trainer.store.wait_for_background(trainer.accelerator)  # the last checkpoint is committed
@@ -332,8 +335,10 @@ def train(cfg: Config, given: Optional[GivenComponents] = None) -> dict:
                 trainer.store.wait_for_background(None, timeout_s=60.0)
             raise
         finally:
+            if trainer.profiler is not None:
+                trainer.profiler.stop()
             trainer.progress.close()
-            trainer.tb.close()
+            trainer.trackers.close()
         trainer.accelerator.wait_for_everyone()
     except Preempted:
         # The checkpoint is saved: further warnings change nothing. Ignore them, rather than
@@ -468,6 +473,8 @@ def step_batches_of_streams(trainer: Trainer, loaded, count: int):
 def after_step(trainer: Trainer) -> None:
     state = trainer.state
     faults.after_step(state.step)
+    if trainer.profiler is not None:
+        trainer.profiler.step()
     if trainer.preemption.due(state.step) and trainer.preemption.poll(trainer.accelerator, state.step):
         stop_for_preemption(trainer)
     if state.step % trainer.cfg.train.log_every_steps == 0:
@@ -509,7 +516,7 @@ def end_epoch(trainer: Trainer) -> None:
     scalars.update({f"lr_epoch/{name}": lr for name, lr in lrs.items()})
     scalars["epoch"] = state.epoch
     # Every series shares one x axis, the optimizer step, so a resume purges them all consistently.
-    trainer.tb.scalars(state.step, scalars)
+    trainer.trackers.scalars(state.step, scalars)
     state.history.append(record)
     log_epoch(trainer, record, lrs)
 
@@ -532,7 +539,7 @@ def validate_mid_epoch_if_due(trainer: Trainer) -> None:
     trainer.schedule.after_validation(*schedule_inputs(trainer, record))
     trainer.last_monitored = monitored_value(record, cfg.checkpoint.monitor, trainer.metrics)
     update_best(trainer, trainer.last_monitored)
-    trainer.tb.scalars(state.step, {**{f"val/{name}": value for name, value in validation.items()},
+    trainer.trackers.scalars(state.step, {**{f"val/{name}": value for name, value in validation.items()},
                                     **{f"lr_validation/{n}": lr for n, lr in trainer.schedule.lrs().items()}})
     state.history.append(record)
     if trainer.is_main:
@@ -574,12 +581,12 @@ def finish(trainer: Trainer) -> dict:
     if trainer.task.test is not None:
         test = evaluate(trainer, trainer.task.test)
         summary.update({f"test_{name}": value for name, value in test.items()})
-        trainer.tb.scalars(state.step, {f"test/{name}": value for name, value in test.items()})
+        trainer.trackers.scalars(state.step, {f"test/{name}": value for name, value in test.items()})
     summary["final_lrs"] = trainer.schedule.lrs()
     check_lrs_agree(trainer.accelerator, torch.tensor([list(summary["final_lrs"].values())]), trainer.group_names,
                     state.epoch, "end of epoch")
     write_end_files(trainer, summary)
-    trainer.tb.hparams(flatten(to_plain_dict(trainer.cfg)),
+    trainer.trackers.hparams(flatten(to_plain_dict(trainer.cfg)),
                        {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)}, state.step)
     if trainer.is_main:
         parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float) and k != "best_monitored"]

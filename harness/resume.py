@@ -110,9 +110,10 @@ def finished_because(trainer) -> Optional[str]:
 # Keys that steer a run (where it is, where it stops, how it logs and saves) without changing what
 # a step computes: never compared. A key ending in "." covers its whole section.
 IGNORED_KEYS = ("run.resume", "run.on_change", "run.init_from", "run.init_optimizer", "run.output_dir", "run.name",
+                "run.log_with",
                 "train.max_steps", "train.log_every_steps", "train.progress_every_s", "train.device",
                 "train.early_stopping_patience", "train.early_stopping_min_delta", "train.strategy", "train.fsdp_wrap",
-                "train.fsdp_init", "train.compile", "train.activation_checkpointing",
+                "train.fsdp_init", "train.compile", "train.activation_checkpointing", "train.profile",
                 "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
                 "checkpoint.", "preemption.")
 # Changed without run.on_change=allow as long as the LR check on resume passes (a longer run of a
@@ -207,7 +208,7 @@ def record_changes(trainer, changes: list[dict]) -> None:
     with (trainer.run_dir / "changes.jsonl").open("a") as handle:
         handle.write(json.dumps(entry) + "\n")
     rows = "\n".join(f"| `{c['key']}` | `{c['saved']!r}` | `{c['now']!r}` |" for c in changes)
-    trainer.tb.text(trainer.state.step, "run/recipe_changes",
+    trainer.trackers.text(trainer.state.step, "run/recipe_changes",
                     f"Resumed at step {trainer.state.step} with a changed recipe (run.on_change=allow):\n\n"
                     f"| key | before | from this step |\n|---|---|---|\n{rows}")
 

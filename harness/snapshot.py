@@ -31,7 +31,7 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     store.wait_for_background(acc)  # its snapshot's staging buffers are about to be reused
     flush_step_logs(trainer, close_window=False)
     # Logged points up to this checkpoint reach the disk with it: a resume purges only later ones.
-    trainer.tb.flush()
+    trainer.trackers.flush()
     local = [local_loss_sum(trainer.logs.window_losses), local_loss_sum(trainer.logs.epoch_losses)]
     window, epoch = all_reduce_sum(acc, local).tolist()
     trainer.logs.window_losses.clear()

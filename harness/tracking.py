@@ -1,4 +1,5 @@
-"""TensorBoard: rank 0 writes scalars into ``<run>/tb``; one reader for tests and plots.
+"""Trackers (``run.log_with``): TensorBoard, rank 0 writing scalars into ``<run>/tb``, with one
+reader for tests and plots; and ``<run>/log.jsonl``, a JSON record per logged point.
 
 Events are written by our own small writer, on the training thread, at the log interval: the
 records are a few hundred bytes, so encoding them costs microseconds. TensorBoard's SummaryWriter
@@ -16,6 +17,7 @@ points the interrupted process logged after its last checkpoint, instead of show
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import socket
@@ -197,6 +199,101 @@ class TensorBoardLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+JSONL_FILE = "log.jsonl"
+
+
+class JsonlLog:
+    """``<run>/log.jsonl``: one JSON record per logged point ({"step": s, tag: value, ...}), the
+    same series as TensorBoard's. A resumed run first drops the records the interrupted process
+    wrote after its last checkpoint (steps >= purge_step), as TensorBoard's purge does, so no step
+    is logged twice."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+        self.file = None
+        if not enabled:
+            return
+        path = Path(run_dir) / JSONL_FILE
+        if purge_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and _complete_record_before(line, purge_step)]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")
+
+    def _write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._write({"step": step, **values})
+
+    def lr_series(self, first_step: int, group_names: list[str], lrs: list[list[float]]) -> None:
+        for step, row in enumerate(lrs, first_step):
+            self._write({"step": step, **{f"lr/{name}": lr for name, lr in zip(group_names, row)}})
+
+    def hparams(self, flat_config: dict, metrics: dict[str, float], step: int) -> None:
+        self._write({"step": step, "params": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                                              for k, v in flat_config.items()}, **metrics})
+
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        self._write({"step": step, tag: markdown})
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+
+def _complete_record_before(line: str, purge_step: int) -> bool:
+    try:
+        return json.loads(line)["step"] < purge_step
+    except (ValueError, KeyError, TypeError):  # the last line of a process killed mid-write
+        return False
+
+
+TRACKERS = {"tensorboard": lambda run_dir, enabled, purge_step: TensorBoardLog(run_dir, enabled, purge_step),
+            "jsonl": JsonlLog}
+
+
+class Trackers:
+    """Every tracker of ``run.log_with``, each given the same series (the loop talks to this one)."""
+
+    def __init__(self, run_dir: Path, names: list[str], enabled: bool, purge_step: Optional[int] = None):
+        self.loggers = [TRACKERS[name](Path(run_dir), enabled, purge_step) for name in names]
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.scalars(step, values)
+
+    def lr_series(self, first_step: int, group_names: list[str], lrs: list[list[float]]) -> None:
+        for logger in self.loggers:
+            logger.lr_series(first_step, group_names, lrs)
+
+    def hparams(self, flat_config: dict, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.hparams(flat_config, metrics, step)
+
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        for logger in self.loggers:
+            logger.text(step, tag, markdown)
+
+    def flush(self) -> None:
+        for logger in self.loggers:
+            logger.flush()
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

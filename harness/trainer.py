@@ -27,7 +27,7 @@ from harness.objectives import averages_elements, build_loss, build_metrics, mak
 from harness.preemption import PreemptionWatcher
 from harness.progress import Progress
 from harness.schedules import Horizon, LRSchedule
-from harness.tracking import TensorBoardLog
+from harness.tracking import Trackers
 
 logger = logging.getLogger("harness")
 
@@ -85,7 +85,7 @@ class Trainer:
     schedule: LRSchedule
     group_names: list[str]
     horizon: Horizon
-    tb: TensorBoardLog
+    trackers: Trackers  # run.log_with: TensorBoard, log.jsonl
     store: Optional[CheckpointStore] = None
     loss: object = None  # per_sample / summed (harness.contracts.Loss)
     metrics: list = field(default_factory=list)  # harness.contracts.Metric
@@ -109,6 +109,7 @@ class Trainer:
     # A stream (IterableDataset) ran out before the epoch's planned steps: the epoch ends there.
     stream_ended: bool = False
     ema: Optional[EMA] = None  # train.ema: the averaged weights (harness/ema.py)
+    profiler: Any = None  # train.profile: harness.profiling.StepProfiler on the ranks it profiles
 
     @property
     def is_main(self) -> bool:
@@ -281,13 +282,13 @@ def flush_step_logs(trainer: Trainer, close_window: bool, sums: Sequence[float] 
             raise_if_lrs_differ(gathered[:, 1 + len(sums):].reshape(gathered.size(0), len(rows), -1),
                                 trainer.group_names, trainer.logs.pending_lrs[0][0], "optimizer step")
     if rows:
-        trainer.tb.lr_series(trainer.logs.pending_lrs[0][0], trainer.group_names, rows)
+        trainer.trackers.lr_series(trainer.logs.pending_lrs[0][0], trainer.group_names, rows)
         trainer.logs.pending_lrs = []
     if close:
         elapsed = time.perf_counter() - trainer.logs.window_started
         trainer.logs.last_logged = {"loss": (loss_of_ranks + state.window_loss_sum) / state.window_count,
                                "samples_per_s": trainer.logs.window_samples / max(elapsed, 1e-9)}
-        trainer.tb.scalars(state.step, {
+        trainer.trackers.scalars(state.step, {
             "train/loss": trainer.logs.last_logged["loss"],
             "perf/samples_per_s": trainer.logs.last_logged["samples_per_s"],
         })

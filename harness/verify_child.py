@@ -25,7 +25,7 @@ def install_pause_hook(step: int, ready_dir: Path) -> None:
         if trainer.state.step == step:
             trainer.store.wait_for_background(trainer.accelerator)
             flush_step_logs(trainer, close_window=False)  # LR points past the checkpoint: on disk
-            trainer.tb.flush()
+            trainer.trackers.flush()
             rank = trainer.accelerator.process_index
             (Path(ready_dir) / f"rank-{rank}").write_text(f"{os.getpid()} {step}\n")
             # Wait for the parent's SIGKILL; give up after a while, so a parent that died itself
