@@ -51,12 +51,21 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     size = ckpt.estimated_bytes({**snapshot.run, **snapshot.rank})
     folder = store.save(acc, state.step, snapshot.write_main, snapshot.write_rank, trainer.last_monitored,
                         background=background, size_bytes=size)
+    total = all_reduce_sum(acc, [float(size)]).tolist()[0] if acc.num_processes > 1 else size
     if acc.is_main_process:
-        # Routine saves stay out of the console (harness ckpt list shows them); the others are news.
-        log = logger.debug if reason in ("epoch_end", "every_steps") else logger.info
-        log("checkpoint %s (%s) %s in %.2f s", folder, reason,
-            "snapshot taken, writing in the background," if background else "saved", time.perf_counter() - started)
+        # One line a save: where, why, how large (all ranks' files), how long the training waited.
+        logger.info("checkpoint %s (%s): %s, %s in %.2f s", folder, reason, human_bytes(total),
+                    "snapshot taken, writing in the background," if background else "saved synchronously",
+                    time.perf_counter() - started)
     return folder
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
 
 
 @dataclasses.dataclass

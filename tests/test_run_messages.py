@@ -35,6 +35,11 @@ def test_a_run_stopped_by_max_steps_validates_its_final_weights(stopped, tmp_pat
     done = next(line for line in out.splitlines() if "done:" in line)
     assert "done: 1 epochs, 20 steps (train.max_steps: 160 samples into epoch 2), val_loss=" in done
     assert ", |" not in done and "test_accuracy=" in done
+    # Each save is one line: the folder, why, its size over all ranks' files, how long it took.
+    saves = [line for line in out.splitlines() if "] checkpoint " in line]
+    assert len(saves) == 2, saves
+    assert re.search(r"checkpoint \S+step-000015 \(epoch_end\): \d+\.\d kB, saved synchronously in \d+\.\d\d s$", saves[0])
+    assert re.search(r"checkpoint \S+step-000020 \(max_steps\): \d+\.\d kB, saved synchronously in", saves[1])
     # The same weights validated by train.val_every_steps at step 20, as a history record.
     validated = tmp_path / "validated"
     train(validated, *STOP, "train.val_every_steps=20")
