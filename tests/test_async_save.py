@@ -9,13 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from harness.checkpoint import verify
-from tests.conftest import ROOT, assert_bitwise_equal, harness_command, read_json, run_harness, subprocess_env
-from tests.test_preemption import LONG, finish, wait_for_training
+from tests.conftest import (BREAST_CANCER, LONG_RUN, ROOT, assert_same_weights, finish, harness_command, read_json, run_harness,
+                            subprocess_env, wait_for_training)
 
-RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # 8 steps per epoch, 4 epochs, a checkpoint every 5 steps and at every epoch end: 10 saves.
 BASE = ["data.batch_size=64", "train.epochs=4", "train.log_every_steps=3", "checkpoint.every_steps=5",
         "checkpoint.keep_last=20", "model.dropout=0.2", "schedule.name=cosine", "schedule.interval=step",
@@ -27,7 +25,7 @@ SLOW_FILES = {"HARNESS_TEST_SAVE_FILE_DELAY_S": "0.15"}
 
 
 def run(run_dir: Path, extra=(), nproc=2, env=None, check=True):
-    return run_harness(RECIPE, [f"run.output_dir={run_dir}", *BASE, *extra], nproc=nproc, check=check,
+    return run_harness(BREAST_CANCER, [f"run.output_dir={run_dir}", *BASE, *extra], nproc=nproc, check=check,
                        env=env or subprocess_env(), launcher="python" if nproc == 1 else "accelerate")
 
 
@@ -61,8 +59,7 @@ def test_background_saves_write_exactly_the_files_a_synchronous_save_writes(tmp_
         for name in files:
             assert got[step][name] == files[name], f"{step}/{name} differs from the synchronous save's"
     assert not list((async_dir / "checkpoints").glob(".tmp-*")) and not list(async_dir.rglob(".written-rank-*"))
-    a, b = load_file(sync_dir / "final/model.safetensors"), load_file(async_dir / "final/model.safetensors")
-    assert_bitwise_equal(a, b)
+    assert_same_weights(async_dir, sync_dir)
     assert "Traceback" not in proc.stderr
 
 
@@ -77,8 +74,7 @@ def test_a_sigkill_while_a_background_save_is_writing_resumes_from_the_last_comm
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000005"]
     resumed = run(run_dir, [ASYNC], nproc=1)
     assert "resumed from" in resumed.stdout and "step-000005" in resumed.stdout
-    a, b = load_file(straight / "final/model.safetensors"), load_file(run_dir / "final/model.safetensors")
-    assert_bitwise_equal(a, b)
+    assert_same_weights(run_dir, straight)
 
 
 @pytest.mark.parametrize("nproc", [2])  # 1 rank: the same code path, minus the cross-rank commit
@@ -86,7 +82,7 @@ def test_a_preemption_during_a_background_save_commits_both_and_saves_synchronou
     run_dir = tmp_path / "run"
     # A checkpoint every 20 steps, each in flight for over a second: the signal most likely lands
     # during one (training waits for it before the next).
-    cmd = harness_command(RECIPE, [f"run.output_dir={run_dir}", *LONG, ASYNC, "checkpoint.every_steps=20",
+    cmd = harness_command(BREAST_CANCER, [f"run.output_dir={run_dir}", *LONG_RUN, ASYNC, "checkpoint.every_steps=20",
                                    "checkpoint.keep_last=100"], nproc, "python" if nproc == 1 else "accelerate")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(**SLOW_FILES), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

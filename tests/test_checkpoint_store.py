@@ -13,17 +13,7 @@ import pytest
 from safetensors import SafetensorError
 
 from harness.checkpoint import TEMP_DIR, CheckpointError, CheckpointSaveError, CheckpointStore, verify
-
-
-class OneProcess:
-    """The two Accelerator members the store uses, for a single process."""
-
-    is_main_process = True
-    process_index = 0
-    num_processes = 1
-
-    def wait_for_everyone(self) -> None:
-        pass
+from tests.conftest import OneProcess
 
 
 def save(store: CheckpointStore, step: int, metric: float | None, background: bool = False) -> Path:

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from harness.tracking import read_scalars
-from tests.conftest import BIN, ROOT, assert_bitwise_equal, free_port, run_harness, subprocess_env
+from tests.conftest import (BIN, ROOT, assert_bitwise_equal, free_port, harness_cli, lr_series, run_harness,
+                            subprocess_env, weights)
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 FSDP_2PROC = ROOT / "recipes/accelerate/fsdp_cpu_2proc.yaml"
@@ -40,14 +41,6 @@ def fsdp(run_dir: Path, extra=(), nproc=2, env=None, check=True, base=BASE):
 def ddp(run_dir: Path, extra=(), nproc=2, env=None, check=True):
     return run_harness(RECIPE, [f"run.output_dir={run_dir}", *BASE, *extra], nproc=nproc, env=env, check=check,
                        launcher="python" if nproc == 1 else "accelerate")
-
-
-def weights(run_dir: Path) -> dict:
-    return load_file(run_dir / "final" / "model.safetensors")
-
-
-def lr_series(run_dir: Path) -> list:
-    return read_scalars(run_dir)["lr/default"]
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +77,11 @@ def test_fsdp_checkpoints_hold_each_ranks_own_rows_and_no_pickle(runs):
 
 def test_ckpt_export_of_an_fsdp_checkpoint_equals_the_ddp_runs_weights(runs, tmp_path):
     out = tmp_path / "model.safetensors"
-    proc = run_harness_cli(["ckpt", "export", str(runs["fsdp"]), str(out)])
-    assert proc.returncode == 0, proc.stderr
+    harness_cli("ckpt", "export", runs["fsdp"], out, timeout=120)
     exported, ddp_w = load_file(out), weights(runs["ddp"])
     assert exported.keys() == ddp_w.keys()
     for name in ddp_w:
         assert torch.allclose(exported[name], ddp_w[name], atol=1e-5), name
-
-
-def run_harness_cli(args: list[str]):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_fsdp_sigkilled_mid_epoch_resumes_bitwise(runs, tmp_path):
@@ -219,7 +203,6 @@ def test_rank0_init_builds_the_model_once_and_trains_bitwise_like_every_rank_bui
         built[init] = sorted(log.read_text().splitlines())
     assert built == {"every_rank": ["0 cpu", "1 cpu"], "rank0": ["0 cpu", "1 meta"]}, built
     a, b = weights(every), weights(rank0)
-    assert "scale" in a and a.keys() == b.keys()
-    for name in a:  # the non-persistent buffer reached rank 1 too, or its updates would differ
-        assert torch.equal(a[name], b[name]), name
+    assert "scale" in a  # the non-persistent buffer reached rank 1 too, or its updates would differ
+    assert_bitwise_equal(a, b)
     assert read_scalars(every)["train/loss"] == read_scalars(rank0)["train/loss"]

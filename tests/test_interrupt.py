@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from harness.checkpoint import verify
-from tests.conftest import launcher_exit_code, read_json, run_harness
-from tests.test_launcher_death import (HARNESS_FRAME, RECIPE, RUN, assert_same_weights, checkpoints, output,
-                                       reference_weights, start, wait_for_checkpoint)
+from tests.conftest import (BREAST_CANCER, CHECKPOINTED_RUN, HARNESS_FRAME, assert_same_weights, checkpoints,
+                            launcher_exit_code, output, read_json, reference_weights, run_harness, start_logged,
+                            wait_for_checkpoint)
 
 
 def ctrl_c(proc) -> None:
@@ -24,7 +24,7 @@ def ctrl_c(proc) -> None:
 
 def test_ctrl_c_on_one_process_saves_exits_130_without_a_traceback_and_the_rerun_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "python", 1)
+    proc = start_logged(run_dir, "python", 1)
     wait_for_checkpoint(run_dir, proc, 30)
     ctrl_c(proc)
     assert proc.wait(timeout=60) == 130, output(run_dir)[-3000:]
@@ -36,7 +36,7 @@ def test_ctrl_c_on_one_process_saves_exits_130_without_a_traceback_and_the_rerun
     assert f"interrupted (Ctrl-C): saved {marker['checkpoint']} at step {marker['step']}; exiting with code 130. " \
            "Run the same command again to resume" in text
 
-    resumed = run_harness(RECIPE, [f"run.output_dir={run_dir}", *RUN], nproc=1, launcher="python")
+    resumed = run_harness(BREAST_CANCER, [f"run.output_dir={run_dir}", *CHECKPOINTED_RUN], nproc=1, launcher="python")
     assert f"resumed from {marker['checkpoint']}" in resumed.stdout
     assert read_json(run_dir / "metrics.json")["steps"] == 300
     assert not (run_dir / "PREEMPTED.json").exists()
@@ -45,7 +45,7 @@ def test_ctrl_c_on_one_process_saves_exits_130_without_a_traceback_and_the_rerun
 def test_ctrl_c_to_the_launcher_stops_both_ranks_at_the_same_step_and_the_rerun_resumes_bitwise(
         tmp_path, tmp_path_factory):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "accelerate", 2)
+    proc = start_logged(run_dir, "accelerate", 2)
     wait_for_checkpoint(run_dir, proc, 30)
     ctrl_c(proc)
     code = proc.wait(timeout=60)
@@ -62,7 +62,7 @@ def test_ctrl_c_to_the_launcher_stops_both_ranks_at_the_same_step_and_the_rerun_
     assert sorted(p.name for p in folder.glob("rng-rank-*.json")) == ["rng-rank-0.json", "rng-rank-1.json"]
     assert "exiting with code 130" in text
 
-    resumed = run_harness(RECIPE, [f"run.output_dir={run_dir}", *RUN], nproc=2)
+    resumed = run_harness(BREAST_CANCER, [f"run.output_dir={run_dir}", *CHECKPOINTED_RUN], nproc=2)
     assert f"resumed from {folder}" in resumed.stdout
     assert_same_weights(run_dir, reference_weights(tmp_path_factory, 2))
 
@@ -71,7 +71,7 @@ def test_ctrl_c_to_the_launcher_stops_both_ranks_at_the_same_step_and_the_rerun_
 def test_a_second_ctrl_c_during_the_save_aborts_at_once_with_exit_130(tmp_path, launcher, nproc):
     run_dir = tmp_path / "run"
     # 0.25 s per checkpoint file (~1.5 s a save): the save is still being written at the second Ctrl-C.
-    proc = start(run_dir, launcher, nproc, env={"HARNESS_TEST_SAVE_FILE_DELAY_S": "0.25"})
+    proc = start_logged(run_dir, launcher, nproc, env={"HARNESS_TEST_SAVE_FILE_DELAY_S": "0.25"})
     wait_for_checkpoint(run_dir, proc, 15)  # the first one, at the end of epoch 1
     ctrl_c(proc)
     deadline = time.monotonic() + 30

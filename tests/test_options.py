@@ -29,9 +29,8 @@ from harness import items as hitems
 from harness import commands, sharding
 from harness.checkpoint import verify
 from harness.contracts import ConfigError
-from tests.conftest import (ROOT, assert_bitwise_equal, harness_command, read_json, run_harness, subprocess_env,
-                            weights)
-from tests.test_launcher_death import hear_ctrl_c
+from tests.conftest import (ROOT, assert_bitwise_equal, harness_command, hear_ctrl_c, read_json, run_harness,
+                            subprocess_env, weights)
 
 PROJECT = textwrap.dedent('''
     import os

@@ -17,8 +17,7 @@ import pytest
 
 from harness.checkpoint import verify
 from harness.run_lock import LOCK_FILE, RunFolderInUse, lock_run_folder
-from tests.conftest import ROOT, harness_command, read_json, subprocess_env
-from tests.test_checkpoint_store import OneProcess
+from tests.conftest import ROOT, OneProcess, harness_command, read_json, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # 8 steps per epoch, 2 epochs; checkpoints at steps 5, 8, 10, 15 and 16.

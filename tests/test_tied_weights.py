@@ -8,7 +8,6 @@ The user's model lives in a temporary project folder beside its recipe, as a use
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model
 
 from harness.sharding import ALIASES_KEY, saved_once
-from tests.conftest import assert_bitwise_equal, run_harness, subprocess_env, weights
+from tests.conftest import assert_bitwise_equal, harness_cli, run_harness, subprocess_env, weights
 
 TIED_MODULE = '''\
 import torch
@@ -119,9 +118,7 @@ def test_a_tied_model_under_fsdp2_on_two_ranks_resumes_bitwise_and_exports_once(
         names, aliases = stored_names(saved / f"model-rank-{rank}.safetensors")
         assert "again.weight" not in names and aliases == {"again.weight": "mid.weight"}
     out = tmp_path / "export.safetensors"
-    exported = subprocess.run([sys.executable, "-m", "harness", "ckpt", "export", str(resumed), str(out)],
-                              capture_output=True, text=True, env=subprocess_env(), timeout=120)
-    assert exported.returncode == 0, exported.stderr
+    harness_cli("ckpt", "export", resumed, out, timeout=120)
     names, aliases = stored_names(out)
     assert names == sorted(weights(resumed)) and aliases == {"again.weight": "mid.weight"}
 
