@@ -53,8 +53,10 @@ class RunConfig:
     # folder has no checkpoint yet; once it has, the run resumes from its own.
     init_from: Optional[str] = None
     # Where the logged series go (each gets them all: LR per group per step, losses, metrics,
-    # samples/s, the recipe): tensorboard (<run>/tb), jsonl (<run>/log.jsonl, a record per point).
-    log_with: list[Literal["tensorboard", "jsonl"]] = field(default_factory=lambda: ["tensorboard"])
+    # samples/s, the recipe): tensorboard (<run>/tb), jsonl (<run>/log.jsonl, a record per point),
+    # mlflow and wandb (sent at each checkpoint: harness/remote_trackers.py).
+    log_with: list[Literal["tensorboard", "jsonl", "mlflow", "wandb"]] = field(
+        default_factory=lambda: ["tensorboard"])
     # With init_from: take the optimizer state too (e.g. Adam's moments), under this recipe's LRs
     # and hyperparameters.
     init_optimizer: bool = False

@@ -110,7 +110,8 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
     # Opened only now, so a failed resume writes nothing. purge_step drops points the interrupted
     # process logged after its last checkpoint: the resumed run logs them again.
     trainer.trackers = Trackers(cfg.run_dir, cfg.run.log_with, enabled=accelerator.is_main_process,
-                                purge_step=trainer.state.step + 1 if folder is not None else None)
+                                purge_step=trainer.state.step + 1 if folder is not None else None,
+                                run_name=cfg.run.name, flat_config=flatten(to_plain_dict(cfg)))
     record_changes(trainer, changes)
     if accelerator.is_main_process:
         clear_marker(cfg.run_dir)
@@ -587,7 +588,8 @@ def finish(trainer: Trainer) -> dict:
                     state.epoch, "end of epoch")
     write_end_files(trainer, summary)
     trainer.trackers.hparams(flatten(to_plain_dict(trainer.cfg)),
-                       {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)}, state.step)
+                             {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)}, state.step)
+    trainer.trackers.finished()
     if trainer.is_main:
         parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float) and k != "best_monitored"]
         best = "" if state.best_metric is None else f" | best {trainer.cfg.checkpoint.monitor} {state.best_metric:.4f}"

@@ -51,6 +51,7 @@ def save_checkpoint(trainer, store: ckpt.CheckpointStore, reason: str) -> Path:
     size = ckpt.estimated_bytes({**snapshot.run, **snapshot.rank})
     folder = store.save(acc, state.step, snapshot.write_main, snapshot.write_rank, trainer.last_monitored,
                         background=background, size_bytes=size)
+    trainer.trackers.checkpointed(state.step)  # MLflow, W&B: the points up to this step are sent now
     total = all_reduce_sum(acc, [float(size)]).tolist()[0] if acc.num_processes > 1 else size
     if acc.is_main_process:
         # One line a save: where, why, how large (all ranks' files), how long the training waited.

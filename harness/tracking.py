@@ -28,6 +28,9 @@ from typing import Optional
 
 import crc32c
 
+from harness.contracts import ConfigError
+from harness.remote_trackers import MlflowLog, TrackerStartError, WandbLog
+
 TB_DIR = "tb"
 FLUSH_EVERY_S = 10.0  # events reach the disk at least this often (and at close)
 _file_numbers = itertools.count()
@@ -261,15 +264,37 @@ def _complete_record_before(line: str, purge_step: int) -> bool:
         return False
 
 
-TRACKERS = {"tensorboard": lambda run_dir, enabled, purge_step: TensorBoardLog(run_dir, enabled, purge_step),
-            "jsonl": JsonlLog}
+# name -> (run_dir, enabled, purge_step, run name, flat recipe) -> tracker
+TRACKERS = {"tensorboard": lambda run_dir, enabled, purge_step, *_: TensorBoardLog(run_dir, enabled, purge_step),
+            "jsonl": lambda run_dir, enabled, purge_step, *_: JsonlLog(run_dir, enabled, purge_step),
+            "mlflow": MlflowLog,
+            "wandb": WandbLog}
 
 
 class Trackers:
     """Every tracker of ``run.log_with``, each given the same series (the loop talks to this one)."""
 
-    def __init__(self, run_dir: Path, names: list[str], enabled: bool, purge_step: Optional[int] = None):
-        self.loggers = [TRACKERS[name](Path(run_dir), enabled, purge_step) for name in names]
+    def __init__(self, run_dir: Path, names: list[str], enabled: bool, purge_step: Optional[int] = None,
+                 run_name: str = "run", flat_config: Optional[dict] = None):
+        self.loggers = []
+        try:
+            for name in names:
+                self.loggers.append(TRACKERS[name](Path(run_dir), enabled, purge_step, run_name, flat_config or {}))
+        except TrackerStartError as exc:
+            self.close()
+            raise ConfigError(f"run.log_with: {name} could not start, nothing was trained: {exc}") from None
+
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint at ``step`` is saved: trackers that hold points until then send them."""
+        for logger in self.loggers:
+            if hasattr(logger, "checkpointed"):
+                logger.checkpointed(step)
+
+    def finished(self) -> None:
+        """The run is complete: everything logged may be sent."""
+        for logger in self.loggers:
+            if hasattr(logger, "finished"):
+                logger.finished()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for logger in self.loggers:

@@ -13,6 +13,6 @@ trap 'rm -rf "$scratch"' EXIT
 python3 -m venv "$scratch/venv"
 py="$scratch/venv/bin/python"
 "$py" -m pip install --quiet --disable-pip-version-check "torch==$torch_version"
-"$py" -m pip install --quiet --disable-pip-version-check --upgrade setuptools -e ".[test,hf]"
+"$py" -m pip install --quiet --disable-pip-version-check --upgrade setuptools -e ".[test,hf,trackers]"
 "$py" scripts/lockfile.py write requirements.lock
 echo "Now rerun the suite against the new lock: bash scripts/test.sh"

@@ -1,11 +1,13 @@
-"""run.log_with: every tracker gets the same series as TensorBoard, and a run SIGKILLed and resumed
-logs no step twice (the points its killed process wrote after its last checkpoint are dropped);
-train.profile writes a trace of the optimizer steps it was asked for.
+"""run.log_with: every tracker (jsonl, an MLflow file store, W&B offline) gets the same series as
+TensorBoard, and a run SIGKILLed and resumed logs no step twice and continues the same tracker run;
+a tracker that cannot start stops the run before training; train.profile writes a trace of the
+optimizer steps it was asked for.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -18,8 +20,10 @@ RECIPE = ROOT / "recipes" / "breast_cancer_mlp.yaml"  # 15 steps an epoch on 1 p
 # log_every_steps 1: each step writes ~110 bytes, so the 90 steps between the checkpoint at 200
 # and the kill at 290 overflow the file's buffer: the killed process leaves points past 200.
 LOGGED = ["train.epochs=20", "train.log_every_steps=1", "checkpoint.every_steps=100", "checkpoint.every_epochs=null",
-          "run.log_with=[tensorboard,jsonl]"]
+          "run.log_with=[tensorboard,jsonl,mlflow,wandb]"]
 KILL_AT_STEP = 290
+# MLflow's default here: the run folder's own file store; W&B offline, its files in the run folder.
+ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": ""}
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -39,12 +43,12 @@ def series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("trackers")
     straight, resumed = base / "straight", base / "resumed"
-    run_harness(RECIPE, [f"run.output_dir={straight}", *LOGGED], nproc=1, launcher="python")
+    run_harness(RECIPE, [f"run.output_dir={straight}", *LOGGED], nproc=1, launcher="python", env=subprocess_env(**ENV))
     killed = run_harness(RECIPE, [f"run.output_dir={resumed}", *LOGGED], nproc=1, launcher="python", check=False,
-                         env=subprocess_env(HARNESS_TEST_KILL_AT_STEP=str(KILL_AT_STEP)))
+                         env=subprocess_env(HARNESS_TEST_KILL_AT_STEP=str(KILL_AT_STEP), **ENV))
     assert killed.returncode != 0
     steps_left_by_the_killed_process = max(r["step"] for r in records(resumed))
-    run_harness(RECIPE, [f"run.output_dir={resumed}", *LOGGED], nproc=1, launcher="python")
+    run_harness(RECIPE, [f"run.output_dir={resumed}", *LOGGED], nproc=1, launcher="python", env=subprocess_env(**ENV))
     return {"straight": straight, "resumed": resumed, "killed_last_step": steps_left_by_the_killed_process}
 
 
@@ -59,7 +63,7 @@ def test_jsonl_holds_the_same_series_as_tensorboard(runs):
         assert all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for (_, a), (_, b) in zip(points, jsonl[tag])), tag
     assert len(jsonl["lr/default"]) == 300
     params = next(r["params"] for r in records(runs["straight"]) if "params" in r)
-    assert params["optim.lr"] == 0.001 and params["run.log_with"] == "['tensorboard', 'jsonl']"
+    assert params["optim.lr"] == 0.001 and params["run.log_with"] == "['tensorboard', 'jsonl', 'mlflow', 'wandb']"
 
 
 def test_a_resumed_run_logs_no_step_twice_in_jsonl(runs):
@@ -73,6 +77,88 @@ def test_a_resumed_run_logs_no_step_twice_in_jsonl(runs):
         if tag != "perf/samples_per_s":  # a clock
             assert straight[tag] == again[tag], tag
     assert read_json(runs["straight"] / "metrics.json") == read_json(runs["resumed"] / "metrics.json")
+
+
+def mlflow_series(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict]:
+    from mlflow.tracking import MlflowClient
+
+    ids = read_json(run_dir / "trackers.json")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    run = client.get_run(ids["mlflow"])
+    out = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(ids["mlflow"], key),
+                                                    key=lambda m: (m.step, m.timestamp))]
+           for key in run.data.metrics}
+    return out, {"status": run.info.status, "params": run.data.params}
+
+
+def wandb_records(path: Path):
+    """The records of a W&B offline run file (LevelDB's log format: 32 KiB blocks of chunks with a
+    7-byte header: CRC, length, kind) after the file's own 7-byte header."""
+    data, position, pending = path.read_bytes(), 7, b""
+    while position + 7 <= len(data):
+        room = 32768 - position % 32768
+        if room < 7:
+            position += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind == 1:
+            yield chunk
+        elif kind in (2, 3):
+            pending = (pending if kind == 3 else b"") + chunk
+        elif kind == 4:
+            yield pending + chunk
+            pending = b""
+
+
+def wandb_series(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    from wandb.proto import wandb_internal_pb2
+
+    run_id = read_json(run_dir / "trackers.json")["wandb"]
+    out: dict[str, list] = {}
+    folders = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    for folder in folders:  # one per process; `wandb sync` uploads them into the one run
+        for raw in wandb_records(folder / f"run-{run_id}.wandb"):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                # A key with a "/" is stored as its parts (nested_key).
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
+                for key, value in row.items():
+                    if not key.startswith("_"):
+                        out.setdefault(key, []).append((record.history.step.num, value))
+    return out, [f.name for f in folders]
+
+
+def test_mlflow_and_wandb_get_the_same_series_and_a_resumed_run_logs_no_step_twice_in_either(runs, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the run folder's file store
+    run_dir = runs["resumed"]
+    expected = series(run_dir)
+    mlflow, run = mlflow_series(run_dir)
+    wandb, folders = wandb_series(run_dir)
+    assert len(folders) == 2  # the killed process's and the resumed one's, under one run id
+    assert run["status"] == "FINISHED" and run["params"]["optim.lr"] == "0.001"
+    assert set(mlflow) == set(expected) and set(wandb) == set(expected)
+    for tag, points in expected.items():
+        assert mlflow[tag] == points, tag  # every step once, the same values
+        # W&B's own service writes its offline file through a buffer that a SIGKILL loses (its last
+        # ~32 KiB of records: steps the killed process had sent at its checkpoint). What it holds is
+        # each step at most once with the right value, and everything the resumed process sent.
+        steps = [s for s, _ in wandb[tag]]
+        assert len(steps) == len(set(steps)) and set(wandb[tag]) <= set(points), tag
+        assert [p for p in points if p[0] > 200] == [p for p in wandb[tag] if p[0] > 200], tag
+    assert [s for s, _ in mlflow["lr/default"]] == list(range(1, 301))
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_before_training(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_harness(RECIPE, [f"run.output_dir={run_dir}", "run.log_with=[tensorboard,mlflow]"], nproc=1,
+                       launcher="python", check=False, env=subprocess_env(MLFLOW_TRACKING_URI="file:///proc/no/mlruns"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "run.log_with: mlflow could not start, nothing was trained: MLflow at file:///proc/no/mlruns" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (run_dir / "checkpoints").exists()
 
 
 def test_only_the_trackers_asked_for_write(tmp_path):
