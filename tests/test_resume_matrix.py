@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from harness.schedule_kinds import SCHEDULES
 from harness.tracking import read_scalars
-from tests.conftest import BIN, CPU_2PROC, ROOT, free_port, read_json, run_harness, subprocess_env
+from tests.conftest import (BIN, CPU_2PROC, ROOT, assert_same_weights, free_port, read_json, run_harness,
+                            subprocess_env)
 from tests.resume_matrix_worker import (DATA_CASES, RECIPE, STOP_AT_STEP, TOTAL_STEPS, TWO_GROUPS, TWO_RANK_CASES,
                                         TWO_RANK_EVERY_STEPS, TWO_RANK_KILL_AT_STEP, USER_FACTOR_MODULE,
                                         USER_STREAM_MODULE, WARMUPS,
@@ -109,14 +108,6 @@ def case_runs(matrix: Path, case: str) -> tuple[Path, Path]:
     if error.exists():
         pytest.fail(error.read_text())
     return matrix / case / "straight", matrix / case / "stopped"
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    first, second = (load_file(run / "final" / "model.safetensors") for run in (a, b))
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), \
-            f"{name} differs by {(first[name] - second[name]).abs().max()}"
 
 
 def logged(run_dir: Path, prefixes: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from harness.tracking import read_scalars
-from tests.conftest import assert_bitwise_equal, weights, ROOT, read_json, run_harness, subprocess_env
+from tests.conftest import ROOT, assert_bitwise_equal, harness_cli, read_json, run_harness, subprocess_env, weights
 
 SEEDS = ROOT / "recipes" / "seeds"
 
@@ -167,7 +165,7 @@ def verified(tmp_path_factory):
     """``harness verify-resume`` on a user's recipe, on one rank, its runs kept in a work folder."""
     root = tmp_path_factory.mktemp("verify")
     recipe = write_project(root / "project", module="verified_mine")
-    proc = run_harness_tool(["verify-resume", str(recipe), "--nproc", "1", "--workdir", str(root / "work")])
+    proc = harness_cli("verify-resume", recipe, "--nproc", "1", "--workdir", root / "work", check_rc=None)
     return proc, root
 
 
@@ -182,7 +180,7 @@ def test_ckpt_inspect_lists_the_components_without_importing_the_users_module(ve
     checkpoints = sorted((root / "work" / "uninterrupted" / "checkpoints").glob("step-*"))
     assert checkpoints
     shutil.rmtree(root / "project")  # the module is gone: inspecting must not need it
-    proc = run_harness_tool(["ckpt", "inspect", str(checkpoints[-1])])
+    proc = harness_cli("ckpt", "inspect", checkpoints[-1], check_rc=None)
     assert proc.returncode == 0, proc.stderr
     module = root / "project" / "verified_mine.py"
     for line in ("model: verified_mine:TinyNet", "data: verified_mine:blobs", "loss: verified_mine:weighted_bce",
@@ -205,12 +203,6 @@ def test_check_previews_a_users_recipe_with_its_own_model_and_planned_lr(tmp_pat
     planned = {int(line.split()[0]): float(line.split()[2]) for line in table if line.strip()}
     stock = stock_step_lrs(0.2, 7, 0.5, STEPS)
     assert planned and all(lr == pytest.approx(stock[step - 1]) for step, lr in planned.items())
-
-
-def run_harness_tool(args: list[str], timeout: float = 300):
-    """``python -m harness COMMAND ...`` from the repository root."""
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------
