@@ -7,63 +7,26 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from harness.checkpoint import verify
 from harness.distributed import is_launcher_command, lost_rank_error
 from harness.verify import proc_stats
-from tests.conftest import ROOT, assert_bitwise_equal, harness_command, read_json, run_harness, subprocess_env
-
-RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
-# 15 steps an epoch on 2 ranks; a mid-epoch checkpoint every 30 steps; the run ends at step 300.
-RUN = ["train.max_steps=300", "checkpoint.every_steps=30", "train.log_every_steps=10"]
-# Each checkpoint file takes 20 ms longer to write (harness/faults.py), so the run is still going
-# when the test acts on its first checkpoint; the weights are the same.
-SLOW_SAVES = {"HARNESS_TEST_SAVE_FILE_DELAY_S": "0.02"}
-# Any frame of our own package in the output means a rank printed a traceback.
-HARNESS_FRAME = re.compile(r'File "[^"]*/harness/\w+\.py"')
-
-_references: dict = {}
+from tests.conftest import (BREAST_CANCER, CHECKPOINTED_RUN, HARNESS_FRAME, assert_same_weights, checkpoints, output,
+                            read_json, reference_weights, run_harness, start_logged, wait_for_checkpoint)
 
 
-def start(run_dir: Path, launcher: str, nproc: int, env: dict = SLOW_SAVES) -> subprocess.Popen:
-    """The run in its own session, as a terminal would start it; output to <run_dir>.log."""
-    cmd = harness_command(RECIPE, [f"run.output_dir={run_dir}", *RUN], nproc, launcher)
-    log = open(f"{run_dir}.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(**env), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=hear_ctrl_c)
-
-
-def hear_ctrl_c() -> None:
-    """In the child: Ctrl-C's default action, as in a terminal. A suite started in the background
-    (`pytest &`) passes SIGINT ignored down to its children, and a run that inherits that stays deaf."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def output(run_dir: Path) -> str:
-    return Path(f"{run_dir}.log").read_text()
-
-
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
-    """Until a checkpoint at ``step`` or later is committed (older ones are pruned: keep_last)."""
-    deadline = time.monotonic() + timeout
-    while not any(int(f.name.split("-")[1]) >= step for f in (run_dir / "checkpoints").glob("step-*")):
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early with {proc.returncode}:\n{output(run_dir)[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no checkpoint at step {step} in time:\n{output(run_dir)[-3000:]}")
-        time.sleep(0.01)
-
-
-def workers_of(run_dir: Path, launcher_pid: int) -> list[int]:
-    """Live processes other than the launcher whose command line names the run folder."""
+def workers_of(run_dir: Path, *not_workers: int) -> list[int]:
+    """Live processes whose command line names the run folder, other than ``not_workers`` (the
+    launcher, the reaper)."""
     found = []
     for pid, state, _, _ in proc_stats():
-        if pid == launcher_pid or state == "Z":
+        if pid in not_workers or state == "Z":
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -90,50 +53,75 @@ def wait_gone(pids: list[int], since: float, timeout: float = 60) -> float:
     return time.monotonic() - since
 
 
-def checkpoints(run_dir: Path) -> dict[int, dict]:
-    """Committed checkpoints: step -> trainer.json."""
-    return {int(folder.name.split("-")[1]): read_json(folder / "trainer.json")
-            for folder in (run_dir / "checkpoints").glob("step-*")}
+# Runs the command in its arguments as a child subreaper (prctl PR_SET_CHILD_SUBREAPER): the ranks
+# a killed launcher leaves behind become its children instead of init's, so their exit codes can be
+# read. Writes the launcher's pid to <argv[1]>.launcher at once and, when every process below it is
+# gone, {pid: exit code (-N: killed by signal N)} to <argv[1]>.
+REAPER = r"""
+import ctypes, json, os, subprocess, sys
+from pathlib import Path
+assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+result = Path(sys.argv[1])
+launcher = subprocess.Popen(sys.argv[2:])
+Path(f"{result}.launcher").write_text(str(launcher.pid))
+codes = {}
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        break
+    codes[pid] = os.waitstatus_to_exitcode(status)
+result.write_text(json.dumps(codes))
+"""
 
 
-def reference_weights(tmp_path_factory, nproc: int) -> dict:
-    """Final weights of the uninterrupted run on ``nproc`` ranks (computed once per session)."""
-    if nproc not in _references:
-        run_dir = tmp_path_factory.mktemp("reference") / "run"
-        run_harness(RECIPE, [f"run.output_dir={run_dir}", *RUN], nproc=nproc, launcher="accelerate" if nproc > 1
-                    else "python")
-        _references[nproc] = load_file(run_dir / "final/model.safetensors")
-    return _references[nproc]
+@dataclass
+class TwoRanks:
+    reaper: subprocess.Popen
+    launcher: int
+    workers: list[int]  # [rank 0's pid, rank 1's pid]
+    result: Path
+
+    def exit_codes(self, timeout: float = 60) -> dict[int, int]:
+        """pid -> exit code of the launcher and every rank, once all are gone."""
+        self.reaper.wait(timeout=timeout)
+        return {int(pid): code for pid, code in read_json(self.result).items()}
 
 
-def assert_same_weights(run_dir: Path, reference: dict) -> None:
-    assert_bitwise_equal(load_file(run_dir / "final/model.safetensors"), reference)
+def rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(entry for entry in environ if entry.startswith(b"RANK="))[5:])
 
 
-def started_on_two_ranks(run_dir: Path, launcher: str) -> tuple[subprocess.Popen, list[int]]:
-    """The run on 2 ranks, past its step-30 checkpoint: (the launcher, its two workers' pids)."""
-    proc = start(run_dir, launcher, 2)
+def started_on_two_ranks(run_dir: Path, launcher: str) -> TwoRanks:
+    """The run on 2 ranks under REAPER, past its step-30 checkpoint."""
+    result = Path(f"{run_dir}.exits.json")
+    proc = start_logged(run_dir, launcher, 2, wrap=[sys.executable, "-c", REAPER, str(result)])
     wait_for_checkpoint(run_dir, proc, 30)
-    workers = workers_of(run_dir, proc.pid)
+    launcher_pid = int(Path(f"{result}.launcher").read_text())
+    workers = sorted(workers_of(run_dir, launcher_pid, proc.pid), key=rank_of)
     assert len(workers) == 2, workers
-    return proc, workers
+    return TwoRanks(proc, launcher_pid, workers, result)
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
-def test_killing_the_launcher_makes_every_rank_save_and_exit_and_the_relaunch_resumes_bitwise(
+def test_killing_the_launcher_makes_every_rank_save_and_exit_75_and_the_relaunch_resumes_bitwise(
         tmp_path, tmp_path_factory, launcher):
     run_dir = tmp_path / "run"
-    proc, workers = started_on_two_ranks(run_dir, launcher)
+    run = started_on_two_ranks(run_dir, launcher)
     killed_wall, killed = time.time(), time.monotonic()
-    os.kill(proc.pid, signal.SIGKILL)  # the launcher only
-    proc.wait()
-    seconds = wait_gone(workers, killed)
+    os.kill(run.launcher, signal.SIGKILL)  # the launcher only
+    seconds = wait_gone(run.workers, killed)
     print(f"\n{launcher}: launcher SIGKILLed -> all workers gone in {seconds:.2f} s")
     # ~2-3 s here, ~5 s under heavy load; the bound catches workers that train on (the checks below
     # prove they stopped early, at a step of their own).
     assert seconds < 20, f"workers took {seconds:.1f} s to exit"
-
+    codes = run.exit_codes()
     text = output(run_dir)
+    # README, Exit codes: 75 on every rank, also when the ranks stopped because their launcher died.
+    assert [codes[pid] for pid in run.workers] == [75, 75], (codes, text[-3000:])
+    assert codes[run.launcher] == -signal.SIGKILL
+
     saved = checkpoints(run_dir)
     last = max(saved)
     assert saved[last]["reason"] == "preempted" and saved[last]["world_size"] == 2
@@ -141,48 +129,70 @@ def test_killing_the_launcher_makes_every_rank_save_and_exit_and_the_relaunch_re
     folder = run_dir / "checkpoints" / f"step-{last:06d}"
     assert verify(folder)["step"] == last < 300
     assert (folder / "MANIFEST.json").stat().st_mtime >= killed_wall, "committed after the kill"
-    assert f"launcher (pid {proc.pid}) exited: saving a checkpoint at step {last} and exiting" in text
+    # What happened, said once (by the main rank; the other stays quiet), and no traceback.
+    assert text.count(f"launcher (pid {run.launcher}) exited: saving a checkpoint at step {last} and exiting") == 1
+    assert text.count(f"saved {folder}; exiting (run the same command again to resume)") == 1, text[-3000:]
+    assert text.count("launcher (pid") == 1 and "lost contact" not in text, text[-3000:]
+    assert "Traceback" not in text and not HARNESS_FRAME.search(text), text[-3000:]
     assert not (run_dir / "PREEMPTED.json").exists(), "a launcher's death is not a request to requeue"
-    assert not HARNESS_FRAME.search(text), text[-3000:]
 
-    resumed = run_harness(RECIPE, [f"run.output_dir={run_dir}", *RUN], nproc=2, launcher=launcher)
+    resumed = run_harness(BREAST_CANCER, [f"run.output_dir={run_dir}", *CHECKPOINTED_RUN], nproc=2, launcher=launcher)
     assert f"resumed from {folder}" in resumed.stdout
     assert_same_weights(run_dir, reference_weights(tmp_path_factory, 2))
 
 
 def test_a_rank_whose_peer_died_with_the_launcher_exits_at_once_with_one_line(tmp_path):
+    """Rank 1 SIGKILLed, then the launcher. One outcome only: rank 0 cannot save, since its stop
+    flag (set when it sees the launcher gone, after rank 1's death) reaches the other rank only
+    through an all-reduce that rank 1 never joins; its next collective (the gradient all-reduce,
+    the stop agreement or a save's) fails on the closed connection at once, and it exits 1 with
+    the one line that names the lost contact. The 30 s give-up (the next test) would take 30 s."""
     run_dir = tmp_path / "run"
-    proc, workers = started_on_two_ranks(run_dir, "accelerate")
+    run = started_on_two_ranks(run_dir, "accelerate")
+    committed = set(checkpoints(run_dir))
+    survivor, victim = run.workers
     killed = time.monotonic()
-    for pid in (max(workers), proc.pid):  # one rank (the later-started), then the launcher
+    for pid in (victim, run.launcher):
         os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    seconds = wait_gone(workers, killed)
+    seconds = wait_gone([survivor], killed)
     print(f"\nrank and launcher SIGKILLed -> the other rank gone in {seconds:.2f} s")
     assert seconds < 20
+    codes = run.exit_codes()
     text = output(run_dir)
-    assert "lost contact with the other ranks" in text or "saving a checkpoint at step" in text, text[-3000:]
+    assert codes[survivor] == 1 and codes[victim] == codes[run.launcher] == -signal.SIGKILL, (codes, text[-3000:])
+    line = re.compile(r"^harness: rank 0 lost contact with the other ranks \((.+)\); the output of the rank that "
+                      r"stopped first says why\. Run the same command again to resume from the newest complete "
+                      r"checkpoint$", re.MULTILINE)
+    assert len(line.findall(text)) == 1 and text.count("lost contact") == 1, text[-3000:]
+    assert "saving a checkpoint" not in text and "exited 30 s ago" not in text, text[-3000:]
     assert "Traceback" not in text and not HARNESS_FRAME.search(text), text[-3000:]
+    # Nothing saved on the way out; a periodic save that rank 1 finished before its death may commit.
+    saved = checkpoints(run_dir)
+    assert committed <= set(saved) and all(trainer["reason"] != "preempted" for trainer in saved.values())
+    assert all(verify(run_dir / "checkpoints" / f"step-{step:06d}")["step"] == step for step in saved)
+    assert not (run_dir / "PREEMPTED.json").exists()
 
 
 def test_a_rank_whose_peer_hangs_gives_up_30_s_after_the_launcher_died_without_saving(tmp_path):
     run_dir = tmp_path / "run"
-    proc, workers = started_on_two_ranks(run_dir, "accelerate")
-    frozen, waiting = max(workers), min(workers)
+    run = started_on_two_ranks(run_dir, "accelerate")
+    waiting, frozen = run.workers
     os.kill(frozen, signal.SIGSTOP)  # hung: alive, but never reaches the next collective
     committed = set(checkpoints(run_dir))
     killed = time.monotonic()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(run.launcher, signal.SIGKILL)
     try:
         seconds = wait_gone([waiting], killed, timeout=90)
     finally:
         os.kill(frozen, signal.SIGKILL)
     print(f"\nlauncher SIGKILLed, peer frozen -> the other rank gone in {seconds:.1f} s")
     assert 30 <= seconds < 60, seconds
+    codes = run.exit_codes()
     text = output(run_dir)
-    assert (f"harness: the launcher (pid {proc.pid}) exited 30 s ago and this rank could not stop at a step boundary "
-            "(another rank is gone or hung): exiting without a checkpoint") in text, text[-3000:]
+    assert codes[waiting] == 1, (codes, text[-3000:])
+    line = (f"harness: the launcher (pid {run.launcher}) exited 30 s ago and this rank could not stop at a step "
+            "boundary (another rank is gone or hung): exiting without a checkpoint")
+    assert text.count(line) == 1 and "Traceback" not in text and not HARNESS_FRAME.search(text), text[-3000:]
     assert set(checkpoints(run_dir)) == committed, "nothing new committed, nothing removed"
     assert all(verify(run_dir / "checkpoints" / f"step-{step:06d}") for step in committed)
 
