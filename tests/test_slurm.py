@@ -17,8 +17,10 @@ What the cluster tests prove, on slurm/cpu.sbatch (2 CPU ranks under accelerate 
 The job's output file is checked line by line, not only its state: a misconfigured SLURM reports
 COMPLETED for a job that never ran.
 
-The other tests need no SLURM: key lines of the scripts (golden text), `bash -n`, and the shared
-shell library run against a fake `scontrol` (wait/trap exit codes, array requeue target, cap).
+The other tests need no SLURM: every batch script run by bash on a node of stubs (srun, scontrol,
+accelerate, python on PATH that record what a real node would be asked to run: each task's command
+line and environment, the requeue), the shared shell library against a fake `scontrol` (wait/trap
+exit codes, array requeue target, cap), and the #SBATCH lines (read by sbatch, so checked as text).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_harness, subprocess_env
+from tests.conftest import ROOT, assert_same_weights, run_harness, subprocess_env
 
 pytestmark = pytest.mark.slurm
 
@@ -244,10 +246,9 @@ def preempt_after_first_checkpoint(cluster, job_id, run_dir, out_file, scancel_a
     return marker, t_signal
 
 
-def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
-    ours = (run_dir / "final" / "model.safetensors").read_bytes()
-    theirs = (reference_dir / "final" / "model.safetensors").read_bytes()
-    assert ours == theirs, "final weights differ from the uninterrupted run"
+def assert_finished_like(run_dir: Path, reference_dir: Path) -> None:
+    """The same final weights, bitwise, and the same step count and final validation loss."""
+    assert_same_weights(run_dir, reference_dir)
     ours_m, theirs_m = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference_dir))
     assert ours_m["steps"] == theirs_m["steps"] == STEPS and ours_m["world_size"] == 2
     assert ours_m["val_loss"] == theirs_m["val_loss"]
@@ -294,7 +295,7 @@ def test_usr1_to_the_batch_shell_saves_requeues_resumes_and_matches_an_uninterru
     secs = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in times]
     print(f"[test_slurm] job {job}: requeue -> restarted in {secs[-1] - secs[-2]} s; "
           f"submission -> COMPLETED {took:.1f} s")
-    assert_same_weights(run_dir, reference())
+    assert_finished_like(run_dir, reference())
 
 
 def test_usr1_to_the_job_steps_of_an_array_task_saves_and_requeues_only_that_task(cluster, reference, tmp_path):
@@ -327,7 +328,7 @@ def test_usr1_to_the_job_steps_of_an_array_task_saves_and_requeues_only_that_tas
         r"^\[slurm-harness .*\] training finished \(exit 0\)",
     ])
     assert "got SIGUSR1" not in text, "the batch shell was not meant to receive the signal"
-    assert_same_weights(run_dir, reference())
+    assert_finished_like(run_dir, reference())
 
 
 def test_requeue_cap_reached_stops_requeueing_says_so_and_the_checkpoint_resumes(cluster, reference, tmp_path):
@@ -357,7 +358,7 @@ def test_requeue_cap_reached_stops_requeueing_says_so_and_the_checkpoint_resumes
     proc = run_harness(RECIPE, overrides, nproc=2, timeout=600)
     assert f"resumed from {marker['checkpoint']}" in proc.stdout + proc.stderr
     assert not (run_dir / "PREEMPTED.json").exists()
-    assert_same_weights(run_dir, reference())
+    assert_finished_like(run_dir, reference())
 
 
 def test_plain_scancel_ends_the_job_and_no_requeue_brings_it_back(cluster, tmp_path):
@@ -378,7 +379,7 @@ def test_plain_scancel_ends_the_job_and_no_requeue_brings_it_back(cluster, tmp_p
 
 
 # --------------------------------------------------------------------------------------------
-# Without SLURM: the scripts' key lines, and the shared library against a fake scontrol
+# Without SLURM: the scripts run on stubs, the shared library against a fake scontrol
 # --------------------------------------------------------------------------------------------
 
 
@@ -387,7 +388,8 @@ def _sbatch_lines(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_every_batch_script_has_the_preemption_lines(name):
+def test_every_batch_script_asks_sbatch_for_a_warning_a_requeue_and_one_log(name):
+    """The #SBATCH lines are read by sbatch, not run: the only part of a script checked as text."""
     text = (SLURM_DIR / name).read_text()
     sbatch = _sbatch_lines(text)
     assert text.startswith("#!/bin/bash\n")
@@ -395,72 +397,215 @@ def test_every_batch_script_has_the_preemption_lines(name):
     assert "#SBATCH --open-mode=append" in sbatch
     assert any(re.fullmatch(r"#SBATCH --signal=B:USR1@\d+", line) for line in sbatch), sbatch
     assert any(re.fullmatch(r"#SBATCH --time=\S+", line) for line in sbatch), "--signal needs a time limit"
-    assert "EDIT" in text
-    # The common logic is sourced, not copied.
-    assert "source slurm/lib/preempt.sh" in text and "harness_slurm_start" in text
-    assert 'harness_slurm_launch "$run_dir"' in text
-    code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    assert not any("scontrol requeue" in line or line.lstrip().startswith("trap ") for line in code)
-    # The project dir comes from the submission directory.
-    assert 'PROJECT_DIR=${HARNESS_PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}' in text
-    # Launched through srun with the forwarded signal ignored by whatever srun starts.
-    assert any(line.lstrip().startswith("srun ") for line in code) and "--kill-on-bad-exit=0" in text
-    assert "bash -c 'trap \"\" USR1" in text
-    assert 'harness train "$recipe" "${overrides[@]}"' in text or 'harness train "$@"' in text
+    gpus = [line for line in sbatch if "gres" in line or "gpu" in line]
+    assert gpus == ([] if name == "cpu.sbatch" else ["#SBATCH --gres=gpu:4"]), gpus
     proc = subprocess.run(["bash", "-n", str(SLURM_DIR / name)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-
-
-def test_cpu_script_runs_two_cpu_ranks_and_asks_for_no_gpu():
-    text = (SLURM_DIR / "cpu.sbatch").read_text()
-    assert not any("gres" in line or "gpu" in line for line in _sbatch_lines(text))
-    assert "accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml" in text
-    assert "--num_processes 2" in text and '--main_process_port "$port"' in text
-    assert 'harness_slurm_args "$@"' in text
-
-
-def test_gpu_scripts_ask_for_gpus_and_map_slurm_to_the_launcher():
-    for name in GPU_SCRIPTS:
-        assert "#SBATCH --gres=gpu:4" in _sbatch_lines((SLURM_DIR / name).read_text()), name
-    single = (SLURM_DIR / "single_node.sbatch").read_text()
-    assert "#SBATCH --nodes=1" in single and "#SBATCH --ntasks=1" in single
-    assert "accelerate launch --config_file recipes/accelerate/gpu_ddp.yaml" in single
-    assert '--num_processes "$num_gpus"' in single and "SLURM_GPUS_ON_NODE" in single
-
-    multi = (SLURM_DIR / "multi_node.sbatch").read_text()
-    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in multi
-    assert "MASTER_PORT=$(harness_slurm_port)" in multi
-    assert "#SBATCH --ntasks-per-node=1" in multi
-    assert '--machine_rank "$SLURM_NODEID"' in multi and '--num_machines "$SLURM_NNODES"' in multi
-    assert '--main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"' in multi
-    assert "HARNESS_LAUNCH_CONFIG=${HARNESS_LAUNCH_CONFIG:-recipes/accelerate/gpu_ddp.yaml}" in multi
-    assert 'accelerate launch --config_file "$HARNESS_LAUNCH_CONFIG"' in multi
-    assert "recipes/accelerate/fsdp_gpu.yaml" in multi and (ROOT / "recipes/accelerate/fsdp_gpu.yaml").is_file()
-
-    per_task = (SLURM_DIR / "multi_node_per_task.sbatch").read_text()
-    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in per_task
-    assert "export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in per_task
-    assert 'exec python -m harness train "$@"' in per_task
-    assert "accelerate launch" not in per_task.split("#SBATCH --output")[1]
-
-
-def test_shared_library_key_lines():
-    lib = LIB.read_text()
-    # Traps on USR1 and TERM; the launcher runs in the background and is waited for.
-    assert "trap '_hs_on_signal USR1' USR1" in lib and "trap '_hs_on_signal TERM' TERM" in lib
-    assert '"$@" &\n    _hs_launcher_pid=$!' in lib
-    assert 'wait "$_hs_launcher_pid"' in lib
-    # SIGUSR1, not SIGTERM, to srun (srun turns SIGTERM into SIGKILL for the step).
-    assert 'kill -s USR1 "$_hs_launcher_pid"' in lib
-    # Requeue only after the marker is there (tested by running the library below), then exit at
-    # once; arrays requeue only their task.
-    assert 'if scontrol requeue "$target"; then\n        exit 0' in lib
-    assert "printf '%s_%s\\n' \"$SLURM_ARRAY_JOB_ID\" \"$SLURM_ARRAY_TASK_ID\"" in lib
-    assert "max=${HARNESS_MAX_REQUEUES:-3}" in lib and "NOT requeueing: requeue cap reached" in lib
-    assert "SLURM_RESTART_COUNT" in lib
-    assert 'port() { printf \'%s\\n\' "$((20000 + ${SLURM_JOB_ID' in lib
     proc = subprocess.run(["bash", "-n", str(LIB)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# The batch scripts run for real by bash, on a "node" made of stubs on PATH: `srun` starts each
+# task of its step as a real one would (SLURM_PROCID/LOCALID/NODEID set per task, the tasks laid
+# out block-wise over the nodes) and passes SIGUSR1 on to them, `scontrol` answers `show hostnames`
+# and `show job` and records a requeue, and `accelerate` / `python` (what the step's tasks exec)
+# record their arguments, environment and whether SIGUSR1 is ignored. Task 0 then plays the ranks:
+# it waits for the SIGUSR1 that the test sends the batch shell (what --signal=B:USR1@N does),
+# writes PREEMPTED.json into the run folder the script resolved, and exits 1 as a launcher whose
+# ranks exit 75 does; so every run also proves the warning reaches the step and the job requeues
+# itself (only its array task). Each stub appends one JSON line to $STUB_LOG. The project folder
+# is a copy of slurm/ and recipes/ without a .venv, so the script's `source .venv/bin/activate`
+# cannot put the real launchers in front of the stubs; the run folder is resolved by the harness
+# itself (HARNESS_PYTHON: this interpreter).
+STUB_SRUN = r"""
+import json, os, signal, subprocess, sys
+args, opts, tasks = sys.argv[1:], {}, []
+signal.signal(signal.SIGUSR1, lambda *_: [task.send_signal(signal.SIGUSR1) for task in tasks])  # as srun does
+while args and args[0].startswith("--"):
+    key, _, value = args.pop(0)[2:].partition("=")
+    opts[key] = value
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps({"cmd": "srun", "opts": opts, "argv": args}) + "\n")
+nodes = int(opts.get("nodes", os.environ.get("SLURM_NNODES", "1")))
+per_node = int(opts.get("ntasks-per-node", os.environ.get("SLURM_NTASKS_PER_NODE", "0"))) or None
+ntasks = int(opts.get("ntasks", os.environ.get("SLURM_NTASKS", "0"))) or nodes * (per_node or 1)
+per_node = per_node or -(-ntasks // nodes)
+for rank in range(ntasks):
+    env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank % per_node),
+               SLURM_NODEID=str(rank // per_node), SLURM_STEP_NUM_TASKS=str(ntasks))
+    tasks.append(subprocess.Popen(args, env=env))
+codes = [task.wait() for task in tasks]
+sys.exit(max(codes, key=abs))
+"""
+STUB_SCONTROL = r"""
+import json, os, sys
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps({"cmd": "scontrol", "argv": sys.argv[1:]}) + "\n")
+if sys.argv[1:3] == ["show", "hostnames"]:
+    print("node-a\nnode-b")
+elif sys.argv[1:3] == ["show", "job"]:
+    print(f"JobId={os.environ.get('SLURM_JOB_ID')} JobState=RUNNING")
+"""
+STUB_LAUNCHED = r"""
+import json, os, signal, sys, time
+VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NODEID",
+        "SLURM_PROCID", "PYTHONUNBUFFERED")
+record = {"cmd": os.path.basename(sys.argv[0]), "argv": sys.argv[1:], "cwd": os.getcwd(),
+          "env": {k: os.environ[k] for k in VARS if k in os.environ},
+          "usr1_ignored": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps(record) + "\n")
+if os.environ.get("SLURM_PROCID") != "0":
+    sys.exit(0)
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+open(os.environ["STUB_LOG"] + ".ready", "w").close()
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.01)
+run_dir = os.path.join(os.getcwd(), sys.argv[sys.argv.index("train") + 2].split("=", 1)[1])
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "PREEMPTED.json"), "w") as f:
+    json.dump({"signal": "SIGUSR1", "exit_code": 75, "checkpoint": run_dir + "/checkpoints/step-000007", "step": 7},
+              f, indent=2)
+sys.exit(1)
+"""
+
+
+def start_batch_script(tmp_path: Path, name: str, slurm_env: dict):
+    """``bash slurm/NAME recipes/breast_cancer_mlp.yaml run.output_dir=runs/stubbed train.epochs=%a``
+    on the stub node; ``finish_batch_script`` sends the warning and collects what happened."""
+    project, bin_dir, log = tmp_path / "project", tmp_path / "bin", tmp_path / "stubs.jsonl"
+    shutil.copytree(SLURM_DIR, project / "slurm")
+    shutil.copytree(ROOT / "recipes", project / "recipes")
+    bin_dir.mkdir()
+    for stub, source in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL), ("accelerate", STUB_LAUNCHED),
+                         ("python", STUB_LAUNCHED)):
+        (bin_dir / stub).write_text(f"#!{sys.executable}\n{source}")
+        (bin_dir / stub).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HARNESS_", "CUDA_", "VIRTUAL_ENV"))}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", HARNESS_PROJECT_DIR=str(project), HARNESS_PYTHON=sys.executable,
+               PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", STUB_LOG=str(log), **slurm_env)
+    cmd = ["bash", str(project / "slurm" / name), "recipes/breast_cancer_mlp.yaml", "run.output_dir=runs/stubbed",
+           "train.epochs=%a"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, log
+
+
+def finish_batch_script(proc: subprocess.Popen, log: Path):
+    """SIGUSR1 to the batch shell once the step's task 0 runs; (exit code, output, the stubs' records
+    in order)."""
+    deadline = time.monotonic() + 120
+    while not Path(f"{log}.ready").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the step's task 0 never started"
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc.returncode, out, records
+
+
+JOB = {"SLURM_JOB_ID": "123456", "SLURM_ARRAY_JOB_ID": "123450", "SLURM_ARRAY_TASK_ID": "3",
+       "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_CPUS_PER_TASK": "32"}
+PORT = "23456"  # 20000 + job id % 10000: the same on every node and across requeues
+# What every rank is asked to train: the arguments given to sbatch, %a expanded to the array task.
+TRAIN = ["-m", "harness", "train", "recipes/breast_cancer_mlp.yaml", "run.output_dir=runs/stubbed", "train.epochs=3"]
+STUB_CASES = {
+    "cpu": ("cpu.sbatch", dict(JOB, SLURM_CPUS_PER_TASK="2", SLURM_NNODES="1")),
+    "single 4": ("single_node.sbatch", dict(JOB, SLURM_NNODES="1", SLURM_GPUS_ON_NODE="4")),
+    "single 2": ("single_node.sbatch", dict(JOB, SLURM_NNODES="1", CUDA_VISIBLE_DEVICES="0,1")),
+    "single none": ("single_node.sbatch", dict(JOB, SLURM_NNODES="1")),
+    "multi ddp": ("multi_node.sbatch", dict(JOB, SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4")),
+    "multi fsdp": ("multi_node.sbatch", dict(JOB, SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4",
+                                             HARNESS_LAUNCH_CONFIG="recipes/accelerate/fsdp_gpu.yaml")),
+    "per task": ("multi_node_per_task.sbatch", dict(JOB, SLURM_NNODES="2", SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4",
+                                                    SLURM_CPUS_PER_TASK="8")),
+}
+
+
+@pytest.fixture(scope="module")
+def stubbed(tmp_path_factory) -> dict:
+    """Every case of STUB_CASES run at once (each mostly waits for Python to start: side by side
+    they take a third of the time): case -> (exit code, output, records)."""
+    started = {case: start_batch_script(tmp_path_factory.mktemp("stubbed"), name, env)
+               for case, (name, env) in STUB_CASES.items()}
+    return {case: finish_batch_script(*run) for case, run in started.items()}
+
+
+def launched(records: list[dict]) -> list[dict]:
+    """What the step's tasks exec'd (the launchers or the ranks), in task order."""
+    return sorted((r for r in records if r["cmd"] in ("accelerate", "python")), key=lambda r: int(r["env"]["SLURM_PROCID"]))
+
+
+def srun_options(records: list[dict]) -> dict:
+    (srun,) = [r for r in records if r["cmd"] == "srun"]
+    return srun["opts"]
+
+
+def assert_preempted_and_requeued(rc: int, out: str, records: list[dict]) -> None:
+    assert rc == 0, out
+    lines_in_order(out, [r"got SIGUSR1: forwarding SIGUSR1 to the launcher",
+                         r"checkpoint saved on a preemption signal: signal=SIGUSR1 step=7",
+                         r"requeueing: scontrol requeue 123450_3 \(restart 1 of at most 3\)"])
+    requeues = [r["argv"] for r in records if r["cmd"] == "scontrol" and r["argv"][0] == "requeue"]
+    assert requeues == [["requeue", "123450_3"]], (requeues, out)
+
+
+def test_cpu_script_runs_one_accelerate_launch_of_two_cpu_ranks(stubbed):
+    rc, out, records = stubbed["cpu"]
+    assert srun_options(records) == {"ntasks": "1", "cpus-per-task": "2", "kill-on-bad-exit": "0"}
+    (launcher,) = launched(records)
+    assert launcher["cmd"] == "accelerate" and launcher["usr1_ignored"], launcher
+    assert launcher["argv"] == ["launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml", "--num_processes", "2",
+                                "--main_process_port", PORT, *TRAIN]
+    assert launcher["cwd"].endswith("/project")
+    assert_preempted_and_requeued(rc, out, records)
+
+
+@pytest.mark.parametrize("case, gpus", [("single 4", "4"), ("single 2", "2"), ("single none", None)])
+def test_single_node_script_starts_one_rank_per_allocated_gpu(stubbed, case, gpus):
+    rc, out, records = stubbed[case]
+    if gpus is None:
+        assert rc == 2 and "no GPUs allocated (ask with --gres=gpu:N)" in out and records == [], out
+        return
+    assert srun_options(records) == {"ntasks": "1", "cpus-per-task": "32", "kill-on-bad-exit": "0"}
+    (launcher,) = launched(records)
+    assert launcher["cmd"] == "accelerate" and launcher["usr1_ignored"], launcher
+    assert launcher["argv"] == ["launch", "--config_file", "recipes/accelerate/gpu_ddp.yaml", "--num_processes", gpus,
+                                "--main_process_port", PORT, *TRAIN]
+    assert_preempted_and_requeued(rc, out, records)
+
+
+@pytest.mark.parametrize("case, config", [("multi ddp", "recipes/accelerate/gpu_ddp.yaml"),
+                                          ("multi fsdp", "recipes/accelerate/fsdp_gpu.yaml")])
+def test_multi_node_script_runs_one_launcher_per_node_with_its_machine_rank(stubbed, case, config):
+    rc, out, records = stubbed[case]
+    assert ["show", "hostnames", "node-[a-b]"] in [r["argv"] for r in records if r["cmd"] == "scontrol"]
+    assert srun_options(records) == {"nodes": "2", "ntasks-per-node": "1", "ntasks": "2", "cpus-per-task": "32",
+                                     "kill-on-bad-exit": "0"}
+    launchers = launched(records)
+    assert [r["env"]["SLURM_NODEID"] for r in launchers] == ["0", "1"]
+    assert (ROOT / config).is_file()
+    for node, launcher in enumerate(launchers):
+        assert launcher["cmd"] == "accelerate" and launcher["usr1_ignored"], launcher
+        assert launcher["argv"] == ["launch", "--config_file", config, "--num_machines", "2", "--machine_rank", str(node),
+                                    "--num_processes", "8", "--main_process_ip", "node-a", "--main_process_port", PORT,
+                                    *TRAIN]
+    assert_preempted_and_requeued(rc, out, records)
+
+
+def test_multi_node_per_task_script_maps_slurm_tasks_to_torch_ranks(stubbed):
+    rc, out, records = stubbed["per task"]
+    assert srun_options(records) == {"cpus-per-task": "8", "kill-on-bad-exit": "0"}
+    ranks = launched(records)
+    assert [r["cmd"] for r in ranks] == ["python"] * 8 and all(r["usr1_ignored"] for r in ranks)
+    assert all(r["argv"] == TRAIN for r in ranks), ranks[0]["argv"]
+    assert [r["env"] for r in ranks] == [
+        {"RANK": str(p), "WORLD_SIZE": "8", "LOCAL_RANK": str(p % 4), "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node-a",
+         "MASTER_PORT": PORT, "SLURM_NODEID": str(p // 4), "SLURM_PROCID": str(p), "PYTHONUNBUFFERED": "1"}
+        for p in range(8)]
+    assert_preempted_and_requeued(rc, out, records)
 
 
 # A stand-in for srun + launcher + ranks: on SIGUSR1 "saves" (writes the marker) and exits 1, as
