@@ -9,18 +9,15 @@ from __future__ import annotations
 import re
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from harness.cli import build_parser, main
 from harness.config import ConfigError
 from harness.inspection import resume_points
 from harness.verify import plan_interruption
-from tests.conftest import ROOT, assert_bitwise_equal, read_json, subprocess_env
+from tests.conftest import ROOT, assert_bitwise_equal, harness_cli, read_json
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # 455 training samples, batch 32 -> 15 steps per epoch; 3 epochs = 45 steps. A per-step exponential
@@ -30,15 +27,6 @@ RUN = ["train.epochs=3", "checkpoint.every_steps=10", "checkpoint.keep_last=10",
 STOP_STEP = 20  # the first process stops here (train.max_steps); the second resumes from it
 # every_steps 10 (not at epoch ends) + every epoch end (15, 30, 45); keep_last 10 keeps them all
 CHECKPOINT_STEPS = [10, 15, 20, 30, 40, 45]
-
-
-def harness(*args, check_rc: int | None = 0, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "harness", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    if check_rc is not None and proc.returncode != check_rc:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}, expected {check_rc}\n--- stdout\n"
-                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -51,8 +39,8 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    harness("train", RECIPE, f"run.output_dir={run_dir}", *RUN, f"train.max_steps={STOP_STEP}")
-    second = harness("train", RECIPE, f"run.output_dir={run_dir}", *RUN)
+    harness_cli("train", RECIPE, f"run.output_dir={run_dir}", *RUN, f"train.max_steps={STOP_STEP}")
+    second = harness_cli("train", RECIPE, f"run.output_dir={run_dir}", *RUN)
     assert f"step {STOP_STEP}, 160 samples into the epoch" in second.stdout
     return run_dir
 
@@ -73,7 +61,7 @@ def lr_table(stdout: str) -> dict[int, list[float]]:
 
 def test_check_prints_steps_rank_shares_and_the_planned_lr(tmp_path):
     png = tmp_path / "preview.png"
-    out = harness("check", RECIPE, "--world-size", "2", "--png", png).stdout
+    out = harness_cli("check", RECIPE, "--world-size", "2", "--png", png).stdout
     assert "steps per epoch: 15" in out  # 455 train samples / batch 32
     assert "total steps: 750 (15 x 50 epochs)" in out
     assert "samples per rank per step: ranks 0-1: 16" in out
@@ -137,7 +125,7 @@ def listed_steps(stdout: str) -> list[int]:
 
 
 def test_ckpt_list_shows_every_checkpoint_verified(resumed_run):
-    out = harness("ckpt", "list", resumed_run).stdout
+    out = harness_cli("ckpt", "list", resumed_run).stdout
     assert listed_steps(out) == CHECKPOINT_STEPS
     rows = {int(line.split()[0]): line for line in out.splitlines() if re.match(r"^\s+\d+\s", line)}
     lrs = read_json(resumed_run / "checkpoints" / "step-000020" / "trainer.json")["lrs"]
@@ -149,7 +137,7 @@ def test_ckpt_list_shows_every_checkpoint_verified(resumed_run):
 
 def test_ckpt_inspect_shows_the_saved_lrs_and_counters(resumed_run):
     folder = resumed_run / "checkpoints" / "step-000020"
-    out = harness("ckpt", "inspect", folder).stdout
+    out = harness_cli("ckpt", "inspect", folder).stdout
     saved = read_json(folder / "trainer.json")
     shown = {m.group(1): float(m.group(2)) for m in re.finditer(r"^  (first|default): (\S+)$", out, re.M)}
     assert shown == dict(zip(saved["group_names"], saved["lrs"]))  # exactly, not approximately
@@ -216,7 +204,7 @@ def test_ckpt_export_writes_the_newest_checkpoints_weights_and_refuses_to_overwr
 
 def test_plot_lr_writes_a_png_and_marks_the_resume(resumed_run):
     assert resume_points(resumed_run) == [STOP_STEP]
-    out = harness("plot-lr", resumed_run).stdout
+    out = harness_cli("plot-lr", resumed_run).stdout
     assert "lr/default, lr/first up to step 45" in out and "resumed from steps: 20" in out
     assert "train/loss" in out and "val/loss" in out
     assert png_size(resumed_run / "lr.png") == (1300, 450)
@@ -249,18 +237,27 @@ def test_interruption_plan_puts_the_kill_after_a_mid_epoch_checkpoint():
 
 
 # verify-resume itself runs in this process (its three runs are real processes), saving a start-up.
+# On 1 process (the default) it passes in test_resume_holes.py::test_verify_resume_kills_after_*, on
+# the same recipe, and in test_user_components.py on a user's recipe.
 
 
-def test_verify_resume_passes_on_the_shipped_recipe(tmp_path, capsys):
-    assert main(["verify-resume", str(RECIPE), "--workdir", str(tmp_path / "work")]) == 0
+def test_verify_resume_on_two_ranks_kills_every_rank_and_passes(tmp_path, capsys):
+    work = tmp_path / "work"
+    assert main(["verify-resume", str(RECIPE), "--nproc", "2", "--workdir", str(work)]) == 0
     out = capsys.readouterr().out
-    assert "SIGKILL after step 25: resumes from step 20 (5 steps into epoch 2)" in out
+    assert "on 2 process(es): 45 steps (15 per epoch), checkpoint every 20 steps, SIGKILL after step 25: resumes " \
+           "from step 20 (5 steps into epoch 2)" in out
     assert "final weights: 6 tensors, 4,097 values, bitwise equal" in out
     assert "resumed from" in out and "step 20, 160 samples into the epoch" in out
     assert "PASS" in out and "FAIL" not in out
-    # The killed process's LR points for steps 21-25 were flushed to disk before the kill.
-    assert len(list((tmp_path / "work" / "interrupted" / "tb").glob("events.out.tfevents.*"))) == 2
-    assert read_json(tmp_path / "work" / "uninterrupted" / "metrics.json")["steps"] == 45
+    for run in ("uninterrupted", "interrupted"):
+        assert read_json(work / run / "metrics.json")["world_size"] == 2
+        assert read_json(work / run / "metrics.json")["steps"] == 45
+    # Killed once both ranks had reported step 25 done: the launcher's whole tree, SIGKILLed.
+    assert sorted(p.name for p in (work / "ready").iterdir()) == ["rank-0", "rank-1"]
+    assert re.search(r"killed \(exit -9\) after [\d.]+ s; checkpoints on disk: step-000020\n", out), out
+    # The killed run's LR points for steps 21-25 were flushed to disk before the kill (and purged on resume).
+    assert len(list((work / "interrupted" / "tb").glob("events.out.tfevents.*"))) == 2
 
 
 def test_verify_resume_reports_the_first_difference_of_a_broken_resume(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from harness.tracking import read_scalars
-from tests.conftest import ROOT, read_json, run_harness, subprocess_env
+from tests.conftest import ROOT, assert_same_weights, lr_series, read_json, run_harness, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 # 455 samples, global batch 64 -> 8 steps per epoch, 4 epochs = 32 steps; stopped at step 12 (mid epoch 2).
@@ -42,10 +43,6 @@ def resumable(stopped, tmp_path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(stopped, target)
     return target
-
-
-def lr_series(run_dir: Path) -> list[tuple[int, float]]:
-    return read_scalars(run_dir)["lr/default"]
 
 
 def f32(values: list[float]) -> list[float]:
@@ -98,11 +95,45 @@ def test_an_allowed_schedule_change_continues_as_if_the_recipe_had_always_said_s
     assert [lrs[s] for s in range(STOP + 1, 33)] == f32(expected[STOP:])
 
 
-def test_more_epochs_need_no_permission_when_the_schedule_does_not_depend_on_them(resumable):
-    proc = run(resumable, ["train.epochs=5"])
-    assert "resumed from" in proc.stdout and read_json(resumable / "metrics.json")["steps"] == 40
+# README (Checkpoints and exact resume): "keys that only steer the run (max_steps, logging, checkpoint
+# and preemption settings, epochs as long as the LR check passes) may change freely". All of them
+# change together here, in one resume (max_steps: the stopped run had train.max_steps=12, this one
+# has none).
+STEERING = ["train.log_every_steps=3", "train.progress_every_s=0.000001", "checkpoint.every_steps=5",
+            "checkpoint.keep_last=100", "checkpoint.async_save=true", "preemption.check_every_steps=7",
+            "preemption.check_interval_s=0.5", "preemption.signals=[SIGUSR2]", "preemption.graceful_interrupt=false",
+            "preemption.check_every_val_batches=3"]
+
+
+def test_steering_settings_and_more_epochs_change_freely_on_resume_and_take_effect(resumable, tmp_path):
+    before = {int(p.name.split("-")[1]) for p in (resumable / "checkpoints").glob("step-*")}
+    assert before == {4, 8, 12}
+    proc = run(resumable, [*STEERING, "train.epochs=5"])  # exit 0, not 3
+    assert f"resumed from {resumable / 'checkpoints' / f'step-{STOP:06d}'}" in proc.stdout
+    assert read_json(resumable / "metrics.json")["steps"] == 40
+    # More epochs (StepLR per epoch does not depend on them) are recorded; the steering keys are not
+    # even changes.
     (entry,) = [json.loads(line) for line in (resumable / "changes.jsonl").read_text().splitlines()]
     assert entry["step"] == STOP and entry["changes"] == [{"key": "train.epochs", "saved": 4, "now": 5}]
+    # Logging: a progress line after every step (the log is no terminal), train/loss every 3 steps.
+    progress = [int(step) for step in re.findall(r"^\[harness\] step (\d+)/40 ", proc.stdout, re.MULTILINE)]
+    assert progress == list(range(STOP + 1, 41)), proc.stdout[-3000:]
+    losses = [step for step, _ in read_scalars(resumable)["train/loss"] if step > STOP]
+    assert losses == list(range(15, 40, 3)), losses
+    # Checkpoints: every 5 steps from the resume on (and at each epoch's end, 8 steps), none pruned
+    # (keep_last was 5).
+    after = {int(p.name.split("-")[1]) for p in (resumable / "checkpoints").glob("step-*")}
+    assert after == before | {15, 20, 25, 30, 35, 40} | {16, 24, 32}, sorted(after)
+    # Preemption: the settings a later resume compares with are the new ones.
+    config = read_json(resumable / "checkpoints" / "step-000040" / "trainer.json")["config"]
+    assert config["preemption"] == {**config["preemption"], "check_every_steps": 7, "check_interval_s": 0.5,
+                                    "signals": ["SIGUSR2"], "graceful_interrupt": False,
+                                    "check_every_val_batches": 3}
+    assert config["checkpoint"]["async_save"] is True
+    # None of it changes what a step computes: the weights of a run that never stopped.
+    straight = tmp_path / "straight"
+    run(straight, ["train.epochs=5"])
+    assert_same_weights(resumable, straight)
 
 
 def test_more_epochs_are_refused_when_they_would_change_the_schedule(resumable, tmp_path):
