@@ -212,6 +212,10 @@ class TrainConfig:
     # DDP: let parameters that get no gradient in a step (a layer forward() does not use) pass
     # instead of failing with "Expected to have finished reduction". Costs a graph traversal a step.
     find_unused_parameters: bool = False
+    # A collective (gradient all-reduce, a barrier, a log reduction) that waits longer than this
+    # fails on every waiting rank: a peer frozen (SIGSTOP, a hung node) or a network cut stops the
+    # run in bounded time. Above the longest legitimate wait: a checkpoint save, a validation.
+    collective_timeout_s: float = 600.0
     # ddp: a full copy of the model per rank; fsdp: FSDP2 shards parameters, gradients and optimizer
     # state over the ranks (harness/sharding.py); auto: fsdp when the Accelerate config asks for it.
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -243,6 +247,7 @@ class TrainConfig:
         require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
         require(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "an integer >= 1")
+        require(self.collective_timeout_s > 0, "train.collective_timeout_s", self.collective_timeout_s, "a number > 0")
         require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, "an integer >= 1")
         require(self.val_every_steps is None or self.val_every_steps >= 1, "train.val_every_steps",
                  self.val_every_steps, "null or an integer >= 1")

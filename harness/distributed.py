@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -29,24 +30,34 @@ class RankLost(RuntimeError):
 # What a collective's error says when the other end has gone: gloo's TCP transport, NCCL's watchdog.
 PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                      "remote process exited", "NCCL communicator was aborted")
+# A collective that outlived train.collective_timeout_s: gloo's and NCCL's words for it.
+TIMEOUT_MARKERS = ("Timed out waiting", "Watchdog caught collective operation timeout")
 
 
 def lost_rank_error(exc: BaseException) -> Optional[RankLost]:
     """A one-line RankLost for ``exc`` if it is a collective failing because a peer is gone, else None."""
     store_gone = isinstance(exc, (torch.distributed.DistNetworkError, torch.distributed.DistStoreError))
     text = str(exc).strip()
-    if not store_gone and not (isinstance(exc, RuntimeError) and any(m in text for m in PEER_LOST_MARKERS)):
+    timed_out = isinstance(exc, RuntimeError) and any(m in text for m in TIMEOUT_MARKERS)
+    peer_gone = isinstance(exc, RuntimeError) and any(m in text for m in PEER_LOST_MARKERS)
+    if not (store_gone or timed_out or peer_gone):
         return None
     first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(exc).__name__)  # gloo's [file.cc:N]
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
+    if timed_out:
+        return RankLost(f"rank {rank}: a peer became unreachable: a collective waited past train.collective_timeout_s "
+                        f"({first.split('. ')[0].rstrip('.')}); a peer is frozen or the network between the ranks is "
+                        "cut. Nothing was saved by this stop; run the same command again to resume from the newest "
+                        "complete checkpoint")
     return RankLost(f"rank {rank} lost contact with the other ranks ({first.split('. ')[0].rstrip('.')}); "
                     "the output of the rank that stopped first says why. Run the same command again to "
                     "resume from the newest complete checkpoint")
 
 
-def make_accelerator(device: str, mixed_precision: Optional[str], find_unused_parameters: bool = False):
+def make_accelerator(device: str, mixed_precision: Optional[str], find_unused_parameters: bool = False,
+                     collective_timeout_s: float = 600.0):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # Without cpu=True, Accelerator on a GPU-less machine does not join the process group:
     # every rank believes it is rank 0 of 1.
@@ -54,6 +65,9 @@ def make_accelerator(device: str, mixed_precision: Optional[str], find_unused_pa
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' asked for, but torch sees no CUDA device (use auto or cpu)")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    # A collective that waits longer than this (a peer frozen, a network cut) fails on every rank
+    # that waits, instead of after torch's default of 30 minutes.
+    handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s)))
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
     return accelerator
 

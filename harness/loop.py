@@ -50,7 +50,8 @@ logger = logging.getLogger("harness")
 
 def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Trainer:
     configured = sharding.strategy_from_launch(cfg.train.strategy)  # before Accelerator reads the launch's env
-    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters)
+    accelerator = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.find_unused_parameters,
+                                   cfg.train.collective_timeout_s)
     warn_if_ranks_lost(accelerator.num_processes)
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism

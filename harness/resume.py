@@ -114,6 +114,7 @@ IGNORED_KEYS = ("run.resume", "run.on_change", "run.init_from", "run.init_optimi
                 "train.max_steps", "train.log_every_steps", "train.progress_every_s", "train.device",
                 "train.early_stopping_patience", "train.early_stopping_min_delta", "train.strategy", "train.fsdp_wrap",
                 "train.fsdp_init", "train.compile", "train.activation_checkpointing", "train.profile",
+                "train.collective_timeout_s",
                 "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
                 "checkpoint.", "preemption.")
 # Changed without run.on_change=allow as long as the LR check on resume passes (a longer run of a

@@ -6,6 +6,7 @@
     .venv/bin/python scripts/bench.py --only mlp_ddp2 # one figure (or a comma-separated list)
     .venv/bin/python scripts/bench.py --soak 50       # 50 clean starts and exits of a 2-rank run
     .venv/bin/python scripts/bench.py --stops 5       # seconds from a signal / a launcher's death to the stop
+    .venv/bin/python scripts/bench.py --around-step 2 # train.compile and activation checkpointing, 2 rounds
 
 Harness and baseline alternate within every round (the order flips or rotates from round to
 round), so a noisy shared machine slows both; the table gives the median of the per-round
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import BREAST_CANCER, NO_CHECKPOINTS, loadavg, rates, subprocess_env, write_json  # noqa: E402
 from benchmarks.launch import baseline_command, harness_command, launch  # noqa: E402
 from benchmarks.stops import stops, stops_markdown  # noqa: E402
+from benchmarks.around_step import around_step, around_step_markdown  # noqa: E402
 
 RESULTS = ROOT / "bench-results"
 HUGE = 1_000_000_000
@@ -726,6 +728,8 @@ def main() -> int:
     parser.add_argument("--soak-timeout", type=float, default=180.0, help="seconds per soak run")
     parser.add_argument("--stops", type=int, default=None, metavar="N",
                         help="stop a run N times each way (SIGTERM on 1 and 2 ranks, launcher SIGKILLed)")
+    parser.add_argument("--around-step", type=int, default=None, metavar="N",
+                        help="N rounds of train.compile (steps/s, compile time) and activation checkpointing (peak memory)")
     parser.add_argument("--list", action="store_true", help="list figure names and exit")
     args = parser.parse_args()
     all_figures = figures()
@@ -761,6 +765,15 @@ def run(args, ctx: Context, all_figures: list[Figure], parser, command: str, whe
         write_json(RESULTS / "stops.json", s)
         text = stops_markdown(s, command, when)
         (RESULTS / "stops.md").write_text(text)
+        print(text)
+        return 0
+
+    if args.around_step is not None:
+        s = around_step(ctx.work / "around", ctx.logs, args.around_step)
+        s.update(command=command, when=when, machine=machine(), tree=tree())
+        write_json(RESULTS / "around_step.json", s)
+        text = around_step_markdown(s, command, when)
+        (RESULTS / "around_step.md").write_text(text)
         print(text)
         return 0
 

@@ -1,0 +1,138 @@
+"""train.compile and train.activation_checkpointing, measured through the harness itself.
+
+Compile: the char-LM recipe on 1 process, 1 thread, eager vs ``train.compile: true`` vs
+``train.compile: [_Block]`` (regional), each with a cold inductor cache of its own, with the
+recipe's dropout and without dropout. Reported: steps/s
+over steps 21-80 (after compiling), and the compile cost, the time to the end of step 3 beyond
+eager's.
+
+Activation checkpointing: a GPT whose activations dominate its memory (6 blocks, dim 128, 256
+tokens, batch 32: 1.2M parameters), 2 DDP ranks, with and without ``train.activation_checkpointing: [_Block]``: each rank's peak resident memory (VmHWM)
+and steps/s.
+
+    .venv/bin/python scripts/bench.py --around-step 2
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import BIN, CHAR_LM, CPU_2PROC, free_port, subprocess_env
+
+# Run inside each launched process: harness.train with a clock at every step's start, then the
+# step times, the time since the process started and the peak RSS written as JSON (one per rank).
+WORKER = '''\
+import json, os, sys, time
+started = time.perf_counter()
+import harness
+from harness import faults
+marks = []
+faults.before_each_step(lambda trainer: marks.append(time.perf_counter()))
+harness.train(sys.argv[1], sys.argv[3:])
+marks.append(time.perf_counter())
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+rank = os.environ.get("RANK", "0")
+with open(f"{sys.argv[2]}.rank{rank}.json", "w") as f:
+    json.dump({"since_start": [m - started for m in marks], "peak_kb": peak_kb}, f)
+'''
+
+COMPILE_VARIANTS = {"eager": [], "compile": ["train.compile=true"], "regional": ["train.compile=[_Block]"]}
+# The recipe's dropout 0.1, and none: inductor's random numbers on the CPU are what costs most.
+DROPOUTS = {"": [], "_nodrop": ["model.dropout=0"]}
+COMPILE_STEPS = ["train.max_steps=80", "train.epochs=1", "checkpoint.every_epochs=1000000",
+                 "checkpoint.every_steps=1000000", "train.log_every_steps=1000"]
+AC_MODEL = ["model.dim=128", "model.layers=6", "data.block_size=256", "data.batch_size=32", "train.max_steps=6",
+            "train.epochs=1", "checkpoint.every_epochs=1000000", "checkpoint.every_steps=1000000",
+            "train.log_every_steps=1000"]
+AC_VARIANTS = {"plain": [], "checkpointed": ["train.activation_checkpointing=[_Block]"]}
+
+
+def _launch(work: Path, logs: Path, name: str, overrides: list[str], nproc: int, env: dict) -> list[dict]:
+    script = work / "around_step_worker.py"
+    script.write_text(WORKER)
+    out = work / name
+    command = [sys.executable, str(script)] if nproc == 1 else [
+        str(BIN / "accelerate"), "launch", "--config_file", str(CPU_2PROC), "--num_processes", str(nproc),
+        "--main_process_port", str(free_port()), str(script)]
+    command += [str(CHAR_LM), str(out), f"run.output_dir={work / 'runs' / name}", *overrides]
+    with open(logs / f"around-{name}.log", "w") as log:
+        rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=1800).returncode
+    if rc != 0:
+        raise RuntimeError(f"{name} exited {rc}; log {logs / f'around-{name}.log'}")
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def compile_round(work: Path, logs: Path, r: int) -> dict:
+    record = {}
+    order = list(COMPILE_VARIANTS) if r % 2 == 0 else list(reversed(COMPILE_VARIANTS))
+    for suffix, dropout in DROPOUTS.items():
+        for variant in order:
+            with tempfile.TemporaryDirectory(prefix="inductor-") as cache:  # a cold compile every time
+                (result,) = _launch(work, logs, f"{variant}{suffix}-{r}", COMPILE_VARIANTS[variant] + COMPILE_STEPS
+                                    + dropout, 1, subprocess_env(TORCHINDUCTOR_CACHE_DIR=cache))
+            marks = result["since_start"]  # step k starts at marks[k-1]; the last mark is the end
+            record[f"{variant}{suffix}_steps_per_s"] = 60 / (marks[80] - marks[20])
+            record[f"{variant}{suffix}_to_step3_s"] = marks[3]
+        for variant in ("compile", "regional"):
+            record[f"{variant}{suffix}_compile_s"] = (record[f"{variant}{suffix}_to_step3_s"]
+                                                      - record[f"eager{suffix}_to_step3_s"])
+            record[f"{variant}{suffix}_ratio"] = (record[f"{variant}{suffix}_steps_per_s"]
+                                                  / record[f"eager{suffix}_steps_per_s"])
+    return record
+
+
+def ac_round(work: Path, logs: Path, r: int) -> dict:
+    record = {}
+    order = list(AC_VARIANTS) if r % 2 == 0 else list(reversed(AC_VARIANTS))
+    for variant in order:
+        ranks = _launch(work, logs, f"ac-{variant}-{r}", AC_MODEL + AC_VARIANTS[variant], 2, subprocess_env())
+        record[f"{variant}_peak_gb"] = max(rank["peak_kb"] for rank in ranks) / 1e6
+        marks = ranks[0]["since_start"]
+        record[f"{variant}_steps_per_s"] = 4 / (marks[6] - marks[2])  # steps 3-6
+    record["peak_ratio"] = record["checkpointed_peak_gb"] / record["plain_peak_gb"]
+    record["speed_ratio"] = record["checkpointed_steps_per_s"] / record["plain_steps_per_s"]
+    return record
+
+
+def around_step(work: Path, logs: Path, rounds: int) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    compile_rounds, ac_rounds = [], []
+    for r in range(rounds):
+        started = time.perf_counter()
+        compile_rounds.append(compile_round(work, logs, r))
+        ac_rounds.append(ac_round(work, logs, r))
+        print(f"[bench] around-step round {r + 1}: {time.perf_counter() - started:.0f} s "
+              f"{json.dumps({**compile_rounds[-1], **ac_rounds[-1]}, default=lambda v: round(v, 3))}", flush=True)
+    return {"rounds": rounds, "compile": compile_rounds, "activation_checkpointing": ac_rounds}
+
+
+def _median(rows: list[dict], key: str) -> str:
+    values = [row[key] for row in rows]
+    return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
+
+
+def around_step_markdown(s: dict, command: str, when: str) -> str:
+    c, a = s["compile"], s["activation_checkpointing"]
+    lines = [f"### train.compile and train.activation_checkpointing ({when}, `{command}`, {s['rounds']} rounds, "
+             "median (min-max))", "",
+             "| measurement | eager / plain | whole model compiled / checkpointed | per block (`[_Block]`) |",
+             "|---|---|---|---|",
+             *[row for suffix, what in (("", "dropout 0.1 (the recipe)"), ("_nodrop", "dropout 0")) for row in (
+                 f"| char-LM steps/s, 1 process, 1 thread, {what} | {_median(c, f'eager{suffix}_steps_per_s')} | "
+                 f"{_median(c, f'compile{suffix}_steps_per_s')} | {_median(c, f'regional{suffix}_steps_per_s')} |",
+                 f"| ratio to eager, {what} | 1 | {_median(c, f'compile{suffix}_ratio')} | "
+                 f"{_median(c, f'regional{suffix}_ratio')} |",
+                 f"| compile time (to step 3, beyond eager's), cold inductor cache, {what}, s | - | "
+                 f"{_median(c, f'compile{suffix}_compile_s')} | {_median(c, f'regional{suffix}_compile_s')} |")],
+             f"| peak RSS per rank (VmHWM), 2 DDP ranks, 6-block GPT, GB | {_median(a, 'plain_peak_gb')} | "
+             f"{_median(a, 'checkpointed_peak_gb')} (ratio {_median(a, 'peak_ratio')}) | - |",
+             f"| steps/s of that run | {_median(a, 'plain_steps_per_s')} | {_median(a, 'checkpointed_steps_per_s')} "
+             f"(ratio {_median(a, 'speed_ratio')}) | - |", ""]
+    return "\n".join(lines)
