@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.checkpoint import verify
-from tests.conftest import (BREAST_CANCER, LONG_RUN, ROOT, assert_same_weights, finish, harness_command, read_json, run_harness,
-                            subprocess_env, wait_for_training)
+from tests.conftest import (BREAST_CANCER, LONG_RUN, ROOT, assert_same_weights, finish, harness_command, read_json,
+                            run_harness, subprocess_env, wait_for_training)
 
 # 8 steps per epoch, 4 epochs, a checkpoint every 5 steps and at every epoch end: 10 saves.
 BASE = ["data.batch_size=64", "train.epochs=4", "train.log_every_steps=3", "checkpoint.every_steps=5",

@@ -535,7 +535,8 @@ def stubbed(tmp_path_factory) -> dict:
 
 def launched(records: list[dict]) -> list[dict]:
     """What the step's tasks exec'd (the launchers or the ranks), in task order."""
-    return sorted((r for r in records if r["cmd"] in ("accelerate", "python")), key=lambda r: int(r["env"]["SLURM_PROCID"]))
+    tasks = [r for r in records if r["cmd"] in ("accelerate", "python")]
+    return sorted(tasks, key=lambda r: int(r["env"]["SLURM_PROCID"]))
 
 
 def srun_options(records: list[dict]) -> dict:
@@ -589,9 +590,9 @@ def test_multi_node_script_runs_one_launcher_per_node_with_its_machine_rank(stub
     assert (ROOT / config).is_file()
     for node, launcher in enumerate(launchers):
         assert launcher["cmd"] == "accelerate" and launcher["usr1_ignored"], launcher
-        assert launcher["argv"] == ["launch", "--config_file", config, "--num_machines", "2", "--machine_rank", str(node),
-                                    "--num_processes", "8", "--main_process_ip", "node-a", "--main_process_port", PORT,
-                                    *TRAIN]
+        assert launcher["argv"] == ["launch", "--config_file", config, "--num_machines", "2",
+                                    "--machine_rank", str(node), "--num_processes", "8", "--main_process_ip", "node-a",
+                                    "--main_process_port", PORT, *TRAIN]
     assert_preempted_and_requeued(rc, out, records)
 
 
