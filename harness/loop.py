@@ -108,6 +108,8 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
         changes = restore(trainer, folder)
     elif cfg.run.init_from:
         initialize_from(trainer, cfg.run.init_from)
+        if trainer.ema is not None:
+            trainer.ema.reset_to_weights()  # the average starts from the weights it starts from
     # Opened only now, so a failed resume writes nothing. purge_step drops points the interrupted
     # process logged after its last checkpoint: the resumed run logs them again.
     trainer.trackers = Trackers(cfg.run_dir, cfg.run.log_with, enabled=accelerator.is_main_process,
