@@ -750,32 +750,21 @@ def main() -> int:
 
 
 def run(args, ctx: Context, all_figures: list[Figure], parser, command: str, when: str) -> int:
-    if args.soak is not None:
-        s = soak(ctx, args.soak, args.soak_timeout)
+    # The measurements apart from the figures: each writes <name>.json and <name>.md.
+    separate = [("soak", args.soak, lambda: soak(ctx, args.soak, args.soak_timeout), soak_markdown),
+                ("stops", args.stops, lambda: stops(ctx.work, ctx.logs, args.stops), stops_markdown),
+                ("around_step", args.around_step, lambda: around_step(ctx.work / "around", ctx.logs, args.around_step),
+                 around_step_markdown)]
+    for name, asked, measure, to_markdown in separate:
+        if asked is None:
+            continue
+        s = measure()
         s.update(command=command, when=when, machine=machine(), tree=tree())
-        write_json(RESULTS / "soak.json", s)
-        text = soak_markdown(s, command, when)
-        (RESULTS / "soak.md").write_text(text)
+        write_json(RESULTS / f"{name}.json", s)
+        text = to_markdown(s, command, when)
+        (RESULTS / f"{name}.md").write_text(text)
         print(text)
-        return 0 if s["ok"] == s["runs"] else 1
-
-    if args.stops is not None:
-        s = stops(ctx.work, ctx.logs, args.stops)
-        s.update(command=command, when=when, machine=machine(), tree=tree())
-        write_json(RESULTS / "stops.json", s)
-        text = stops_markdown(s, command, when)
-        (RESULTS / "stops.md").write_text(text)
-        print(text)
-        return 0
-
-    if args.around_step is not None:
-        s = around_step(ctx.work / "around", ctx.logs, args.around_step)
-        s.update(command=command, when=when, machine=machine(), tree=tree())
-        write_json(RESULTS / "around_step.json", s)
-        text = around_step_markdown(s, command, when)
-        (RESULTS / "around_step.md").write_text(text)
-        print(text)
-        return 0
+        return 0 if name != "soak" or s["ok"] == s["runs"] else 1
 
     selected = all_figures
     if args.only:
