@@ -48,11 +48,18 @@ KINDS = {
 }
 
 
+# On 2 ranks: an epoch kind, a step kind and one sized by the run's length; the others on one
+# process (the same loop: a 1-rank run's LR series is a 2-rank run's, tested below with plateau).
+TWO_RANKS = ("multistep", "cosine_restarts", "onecycle")
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_two_rank_lr_series_equals_the_stock_scheduler(kind, tmp_path):
+def test_the_lr_series_in_training_equals_the_stock_scheduler(kind, tmp_path):
     schedule, make, interval = KINDS[kind]
     run_dir = tmp_path / "run"
-    run_harness(RECIPE, as_overrides(run_dir, schedule))
+    two = kind in TWO_RANKS
+    run_harness(RECIPE, as_overrides(run_dir, schedule), nproc=2 if two else 1, launcher="accelerate" if two else "python")
+    assert read_json(run_dir / "metrics.json")["world_size"] == (2 if two else 1)
     expected = [row[0] for row in stock_series(make, [BASE_LR], SPE, EPOCHS, interval)]
     got = lr_series(run_dir, steps=False)
     assert len(got) == SPE * EPOCHS

@@ -22,6 +22,7 @@ RECIPE = ROOT / "recipes" / "breast_cancer_mlp.yaml"  # 15 steps an epoch on 1 p
 LOGGED = ["train.epochs=20", "train.log_every_steps=1", "checkpoint.every_steps=100", "checkpoint.every_epochs=null",
           "run.log_with=[tensorboard,jsonl,mlflow,wandb]"]
 KILL_AT_STEP = 290
+PROFILE = ["train.profile.wait=2", "train.profile.warmup=1", "train.profile.active=3"]
 # MLflow's default here: the run folder's own file store; W&B offline, its files in the run folder.
 ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": ""}
 
@@ -43,13 +44,16 @@ def series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("trackers")
     straight, resumed = base / "straight", base / "resumed"
-    run_harness(RECIPE, [f"run.output_dir={straight}", *LOGGED], nproc=1, launcher="python", env=subprocess_env(**ENV))
+    # The straight run is profiled too (train.profile changes nothing a step computes).
+    first = run_harness(RECIPE, [f"run.output_dir={straight}", *LOGGED, *PROFILE], nproc=1, launcher="python",
+                        env=subprocess_env(**ENV))
     killed = run_harness(RECIPE, [f"run.output_dir={resumed}", *LOGGED], nproc=1, launcher="python", check=False,
                          env=subprocess_env(HARNESS_TEST_KILL_AT_STEP=str(KILL_AT_STEP), **ENV))
     assert killed.returncode != 0
     steps_left_by_the_killed_process = max(r["step"] for r in records(resumed))
     run_harness(RECIPE, [f"run.output_dir={resumed}", *LOGGED], nproc=1, launcher="python", env=subprocess_env(**ENV))
-    return {"straight": straight, "resumed": resumed, "killed_last_step": steps_left_by_the_killed_process}
+    return {"straight": straight, "resumed": resumed, "killed_last_step": steps_left_by_the_killed_process,
+            "straight_output": first.stdout + first.stderr}
 
 
 def test_jsonl_holds_the_same_series_as_tensorboard(runs):
@@ -172,11 +176,9 @@ def test_only_the_trackers_asked_for_write(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_the_profiler_traces_the_steps_it_was_asked_for(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_harness(RECIPE, [f"run.output_dir={run_dir}", "train.epochs=1", "train.profile.wait=2",
-                                "train.profile.warmup=1", "train.profile.active=3"], nproc=1, launcher="python")
-    assert f"profiling optimizer steps 4-6 of this process into {run_dir / 'profile'}" in proc.stdout + proc.stderr
+def test_the_profiler_traces_the_steps_it_was_asked_for(runs):
+    run_dir = runs["straight"]
+    assert f"profiling optimizer steps 4-6 of this process into {run_dir / 'profile'}" in runs["straight_output"]
     traces = list((run_dir / "profile").glob("rank0.*.pt.trace.json"))
     assert len(traces) == 1
     events = json.loads(traces[0].read_text())["traceEvents"]
