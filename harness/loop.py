@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,7 +31,7 @@ from harness.resume import choose_checkpoint, initialize_from, record_changes, r
 from harness.run_files import log_epoch, log_start, write_end_files, write_run_files
 from harness.run_lock import lock_run_folder
 from harness.schedules import build_schedule, Horizon
-from harness.snapshot import save_checkpoint
+from harness.snapshot import SavePolicy, save_checkpoint
 from harness.tracking import flatten, Trackers
 from harness.distributed import (all_reduce_sum, any_rank, check_lrs_agree, launcher_pid, lost_rank_error,
                                  make_accelerator, shutdown_process_group, warn_if_ranks_lost)
@@ -108,8 +107,6 @@ def build_trainer(cfg: Config, given: Optional[GivenComponents] = None) -> Train
         changes = restore(trainer, folder)
     elif cfg.run.init_from:
         initialize_from(trainer, cfg.run.init_from)
-        if trainer.ema is not None:
-            trainer.ema.reset_to_weights()  # the average starts from the weights it starts from
     # Opened only now, so a failed resume writes nothing. purge_step drops points the interrupted
     # process logged after its last checkpoint: the resumed run logs them again.
     trainer.trackers = Trackers(cfg.run_dir, cfg.run.log_with, enabled=accelerator.is_main_process,
@@ -360,31 +357,6 @@ def train(cfg: Config, given: Optional[GivenComponents] = None) -> dict:
     if not faults.KEEP_PROCESS_GROUP:
         shutdown_process_group()
     return summary
-
-
-@dataclass(frozen=True)
-class SavePolicy:
-    """When a checkpoint is due: the decision, apart from the loop that acts on it (and testable
-    without a run). Returns the reason recorded in trainer.json, or None."""
-
-    every_steps: Optional[int]
-    every_epochs: Optional[int]
-    epochs: int
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "SavePolicy":
-        return cls(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs)
-
-    def after_step(self, step: int, epoch_done: bool) -> Optional[str]:
-        # At an epoch's last step the epoch-end save below covers it (after the validation).
-        if self.every_steps and step % self.every_steps == 0 and not epoch_done:
-            return "every_steps"
-        return None
-
-    def after_epoch(self, epoch: int, step: int, stopping: bool) -> Optional[str]:
-        due = (self.every_epochs and epoch % self.every_epochs == 0) or epoch == self.epochs or stopping or (
-            self.every_steps and step % self.every_steps == 0)
-        return "epoch_end" if due else None
 
 
 def fit(trainer: Trainer) -> dict:

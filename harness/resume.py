@@ -280,6 +280,8 @@ def initialize_from(trainer, path: str) -> Path:
             raise ckpt.CheckpointError(f"{folder}: run.init_optimizer: cannot load the optimizer state: {exc}") \
                 from None
     trainer.state.init_from = str(folder)
+    if trainer.ema is not None:
+        trainer.ema.reset_to_weights()  # train.ema: the average starts from the weights the run starts from
     if trainer.is_main:
         logger.info("initialized from %s (weights%s); schedule and counters start fresh", folder,
                     " and optimizer state" if trainer.cfg.run.init_optimizer else "")

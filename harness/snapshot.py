@@ -1,12 +1,13 @@
 """Saving a checkpoint: the log sums reduced over the ranks, a snapshot of every part of
 :data:`harness.parts.PARTS`, written through the checkpoint store (atomic folder, manifest),
-synchronously or in the background."""
+synchronously or in the background; and when one is due (SavePolicy)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -113,3 +114,28 @@ class CheckpointSnapshot:
             else:
                 ckpt.save_tensors(content, path, self.aliases.get(name))
             counter.wrote(path)
+
+
+@dataclass(frozen=True)
+class SavePolicy:
+    """When a checkpoint is due: the decision, apart from the loop that acts on it (and testable
+    without a run). Returns the reason recorded in trainer.json, or None."""
+
+    every_steps: Optional[int]
+    every_epochs: Optional[int]
+    epochs: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "SavePolicy":
+        return cls(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs)
+
+    def after_step(self, step: int, epoch_done: bool) -> Optional[str]:
+        # At an epoch's last step the epoch-end save below covers it (after the validation).
+        if self.every_steps and step % self.every_steps == 0 and not epoch_done:
+            return "every_steps"
+        return None
+
+    def after_epoch(self, epoch: int, step: int, stopping: bool) -> Optional[str]:
+        due = (self.every_epochs and epoch % self.every_epochs == 0) or epoch == self.epochs or stopping or (
+            self.every_steps and step % self.every_steps == 0)
+        return "epoch_end" if due else None

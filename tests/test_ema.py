@@ -174,3 +174,17 @@ def test_fsdp2_shards_the_average_like_the_parameters_and_resumes_it_bitwise(pro
     run_harness(project / "recipe.yaml", overrides, nproc=2)
     assert_bitwise_equal(weights(straight), weights(resumed))
     assert_bitwise_equal(load_file(straight / "final" / "ema.safetensors"), load_file(resumed / "final" / "ema.safetensors"))
+
+
+def test_a_run_initialized_from_another_averages_from_the_weights_it_starts_from(project, straight, tmp_path):
+    run_dir = tmp_path / "init"
+    run_harness(project / "recipe.yaml", [f"run.output_dir={run_dir}", f"run.init_from={straight}",
+                                          "train.max_steps=1", "train.ema.start_step=0", "train.ema.every_steps=1",
+                                          "train.ema.decay=0.5"],
+                nproc=1, launcher="python")
+    started_from, after_one_step = weights(straight), weights(run_dir)
+    ema = load_file(run_dir / "final" / "ema.safetensors")
+    for name in ema:
+        if name.startswith("norm.running") or name.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(ema[name], torch.lerp(started_from[name], after_one_step[name], 0.5)), name
