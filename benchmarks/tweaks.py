@@ -18,10 +18,10 @@ import contextlib
 
 
 def no_logging(trainer) -> bool:
-    from harness.tracking import TensorBoardLog
+    from harness.tracking import Trackers
 
     trainer.trackers.close()
-    trainer.trackers = TensorBoardLog(trainer.run_dir, enabled=False)
+    trainer.trackers = Trackers(trainer.run_dir, [], enabled=False)
     return True
 
 
