@@ -562,8 +562,7 @@ def finish(trainer: Trainer) -> dict:
     check_lrs_agree(trainer.accelerator, torch.tensor([list(summary["final_lrs"].values())]), trainer.group_names,
                     state.epoch, "end of epoch")
     write_end_files(trainer, summary)
-    trainer.trackers.hparams(flatten(to_plain_dict(trainer.cfg)),
-                             {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)}, state.step)
+    trainer.trackers.hparams({f"hparam/{k}": v for k, v in summary.items() if isinstance(v, float)}, state.step)
     trainer.trackers.finished()
     if trainer.is_main:
         parts = [f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float) and k != "best_monitored"]

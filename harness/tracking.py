@@ -276,49 +276,46 @@ class Trackers:
 
     def __init__(self, run_dir: Path, names: list[str], enabled: bool, purge_step: Optional[int] = None,
                  run_name: str = "run", flat_config: Optional[dict] = None):
-        self.loggers = []
+        self.loggers, self.flat_config = [], flat_config or {}
         try:
             for name in names:
-                self.loggers.append(TRACKERS[name](Path(run_dir), enabled, purge_step, run_name, flat_config or {}))
+                self.loggers.append(TRACKERS[name](Path(run_dir), enabled, purge_step, run_name, self.flat_config))
         except TrackerStartError as exc:
             self.close()
             raise ConfigError(f"run.log_with: {name} could not start, nothing was trained: {exc}") from None
 
+    def _each(self, method: str, *args) -> None:
+        for logger in self.loggers:
+            call = getattr(logger, method, None)  # checkpointed/finished: only trackers that hold points
+            if call is not None:
+                call(*args)
+
     def checkpointed(self, step: int) -> None:
         """A checkpoint at ``step`` is saved: trackers that hold points until then send them."""
-        for logger in self.loggers:
-            if hasattr(logger, "checkpointed"):
-                logger.checkpointed(step)
+        self._each("checkpointed", step)
 
     def finished(self) -> None:
         """The run is complete: everything logged may be sent."""
-        for logger in self.loggers:
-            if hasattr(logger, "finished"):
-                logger.finished()
+        self._each("finished")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for logger in self.loggers:
-            logger.scalars(step, values)
+        self._each("scalars", step, values)
 
     def lr_series(self, first_step: int, group_names: list[str], lrs: list[list[float]]) -> None:
-        for logger in self.loggers:
-            logger.lr_series(first_step, group_names, lrs)
+        self._each("lr_series", first_step, group_names, lrs)
 
-    def hparams(self, flat_config: dict, metrics: dict[str, float], step: int) -> None:
-        for logger in self.loggers:
-            logger.hparams(flat_config, metrics, step)
+    def hparams(self, metrics: dict[str, float], step: int) -> None:
+        """The run's metrics against its recipe (the flattened recipe given at the start)."""
+        self._each("hparams", self.flat_config, metrics, step)
 
     def text(self, step: int, tag: str, markdown: str) -> None:
-        for logger in self.loggers:
-            logger.text(step, tag, markdown)
+        self._each("text", step, tag, markdown)
 
     def flush(self) -> None:
-        for logger in self.loggers:
-            logger.flush()
+        self._each("flush")
 
     def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()
+        self._each("close")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
