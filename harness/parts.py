@@ -96,15 +96,21 @@ class Part:
 
 
 def _save_model(s: Saving) -> Files:
+    return _state_files(s, "model", s.trainer.raw_model.state_dict())
+
+
+def _state_files(s: Saving, part: str, state: dict) -> Files:
+    """A state dict as ``<part>.safetensors`` (rank 0), or under FSDP2 as each rank's rows in
+    ``<part>-rank-<r>.safetensors`` with the layout for sharding.json."""
     if not s.strategy.writes_state(s.rank):
         return Files()
-    tensors, layout = s.strategy.rows_to_save(s.trainer.raw_model.state_dict(), s.rank, s.world)
+    tensors, layout = s.strategy.rows_to_save(state, s.rank, s.world)
     if layout is not None:
-        s.layouts["model"] = layout
+        s.layouts[part] = layout
     # Tied weights once (before staging, which would copy them apart); their names in the metadata.
     tensors, aliases = sharding.saved_once(tensors)
-    name = f"model-rank-{s.rank}.safetensors" if layout is not None else "model.safetensors"
-    tensors = s.stage(tensors, "model/")
+    name = f"{part}-rank-{s.rank}.safetensors" if layout is not None else f"{part}.safetensors"
+    tensors = s.stage(tensors, f"{part}/")
     return Files(rank={name: tensors}, aliases={name: aliases}) if layout is not None else \
         Files(run={name: tensors}, aliases={name: aliases})
 
@@ -114,15 +120,7 @@ def _load_model(r: Loading) -> None:
 
 
 def _save_ema(s: Saving) -> Files:
-    ema = s.trainer.ema
-    if ema is None or not s.strategy.writes_state(s.rank):
-        return Files()
-    tensors, layout = s.strategy.rows_to_save(ema.state(), s.rank, s.world)
-    tensors = s.stage(tensors, "ema/")
-    if layout is not None:
-        s.layouts["ema"] = layout
-        return Files(rank={f"ema-rank-{s.rank}.safetensors": tensors})
-    return Files(run={"ema.safetensors": tensors})
+    return Files() if s.trainer.ema is None else _state_files(s, "ema", s.trainer.ema.state())
 
 
 def _load_ema(r: Loading) -> None:
