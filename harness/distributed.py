@@ -236,10 +236,15 @@ def raise_if_lrs_differ(gathered: torch.Tensor, group_names: list[str], first_st
         )
 
 
+_LEFT_PROCESS_GROUP = False
+
+
 def shutdown_process_group(timeout_s: float = 30.0, exit_code: int = 0) -> None:
     """Leave the process group without hanging: gloo's destroy has been seen to hang at exit."""
+    global _LEFT_PROCESS_GROUP
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
+    _LEFT_PROCESS_GROUP = True
     done = threading.Event()
 
     def _destroy() -> None:
@@ -255,3 +260,23 @@ def shutdown_process_group(timeout_s: float = 30.0, exit_code: int = 0) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
+
+
+def end_rank_process(exit_code: int) -> int:
+    """The last thing a ``harness`` command does: after a process group, end the process without
+    Python's finalization. gloo's worker threads outlive destroy_process_group (the DDP wrapper
+    still holds the group) and destroy a finished collective's work when they get to it; when that
+    lands during finalization, the thread needs the GIL for the work's Python-made tensors, is
+    ended by the interpreter mid-destructor and the process aborts (SIGABRT, "terminate called
+    without an active exception"; seen under load, on the rank that exits last). Everything of
+    ours is closed by now: logs and trackers flushed, checkpoints committed. Without a process
+    group, returns ``exit_code`` for a normal exit."""
+    if not _LEFT_PROCESS_GROUP and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return exit_code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(exit_code)
