@@ -4,7 +4,8 @@ Launched exactly like ``python -m harness`` (``accelerate launch ... -m benchmar
 Before handing over to ``harness.cli.main`` it registers torch's global optimizer-step hook; each
 rank writes ``rank-<r>.json`` into ``$BENCH_PROBE_DIR`` with the wall-clock time of its first
 optimizer step (written at once, so a later hang does not lose it), every step's perf_counter,
-and a few start-up milestones. ``$BENCH_TWEAKS`` (comma-separated names from benchmarks.tweaks)
+and a few start-up milestones (a worker restarted by torchrun's elastic agent writes
+``rank-<r>-restart-<n>.json`` and ``first-step-rank-<r>-restart-<n>.json``). ``$BENCH_TWEAKS`` (comma-separated names from benchmarks.tweaks)
 applies ablations to the built trainer. The ``import torch`` here only moves the import the
 harness does anyway before its first step.
 """
@@ -22,6 +23,8 @@ import sys  # noqa: E402
 def main() -> int:
     out_dir = os.environ.get("BENCH_PROBE_DIR")
     rank = os.environ.get("RANK", "0")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    name = rank if restart == "0" else f"{rank}-restart-{restart}"  # a restarted worker: files of its own
     from benchmarks.common import StepClock, write_json
 
     milestones = {"probe_started": STARTED}
@@ -29,7 +32,7 @@ def main() -> int:
 
     def first_step_written(optimizer, args, kwargs):
         if len(clock.perf) == 1 and out_dir:
-            write_json(os.path.join(out_dir, f"first-step-rank-{rank}.json"), {"first_step": clock.wall[0]})
+            write_json(os.path.join(out_dir, f"first-step-rank-{name}.json"), {"first_step": clock.wall[0]})
 
     clock.install()
     milestones["torch_imported"] = time.time()
@@ -49,8 +52,8 @@ def main() -> int:
 
     def record(rc):
         if out_dir:
-            write_json(os.path.join(out_dir, f"rank-{rank}.json"),
-                       {"rank": int(rank), "rc": rc, "milestones": milestones, "perf": clock.perf,
+            write_json(os.path.join(out_dir, f"rank-{name}.json"),
+                       {"rank": int(rank), "restart": int(restart), "rc": rc, "milestones": milestones, "perf": clock.perf,
                         "tweaks_applied": tweak.applied,
                         "first_step": clock.wall[0] if clock.wall else None})
 

@@ -7,6 +7,7 @@
     .venv/bin/python scripts/bench.py --soak 50       # 50 clean starts and exits of a 2-rank run
     .venv/bin/python scripts/bench.py --stops 5       # seconds from a signal / a launcher's death to the stop
     .venv/bin/python scripts/bench.py --around-step 2 # train.compile and activation checkpointing, 2 rounds
+    .venv/bin/python scripts/bench.py --multi-node 3  # 2 nodes vs 1 node, elastic restart (root: ip netns)
 
 Harness and baseline alternate within every round (the order flips or rotates from round to
 round), so a noisy shared machine slows both; the table gives the median of the per-round
@@ -37,6 +38,7 @@ from benchmarks.common import BREAST_CANCER, NO_CHECKPOINTS, loadavg, rates, sub
 from benchmarks.launch import baseline_command, harness_command, launch  # noqa: E402
 from benchmarks.stops import stops, stops_markdown  # noqa: E402
 from benchmarks.around_step import around_step, around_step_markdown  # noqa: E402
+from benchmarks.multi_node import multi_node, multi_node_markdown  # noqa: E402
 
 RESULTS = ROOT / "bench-results"
 HUGE = 1_000_000_000
@@ -730,6 +732,8 @@ def main() -> int:
                         help="stop a run N times each way (SIGTERM on 1 and 2 ranks, launcher SIGKILLed)")
     parser.add_argument("--around-step", type=int, default=None, metavar="N",
                         help="N rounds of train.compile (steps/s, compile time) and activation checkpointing (peak memory)")
+    parser.add_argument("--multi-node", type=int, default=None, metavar="N",
+                        help="N rounds on two network-namespace hosts: 2 nodes vs 1 node steps/s, elastic restart time")
     parser.add_argument("--list", action="store_true", help="list figure names and exit")
     args = parser.parse_args()
     all_figures = figures()
@@ -754,7 +758,9 @@ def run(args, ctx: Context, all_figures: list[Figure], parser, command: str, whe
     separate = [("soak", args.soak, lambda: soak(ctx, args.soak, args.soak_timeout), soak_markdown),
                 ("stops", args.stops, lambda: stops(ctx.work, ctx.logs, args.stops), stops_markdown),
                 ("around_step", args.around_step, lambda: around_step(ctx.work / "around", ctx.logs, args.around_step),
-                 around_step_markdown)]
+                 around_step_markdown),
+                ("multi_node", args.multi_node, lambda: multi_node(ctx.work / "multi_node", ctx.logs, args.multi_node),
+                 multi_node_markdown)]
     for name, asked, measure, to_markdown in separate:
         if asked is None:
             continue

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start, stop and inspect a one-node SLURM cluster on 127.0.0.1, for tests of
-# the harness's SLURM support (preemption via USR1, requeue, resume).
+# Start, stop and inspect a SLURM cluster on this machine, for tests of the
+# harness's SLURM support (preemption via USR1, requeue, resume): one node on
+# 127.0.0.1, or two nodes, each a network namespace of its own.
 #
 # Usage: scripts/slurm_local.sh up|down|status|env
 #
@@ -22,6 +23,14 @@
 #                       fit at once even on a 2-core machine).
 #   HARNESS_SLURM_PORT  slurmctld port; slurmd uses PORT+1 (default 6817).
 #                       Two clusters at once need different ports.
+#   HARNESS_SLURM_NODES 1 (default) or 2. Two nodes, node1 and node2: each
+#                       slurmd runs in a network namespace of its own
+#                       (hs<PORT>n1, hs<PORT>n2, with their own host name and
+#                       /etc/netns/<namespace>/hosts), joined to slurmctld by
+#                       a bridge (hsbr<PORT>, 10.214.<PORT % 250>.254/24; the
+#                       nodes are .1 and .2). Jobs on a node run inside its
+#                       namespace, so ranks on two nodes talk over that bridge.
+#                       Root only. `down` removes the namespaces and the bridge.
 #
 # Known to work on Debian 12 (Slurm 22.05, munge 0.5.15), as root, without
 # systemd. See /work/shared/SLURM_NOTES.md for why each setting is there.
@@ -36,6 +45,17 @@ SLURMD_PORT=$((CTLD_PORT + 1))
 # name for both; addresses are pinned to 127.0.0.1 so no DNS is involved.
 NODE="$(hostname -s 2>/dev/null || uname -n)"
 NODE="${NODE%%.*}"
+NODE_COUNT="${HARNESS_SLURM_NODES:-1}"
+if [[ "$NODE_COUNT" == 1 ]]; then
+    NODE_NAMES=("$NODE")
+    CTLD_ADDR=127.0.0.1
+else
+    [[ "$NODE_COUNT" == 2 ]] || { echo "[slurm_local] ERROR: HARNESS_SLURM_NODES must be 1 or 2, not '$NODE_COUNT'" >&2; exit 2; }
+    NODE_NAMES=(node1 node2)
+    SUBNET="10.214.$((CTLD_PORT % 250))"
+    CTLD_ADDR="$SUBNET.254"
+    BRIDGE="hsbr$CTLD_PORT"
+fi
 
 CONF="$DIR/slurm.conf"
 MUNGE_DIR="$DIR/munge"
@@ -58,6 +78,13 @@ die() { log "ERROR: $*"; exit 1; }
 
 pidfile() { printf '%s/%s.pid' "$PID_DIR" "$1"; }
 
+# The key (pid file name) of node $1's slurmd: slurmd alone, or slurmd-<node>
+# (slurm.conf's %n) when there are two.
+slurmd_key() { if [[ "$NODE_COUNT" == 1 ]]; then printf slurmd; else printf 'slurmd-%s' "$1"; fi; }
+slurmd_keys() { local n; for n in "${NODE_NAMES[@]}"; do slurmd_key "$n"; echo; done; }
+# The network namespace of node $1 (two-node clusters).
+netns_of() { printf 'hs%sn%s' "$CTLD_PORT" "${1#node}"; }
+
 # Pid of daemon $1 if its pid file names a live process of that name, else
 # nothing. Checking the name guards against a stale pid file whose pid has
 # been reused by an unrelated process, which we must never signal.
@@ -68,7 +95,7 @@ daemon_pid() {
     pid="$(tr -dc '0-9' <"$f")"
     [[ -n "$pid" ]] || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || return 1
-    [[ "$comm" == "$1" ]] || return 1
+    [[ "$comm" == "${1%%-*}" ]] || return 1
     alive "$pid" || return 1
     printf '%s' "$pid"
 }
@@ -85,39 +112,119 @@ alive() {
 
 running() { daemon_pid "$1" >/dev/null; }
 
-# State of our node as sinfo reports it (idle, mixed, allocated, down*, ...),
+# State of node $1 as sinfo reports it (idle, mixed, allocated, down*, ...),
 # or nothing if slurmctld does not answer.
 node_state() {
-    sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -n1 || true
+    sinfo -h -n "$1" -o '%T' 2>/dev/null | head -n1 || true
 }
 
-# A node that answers and can run jobs. A trailing '*' means "not
+# Every node answers and can run jobs. A trailing '*' means "not
 # responding"; drain/down/unknown mean jobs would never start.
 node_healthy() {
-    [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]
+    local n
+    for n in "${NODE_NAMES[@]}"; do
+        [[ "$(node_state "$n")" =~ ^(idle|mixed|allocated|completing)$ ]] || return 1
+    done
 }
 
-# True once the slurmd we started at epoch $1 has registered with slurmctld.
+# True once every slurmd we started at epoch $1 has registered with slurmctld.
 # A restarted slurmctld restores the node as idle from its saved state before
 # any slurmd has spoken to it, so "idle" alone does not prove slurmd is
 # listening. SlurmdStartTime is only updated by a registration.
 slurmd_registered() {
     [[ -z "$1" ]] && return 0
-    local t
-    t="$(scontrol show node "$NODE" 2>/dev/null |
-        sed -n 's/.*SlurmdStartTime=\([0-9T:-]*\).*/\1/p')"
-    [[ -n "$t" ]] && t="$(date -d "$t" +%s 2>/dev/null)" && ((t >= $1))
+    local t n
+    for n in "${NODE_NAMES[@]}"; do
+        t="$(scontrol show node "$n" 2>/dev/null |
+            sed -n 's/.*SlurmdStartTime=\([0-9T:-]*\).*/\1/p')"
+        [[ -n "$t" ]] && t="$(date -d "$t" +%s 2>/dev/null)" && ((t >= $1)) || return 1
+    done
+}
+
+all_slurmds_running() {
+    local k
+    for k in $(slurmd_keys); do running "$k" || return 1; done
+}
+
+any_slurmd_running() {
+    local k
+    for k in $(slurmd_keys); do running "$k" && return 0; done
+    return 1
+}
+
+nodes_summary() {
+    local n out=()
+    for n in "${NODE_NAMES[@]}"; do out+=("$n $(node_state "$n")"); done
+    printf '%s' "${out[*]}"
 }
 
 healthy() {
-    running munged && running slurmctld && running slurmd && node_healthy
+    running munged && running slurmctld && all_slurmds_running && node_healthy && net_healthy
+}
+
+# Two-node clusters: the bridge and each node's namespace, its link and hosts
+# file. Idempotent; nothing to do for one node.
+net_up() {
+    [[ "$NODE_COUNT" == 1 ]] && return 0
+    [[ "$(id -u)" == 0 ]] || die "two nodes need root (ip netns)"
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "$BRIDGE" type bridge
+        ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+    fi
+    ip link set "$BRIDGE" up
+    local i ns
+    for i in 1 2; do
+        ns="$(netns_of "node$i")"
+        if [[ ! -e "/run/netns/$ns" ]]; then
+            ip netns add "$ns"
+            ip link add "hsv${CTLD_PORT}n$i" type veth peer name hseth netns "$ns"
+            ip link set "hsv${CTLD_PORT}n$i" master "$BRIDGE" up
+            ip -n "$ns" addr add "$SUBNET.$i/24" dev hseth
+            ip -n "$ns" link set hseth up
+            ip -n "$ns" link set lo up
+        fi
+        # Bound over /etc/hosts for the node's slurmd and its jobs (and by
+        # `ip netns exec`): the node names resolve, the machine's name to slurmctld.
+        mkdir -p "/etc/netns/$ns"
+        printf '127.0.0.1 localhost\n%s.1 node1\n%s.2 node2\n%s %s\n' \
+            "$SUBNET" "$SUBNET" "$CTLD_ADDR" "$NODE" >"/etc/netns/$ns/hosts"
+    done
+}
+
+net_healthy() {
+    [[ "$NODE_COUNT" == 1 ]] && return 0
+    ip link show "$BRIDGE" >/dev/null 2>&1 && [[ -e "/run/netns/$(netns_of node1)" && -e "/run/netns/$(netns_of node2)" ]]
+}
+
+# Whatever a two-node bring-up on this port made (also when `down` is called
+# without HARNESS_SLURM_NODES=2).
+net_down() {
+    local ns
+    for ns in "$(netns_of node1)" "$(netns_of node2)"; do
+        if [[ -e "/run/netns/$ns" ]]; then
+            ip netns delete "$ns" 2>/dev/null || true  # takes its end of the veth pair, and so the other
+        fi
+        rm -rf "/etc/netns/$ns"
+    done
+    if ip link show "hsbr$CTLD_PORT" >/dev/null 2>&1; then
+        ip link delete "hsbr$CTLD_PORT" 2>/dev/null || true
+    fi
+}
+
+# The slurmd pid files there are (one node's, or two), for `down`.
+slurmd_keys_found() {
+    local f
+    for f in "$PID_DIR"/slurmd.pid "$PID_DIR"/slurmd-*.pid; do
+        [[ -e "$f" ]] && basename "$f" .pid
+    done
 }
 
 # Bring-up failed: show the logs, stop whatever of this cluster runs (so no
 # half-started daemon is left behind holding ports), and exit 1.
 fail_up() {
     log_tails
-    stop_daemons slurmd slurmctld munged
+    stop_daemons $(slurmd_keys) slurmctld munged
+    net_down
     die "$*"
 }
 
@@ -152,15 +259,22 @@ install_packages() {
 }
 
 write_conf() {
-    local mem_mb tmp
+    local mem_mb tmp node_lines="" spool_suffix="" n i=0
     # Advertise (most of) the real memory so jobs that pass --mem can start;
     # memory is not a consumable resource here (CR_Core), only a ceiling.
     mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
+    for n in "${NODE_NAMES[@]}"; do
+        i=$((i + 1))
+        node_lines+="NodeName=$n NodeAddr=$([[ "$NODE_COUNT" == 1 ]] && echo 127.0.0.1 || echo "$SUBNET.$i")"
+        node_lines+=" CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb State=UNKNOWN"$'\n'
+    done
+    node_lines="${node_lines%$'\n'}"
+    [[ "$NODE_COUNT" == 1 ]] || spool_suffix=/%n
     tmp="$CONF.tmp.$$"
     cat >"$tmp" <<EOF
 # Written by scripts/slurm_local.sh; regenerated on every bring-up.
 ClusterName=harness
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE($CTLD_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -198,17 +312,17 @@ SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool$spool_suffix
 SlurmctldPidFile=$(pidfile slurmctld)
-SlurmdPidFile=$(pidfile slurmd)
+SlurmdPidFile=$(pidfile "$(slurmd_key %n)")
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/$(slurmd_key %n).log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig=$DIR/plugstack.conf
 
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=debug Nodes=$(IFS=,; echo "${NODE_NAMES[*]}") Default=YES MaxTime=INFINITE State=UP
 EOF
     mv -f "$tmp" "$CONF"
     # Empty plugin stack: do not pick up the system's /etc/slurm plugins.
@@ -245,11 +359,27 @@ start_slurmctld() {
         fail_up "slurmctld failed to start; logs in $LOG_DIR"
 }
 
+# slurmd of node $1; of a two-node cluster inside the node's namespace, with
+# the node's name as its host name (unshare --uts), so that a job's processes
+# resolve their own name to their own address.
 start_slurmd() {
-    running slurmd && return 0
-    setsid -w slurmd -f "$CONF" -N "$NODE" \
-        </dev/null >>"$LOG_DIR/slurmd.out" 2>&1 9>&- ||
-        fail_up "slurmd failed to start; logs in $LOG_DIR"
+    local key
+    key="$(slurmd_key "$1")"
+    running "$key" && return 0
+    if [[ "$NODE_COUNT" == 1 ]]; then
+        setsid -w slurmd -f "$CONF" -N "$1" \
+            </dev/null >>"$LOG_DIR/slurmd.out" 2>&1 9>&- ||
+            fail_up "slurmd failed to start; logs in $LOG_DIR"
+    else
+        mkdir -p "$DIR/spool/$1"
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup
+        # mounts slurmd needs. Its own mount namespace for the hosts file.
+        setsid -w nsenter --net="/run/netns/$(netns_of "$1")" unshare --uts --mount --propagation private \
+            sh -c 'mount --bind "$3" /etc/hosts && hostname "$1" && exec slurmd -f "$2" -N "$1"' \
+            sh "$1" "$CONF" "/etc/netns/$(netns_of "$1")/hosts" \
+            </dev/null >>"$LOG_DIR/$key.out" 2>&1 9>&- ||
+            fail_up "slurmd of $1 failed to start; logs in $LOG_DIR"
+    fi
 }
 
 cmd_up() {
@@ -265,7 +395,7 @@ cmd_up() {
     flock -w 120 9 || die "timed out waiting for $DIR/.lock"
 
     if healthy; then
-        log "already up ($NODE: $(node_state))"
+        log "already up ($(nodes_summary))"
         print_env
         return 0
     fi
@@ -276,26 +406,27 @@ cmd_up() {
     local old=""
     [[ -f "$CONF" ]] && old="$(cat "$CONF")"
     write_conf
-    if [[ "$old" != "$(cat "$CONF")" ]] && { running slurmctld || running slurmd; }; then
+    if [[ "$old" != "$(cat "$CONF")" ]] && { running slurmctld || any_slurmd_running; }; then
         log "config changed: restarting slurm daemons"
-        stop_daemons slurmd slurmctld
+        stop_daemons $(slurmd_keys) slurmctld
     fi
 
     # Another cluster (or anything else) on our ports makes the daemons exit
     # at once with "Address already in use"; say so plainly.
     local port
     for port in "$CTLD_PORT" "$SLURMD_PORT"; do
-        if ! running slurmctld && ! running slurmd && port_busy "$port"; then
+        if ! running slurmctld && ! any_slurmd_running && port_busy "$port"; then
             die "port $port is in use by another process: set HARNESS_SLURM_PORT (ctld port; slurmd uses +1)"
         fi
     done
 
+    net_up
     start_munged
     start_slurmctld
-    local slurmd_started_after=""
-    if ! running slurmd; then
+    local slurmd_started_after="" n
+    if ! all_slurmds_running; then
         slurmd_started_after=$(date +%s)
-        start_slurmd
+        for n in "${NODE_NAMES[@]}"; do start_slurmd "$n"; done
     fi
 
     # Bounded wait for the node to register and become usable.
@@ -304,14 +435,14 @@ cmd_up() {
     until node_healthy && slurmd_registered "$slurmd_started_after"; do
         if (( $(date +%s) >= deadline )); then
             sinfo -N -l >&2 2>&1 || true
-            fail_up "node $NODE not idle after ${UP_TIMEOUT_S}s (state: '$(node_state)'); logs in $LOG_DIR"
+            fail_up "nodes not idle after ${UP_TIMEOUT_S}s ($(nodes_summary)); logs in $LOG_DIR"
         fi
-        for d in munged slurmctld slurmd; do
+        for d in munged slurmctld $(slurmd_keys); do
             running "$d" || fail_up "$d died during bring-up; logs in $LOG_DIR"
         done
         sleep 0.2
     done
-    log "up in $(elapsed "$t0")s: node $NODE $(node_state), $CPUS CPUs, dir $DIR"
+    log "up in $(elapsed "$t0")s: $(nodes_summary), $CPUS CPUs each, dir $DIR"
     print_env
 }
 
@@ -360,14 +491,15 @@ cmd_down() {
     # All three at once: none needs another to shut down. Each exits within
     # ~0.1 s of SIGTERM; it then stays a zombie until pid 1 reaps it (about
     # 2 s here), which alive() does not wait for.
-    stop_daemons slurmd slurmctld munged
+    stop_daemons $(slurmd_keys_found) slurmctld munged
+    net_down
     rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
     log "down in $(elapsed "$t0")s"
 }
 
 cmd_status() {
     local d pid rc=0
-    for d in munged slurmctld slurmd; do
+    for d in munged slurmctld $(slurmd_keys); do
         if pid="$(daemon_pid "$d")"; then
             printf '%-10s running (pid %s)\n' "$d" "$pid"
         else

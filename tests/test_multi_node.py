@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import psutil
 import pytest
 
 from tests.conftest import BIN, ROOT, assert_bitwise_equal, free_port, subprocess_env, weights
+from tests.hosts import ADDRESSES, Hosts, elastic_rendezvous, kill_node, static_rendezvous
 
 SLOW_MODEL = '''\
 import time
@@ -48,34 +48,6 @@ train: {epochs: 6, collective_timeout_s: 5}
 checkpoint: {every_steps: 10, keep_last: 100}
 """
 TIMEOUT_S = 5  # train.collective_timeout_s above
-ADDRESSES = ("10.213.0.1", "10.213.0.2")
-
-
-class Hosts:
-    """Two network namespaces, a veth pair between them."""
-
-    def __init__(self):
-        tag = f"{os.getpid() % 100000}"
-        self.names = (f"hn{tag}a", f"hn{tag}b")
-        self.links = (f"vh{tag}a", f"vh{tag}b")
-
-    def up(self) -> None:
-        a, b = self.names
-        commands = [["ip", "netns", "add", a], ["ip", "netns", "add", b],
-                    ["ip", "link", "add", self.links[0], "type", "veth", "peer", "name", self.links[1]]]
-        for name, link, address in zip(self.names, self.links, ADDRESSES):
-            commands += [["ip", "link", "set", link, "netns", name],
-                         ["ip", "-n", name, "addr", "add", f"{address}/24", "dev", link],
-                         ["ip", "-n", name, "link", "set", link, "up"], ["ip", "-n", name, "link", "set", "lo", "up"]]
-        for command in commands:
-            subprocess.run(command, check=True, capture_output=True, text=True)
-
-    def down(self) -> None:
-        for name in self.names:
-            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-
-    def cut(self, up: bool = False) -> None:
-        subprocess.run(["ip", "-n", self.names[1], "link", "set", self.links[1], "up" if up else "down"], check=True)
 
 
 @pytest.fixture(scope="module")
@@ -101,23 +73,17 @@ def project(tmp_path_factory) -> Path:
     return folder
 
 
-def node(hosts: Hosts, rank: int, project: Path, run_dir: Path, launch: list[str], *extra: str, env=None):
+def node(hosts: Hosts, rank: int, project: Path, run_dir: Path, launch: list[str], *extra: str):
     """One node: torchrun in namespace ``rank``, its ranks talking over that namespace's link."""
-    command = ["ip", "netns", "exec", hosts.names[rank], str(BIN / "torchrun"), *launch, "--nproc_per_node", "1",
-               "--local-addr", ADDRESSES[rank], "-m", "harness", "train", "recipe.yaml", f"run.output_dir={run_dir}",
-               *extra]
-    environment = subprocess_env(PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME=hosts.links[rank], **(env or {}))
-    return subprocess.Popen(command, cwd=project, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    command = hosts.torchrun(rank, BIN, launch, "-m", "harness", "train", "recipe.yaml", f"run.output_dir={run_dir}",
+                             *extra)
+    return subprocess.Popen(command, cwd=project, env=subprocess_env(PYTHONPATH=str(ROOT), **hosts.env(rank)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def static(rank: int, port: int) -> list[str]:
-    return ["--nnodes", "2", "--node_rank", str(rank), "--master_addr", ADDRESSES[0], "--master_port", str(port)]
-
-
-def two_nodes(hosts, project, run_dir, *extra, env=None) -> list[subprocess.Popen]:
+def two_nodes(hosts, project, run_dir, *extra) -> list[subprocess.Popen]:
     port = free_port()
-    return [node(hosts, rank, project, run_dir, static(rank, port), *extra, env=env) for rank in (0, 1)]
+    return [node(hosts, rank, project, run_dir, static_rendezvous(rank, port), *extra) for rank in (0, 1)]
 
 
 def finish(processes, timeout: float = 240) -> list[str]:
@@ -136,17 +102,6 @@ def wait_for(path: Path, processes, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def kill_node(process: subprocess.Popen) -> None:
-    """SIGKILL a node: its launcher and every process under it, at once."""
-    tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def straight(hosts, project, tmp_path_factory) -> Path:
     """An uninterrupted 2-node x 1-process run."""
@@ -156,16 +111,47 @@ def straight(hosts, project, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_two_nodes_of_one_process_train_bitwise_like_one_node_of_two(straight, project, tmp_path):
-    local = tmp_path / "local"
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "harness", "train",
-                           "recipe.yaml", f"run.output_dir={local}"], cwd=project, capture_output=True, text=True,
-                          env=subprocess_env(PYTHONPATH=str(ROOT)), timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def local_torchrun(project: Path, run_dir: Path, *launch: str, overrides=()) -> subprocess.Popen:
+    """torchrun on this host's loopback, 2 processes."""
+    return subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *launch, "-m", "harness",
+                             "train", "recipe.yaml", f"run.output_dir={run_dir}", *overrides], cwd=project,
+                            env=subprocess_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def local(project, tmp_path_factory) -> Path:
+    """The same run uninterrupted on 1 node x 2 processes."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    process = local_torchrun(project, run_dir)
+    out = finish([process])[0]
+    assert process.returncode == 0, out[-3000:]
+    return run_dir
+
+
+def test_two_nodes_of_one_process_train_bitwise_like_one_node_of_two(straight, local):
     assert_bitwise_equal(weights(straight), weights(local))
     # The global rank 0 alone wrote the run's files: one event file, one report per rank.
     assert len(list((straight / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (straight / "ranks").iterdir()) == ["rank-0.json", "rank-1.json"]
+
+
+def test_accelerate_launch_on_two_machines_trains_bitwise_like_one_node_of_two(hosts, project, local, tmp_path):
+    """``accelerate launch --num_machines 2 --machine_rank R``, one per host, the README's way."""
+    run_dir, port = tmp_path / "run", free_port()
+    nodes = []
+    for rank in (0, 1):
+        command = ["ip", "netns", "exec", hosts.names[rank], str(BIN / "accelerate"), "launch", "--config_file",
+                   str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--num_machines", "2", "--machine_rank",
+                   str(rank), "--num_processes", "2", "--main_process_ip", ADDRESSES[0], "--main_process_port",
+                   str(port), "-m", "harness", "train", "recipe.yaml", f"run.output_dir={run_dir}"]
+        nodes.append(subprocess.Popen(command, cwd=project, env=subprocess_env(PYTHONPATH=str(ROOT), **hosts.env(rank)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    outputs = finish(nodes)
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world size 2" in outputs[0], outputs[0][-3000:]
+    assert_bitwise_equal(weights(local), weights(run_dir))
 
 
 def test_a_network_cut_stops_every_rank_in_bounded_time_and_the_relaunch_resumes_bitwise(
@@ -217,10 +203,7 @@ def test_a_frozen_peer_is_detected_by_the_collective_timeout(hosts, project, tmp
 def test_an_elastic_restart_after_losing_a_node_resumes_on_the_survivor_by_itself(hosts, project, tmp_path):
     run_dir = tmp_path / "run"
     port = free_port()
-    elastic = ["--nnodes", "1:2", "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-               f"{ADDRESSES[0]}:{port}", "--rdzv-id", f"elastic-{port}"]
-    nodes = [node(hosts, rank, project, run_dir, [*elastic, "--rdzv-conf", f"is_host={int(rank == 0)},last_call_timeout=1"])
-             for rank in (0, 1)]
+    nodes = [node(hosts, rank, project, run_dir, elastic_rendezvous(rank, port)) for rank in (0, 1)]
     try:
         wait_for(run_dir / "checkpoints" / "step-000020", nodes)
         kill_node(nodes[1])
@@ -242,4 +225,57 @@ def test_an_elastic_restart_after_losing_a_node_resumes_on_the_survivor_by_itsel
                           cwd=project, capture_output=True, text=True, env=subprocess_env(PYTHONPATH=str(ROOT)),
                           timeout=240)
     assert proc.returncode == 0 and f"step {step}," in proc.stdout, proc.stderr[-3000:]
+    assert_bitwise_equal(weights(run_dir), weights(manual))
+
+
+def test_a_worker_killed_like_the_oom_killer_does_is_restarted_by_torchrun_and_resumes_exactly(
+        project, local, tmp_path):
+    """One node, ``torchrun --max-restarts 1``: rank 1's worker SIGKILLed (what the kernel's OOM killer
+    sends) after a checkpoint. Rank 0 stops on the lost peer, the agent restarts both, they resume
+    from the newest checkpoint by themselves, and the run ends bitwise like the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    launcher = local_torchrun(project, run_dir, "--max-restarts", "1")
+    try:
+        wait_for(run_dir / "checkpoints" / "step-000020", [launcher])
+        workers = psutil.Process(launcher.pid).children(recursive=True)
+        rank_1 = [w for w in workers if w.environ().get("RANK") == "1" and "harness" in " ".join(w.cmdline())]
+        assert len(rank_1) == 1, [(w.pid, w.cmdline()) for w in workers]
+        rank_1[0].kill()
+        out = finish([launcher])[0]
+    finally:
+        if launcher.poll() is None:
+            kill_node(launcher)
+    assert launcher.returncode == 0, out[-4000:]
+    assert len(re.findall(r"resumed from \S+step-(\d+): epoch \d+ of 6", out)) == 1, out[-4000:]
+    assert_bitwise_equal(weights(local), weights(run_dir))
+
+
+def test_a_node_that_joins_an_elastic_run_scales_it_up_at_a_checkpoint_and_training_goes_on_exactly(
+        hosts, project, tmp_path):
+    """``torchrun --nnodes 1:2``: the first node trains alone; when the second joins, the agent stops
+    its worker with SIGTERM (the harness saves at the next step and exits 75), and both resume
+    from that checkpoint as a world of 2, bitwise like a manual 2-process resume of it."""
+    run_dir = tmp_path / "run"
+    longer = "train.epochs=20"  # ~300 steps of 20 ms: the second node joins well before the end
+    port = free_port()
+    nodes = [node(hosts, 0, project, run_dir, elastic_rendezvous(0, port), longer)]
+    try:
+        wait_for(run_dir / "checkpoints" / "step-000020", nodes)
+        nodes.append(node(hosts, 1, project, run_dir, elastic_rendezvous(1, port), longer))
+        outputs = finish(nodes)
+    finally:
+        for process in nodes:
+            if process.poll() is None:
+                kill_node(process)
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-4000:] + outputs[1][-3000:]
+    resumed = re.findall(r"resumed from (\S+step-(\d+)): epoch \d+ of 20, step \d+", "".join(outputs))
+    assert len(resumed) == 1, outputs[0][-4000:] + outputs[1][-3000:]
+    folder = Path(resumed[0][0])
+    assert "World size changed: the checkpoint was written by 1 rank(s), this run has 2" in "".join(outputs)
+    manual = tmp_path / "manual"
+    (manual / "checkpoints").mkdir(parents=True)
+    shutil.copytree(folder, manual / "checkpoints" / folder.name)
+    process = local_torchrun(project, manual, overrides=[longer])
+    out = finish([process])[0]
+    assert process.returncode == 0 and f"step-{resumed[0][1]}: epoch" in out, out[-3000:]
     assert_bitwise_equal(weights(run_dir), weights(manual))
