@@ -81,8 +81,9 @@ def _elastic_restart(hosts: Hosts, work: Path, logs: Path, tag: str) -> dict:
     overrides = ["train.epochs=200", "checkpoint.every_steps=50", "train.collective_timeout_s=10"]
     port = free_port()
     files = [logs / f"multi_node-{tag}-node{rank}.log" for rank in (0, 1)]
+    env = {"BENCH_PROBE_DIR": str(probe_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see the README
     nodes = [_start(hosts.torchrun(rank, BIN, elastic_rendezvous(rank, port), *_probe(run_dir, overrides)),
-                    subprocess_env(BENCH_PROBE_DIR=str(probe_dir), **hosts.env(rank)), files[rank]) for rank in (0, 1)]
+                    subprocess_env(**env, **hosts.env(rank)), files[rank]) for rank in (0, 1)]
     try:
         deadline = time.monotonic() + 120
         while not list((run_dir / "checkpoints").glob("step-*")):

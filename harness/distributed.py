@@ -69,7 +69,23 @@ def make_accelerator(device: str, mixed_precision: Optional[str], find_unused_pa
     # that waits, instead of after torch's default of 30 minutes.
     handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s)))
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    if accelerator.is_main_process and restarts_share_the_agent_store(os.environ):
+        logger.warning("torchrun may restart these workers (--max-restarts %s) and shares its rendezvous store with "
+                       "them: a restarted worker can then read the previous attempt's addresses and fail to connect "
+                       "(pytorch/pytorch#135712). Launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+                       "environment.", os.environ["TORCHELASTIC_MAX_RESTARTS"])
     return accelerator
+
+
+def restarts_share_the_agent_store(env) -> bool:
+    """Under torchrun with restarts allowed, the workers use the agent's own store, which keeps one
+    attempt's keys into the next (torch's comment says a new store is made for every retry; with the
+    shared store it is not)."""
+    try:
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        return False
+    return restarts > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 # What a launcher's command line starts with: its console script (argv[0] or, after the

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.distributed import restarts_share_the_agent_store
 from tests.conftest import BIN, ROOT, assert_bitwise_equal, free_port, subprocess_env, weights
 from tests.hosts import ADDRESSES, Hosts, elastic_rendezvous, kill_node, static_rendezvous
 
@@ -48,6 +49,9 @@ train: {epochs: 6, collective_timeout_s: 5}
 checkpoint: {every_steps: 10, keep_last: 100}
 """
 TIMEOUT_S = 5  # train.collective_timeout_s above
+# For torchrun under --max-restarts: a restarted worker would otherwise read the previous attempt's
+# addresses from the agent's shared store (pytorch/pytorch#135712; the harness warns at start).
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,8 @@ def node(hosts: Hosts, rank: int, project: Path, run_dir: Path, launch: list[str
     """One node: torchrun in namespace ``rank``, its ranks talking over that namespace's link."""
     command = hosts.torchrun(rank, BIN, launch, "-m", "harness", "train", "recipe.yaml", f"run.output_dir={run_dir}",
                              *extra)
-    return subprocess.Popen(command, cwd=project, env=subprocess_env(PYTHONPATH=str(ROOT), **hosts.env(rank)),
+    return subprocess.Popen(command, cwd=project,
+                            env=subprocess_env(PYTHONPATH=str(ROOT), **hosts.env(rank), **NO_SHARED_STORE),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -115,8 +120,8 @@ def local_torchrun(project: Path, run_dir: Path, *launch: str, overrides=()) -> 
     """torchrun on this host's loopback, 2 processes."""
     return subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *launch, "-m", "harness",
                              "train", "recipe.yaml", f"run.output_dir={run_dir}", *overrides], cwd=project,
-                            env=subprocess_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            env=subprocess_env(PYTHONPATH=str(ROOT), **NO_SHARED_STORE), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +284,17 @@ def test_a_node_that_joins_an_elastic_run_scales_it_up_at_a_checkpoint_and_train
     out = finish([process])[0]
     assert process.returncode == 0 and f"step-{resumed[0][1]}: epoch" in out, out[-3000:]
     assert_bitwise_equal(weights(run_dir), weights(manual))
+
+
+@pytest.mark.parametrize("unshared", [False, True])
+def test_the_harness_tells_when_torchrun_restarts_share_the_agent_store(unshared):
+    """What torchrun --max-restarts gives its workers, read from a real torchrun: the harness warns
+    (restarts_share_the_agent_store) unless the launcher ran with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
+    extra = NO_SHARED_STORE if unshared else {}
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "--max-restarts", "2",
+                           "--no-python", "env", "-0"], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(**extra))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    worker_env = dict(item.split("=", 1) for item in proc.stdout.split("\0") if "=" in item)
+    assert worker_env["TORCHELASTIC_MAX_RESTARTS"] == "2"
+    assert restarts_share_the_agent_store(worker_env) is (not unshared)
