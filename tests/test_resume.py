@@ -144,6 +144,19 @@ def test_each_kind_of_damage_makes_the_store_fall_back_to_the_previous_checkpoin
     assert snapshot(newest) == before, "the damaged checkpoint was not touched"
 
 
+def test_run_resume_given_a_path_resumes_from_that_checkpoint_into_another_folder(trained, tmp_path):
+    """``run.resume: <path>``: an older checkpoint of another run folder, resumed into a new one,
+    trains the rest of the run bitwise like the run it came from."""
+    oldest = min((trained / "checkpoints").glob("step-*"))
+    step = int(oldest.name.removeprefix("step-"))
+    assert step < 16
+    fresh = tmp_path / "fresh"
+    resumed = run(fresh, ["train.epochs=2", f"run.resume={oldest}"])
+    assert f"resumed from {oldest}:" in resumed.stdout and f"step {step}," in resumed.stdout, resumed.stdout[-2000:]
+    assert_bitwise_equal(weights(trained), weights(fresh))
+    assert min(int(p.name.removeprefix("step-")) for p in (fresh / "checkpoints").glob("step-*")) > step
+
+
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_left_alone(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     newest = run_dir / "checkpoints" / "step-000016"
