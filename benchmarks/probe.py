@@ -73,4 +73,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from harness.cli import end_process
+
+    end_process(main())

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from harness.exit_codes import EXIT_INTERRUPTED
 
@@ -203,6 +204,22 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args
+
+
+def entry() -> None:
+    """The ``harness`` console script and ``python -m harness``: main(), then end the process."""
+    end_process(main())
+
+
+def end_process(code: int) -> NoReturn:
+    """End a ``harness`` process with ``code``. After a process group (harness.distributed imported:
+    a training command ran), through harness.distributed.end_rank_process, without Python's
+    finalization; main() itself returns, so that code calling it (several trainings in one
+    process, as the tests do) goes on."""
+    distributed = sys.modules.get("harness.distributed")
+    if distributed is not None:
+        code = distributed.end_rank_process(code)
+    raise SystemExit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from harness import checkpoint as ckpt
 from harness.checkpoint import CheckpointError, CheckpointSaveError, EndFilesError
 from harness.components import UserCodeError, user_frames
 from harness.config import ConfigError, load_config
-from harness.distributed import RankDivergence, RankLost, end_rank_process, shutdown_process_group
+from harness.distributed import RankDivergence, RankLost, shutdown_process_group
 from harness.exit_codes import (EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED,
                                 EXIT_SAVE_FAILED)
 from harness.inspection import (format_checkpoint, format_checkpoint_list, format_plan, list_checkpoints, plan_run,
@@ -36,7 +36,7 @@ def run(args) -> int:
     setup_logging()
     commands = {"train": run_train, "check": run_check, "ckpt": run_ckpt, "plot-lr": run_plot_lr,
                 "verify-resume": run_verify_resume}
-    return end_rank_process(with_exit_codes(lambda: commands[args.command](args)))
+    return with_exit_codes(lambda: commands[args.command](args))
 
 
 def with_exit_codes(command) -> int:

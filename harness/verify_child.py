@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import faults
-from harness.cli import main
+from harness.cli import end_process, main
 from harness.trainer import flush_step_logs
 from harness.verify import EXIT_NEVER_KILLED, PAUSE_LIMIT_S
 
@@ -51,4 +51,4 @@ def paused_training_main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(paused_training_main())
+    end_process(paused_training_main())

@@ -151,9 +151,17 @@ _references: dict = {}
 
 
 def hear_ctrl_c() -> None:
-    """In the child: Ctrl-C's default action, as in a terminal. A suite started in the background
-    (`pytest &`) passes SIGINT ignored down to its children, and a run that inherits that stays deaf."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """Children hear Ctrl-C as in a terminal. A suite started in the background (`pytest &`)
+    ignores SIGINT and passes that down, and a run that inherits it stays deaf: so this process
+    takes Python's own handler instead, which a child does not inherit (exec resets a handled
+    signal to its default). Done here, in the parent, rather than in each child before exec: a
+    preexec_fn in a process with threads (pytest-xdist's workers) is not safe, and failed here once
+    with EBADF."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+hear_ctrl_c()
 
 
 def start_logged(run_dir: Path, launcher: str, nproc: int, env: dict = SLOW_SAVES, wrap=()) -> subprocess.Popen:
@@ -162,7 +170,7 @@ def start_logged(run_dir: Path, launcher: str, nproc: int, env: dict = SLOW_SAVE
     cmd = [*wrap, *harness_command(BREAST_CANCER, [f"run.output_dir={run_dir}", *CHECKPOINTED_RUN], nproc, launcher)]
     log = open(f"{run_dir}.log", "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(**env), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=hear_ctrl_c)
+                            start_new_session=True)
 
 
 def output(run_dir: Path) -> str:

@@ -29,7 +29,7 @@ from harness import items as hitems
 from harness import commands, sharding
 from harness.checkpoint import verify
 from harness.contracts import ConfigError
-from tests.conftest import (ROOT, assert_bitwise_equal, harness_command, hear_ctrl_c, read_json, run_harness,
+from tests.conftest import (ROOT, assert_bitwise_equal, harness_command, read_json, run_harness,
                             subprocess_env, weights)
 
 PROJECT = textwrap.dedent('''
@@ -186,7 +186,7 @@ def popen(run_dir: Path, overrides=(), recipe=BREAST_CANCER, **kwargs) -> subpro
     cmd = harness_command(recipe, [f"run.output_dir={run_dir}", "train.epochs=300", "checkpoint.every_steps=30",
                                    "train.log_every_steps=10", *overrides], 1, "python")
     return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(HARNESS_TEST_SAVE_FILE_DELAY_S="0.02"),
-                            start_new_session=True, preexec_fn=hear_ctrl_c, **kwargs)
+                            start_new_session=True, **kwargs)
 
 
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
