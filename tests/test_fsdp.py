@@ -63,6 +63,25 @@ def test_fsdp_trains_like_ddp_same_lrs_and_losses_within_float_tolerance(runs):
         assert torch.allclose(fsdp_w[name], ddp_w[name], atol=1e-5), name
 
 
+def test_accumulation_clipping_and_a_param_group_train_under_fsdp_as_under_ddp(tmp_path):
+    """The loop's own parts under FSDP2: 2 micro-batches per step, the global norm clipped over the
+    shards (small enough to clip every step), a param group with its own LR."""
+    extra = ["train.grad_accum_steps=2", "train.max_grad_norm=0.05", "train.epochs=2",
+             "optim.param_groups=[{name: first_layer, params: ['layers.0.*'], lr: 3e-4}]"]
+    fsdp(tmp_path / "fsdp", extra)
+    ddp(tmp_path / "ddp", extra)
+    for group in ("default", "first_layer"):
+        assert lr_series(tmp_path / "fsdp", group) == lr_series(tmp_path / "ddp", group), group
+    assert lr_series(tmp_path / "fsdp", "first_layer")[-1][1] < 3e-4
+    a, b = read_scalars(tmp_path / "fsdp")["train/loss"], read_scalars(tmp_path / "ddp")["train/loss"]
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
+    fsdp_w, ddp_w = weights(tmp_path / "fsdp"), weights(tmp_path / "ddp")
+    assert fsdp_w.keys() == ddp_w.keys()
+    for name in ddp_w:
+        assert torch.allclose(fsdp_w[name], ddp_w[name], atol=1e-5), name
+
+
 def test_fsdp_checkpoints_hold_each_ranks_own_rows_and_no_pickle(runs):
     folder = runs["fsdp"] / "checkpoints" / "step-000010"
     names = {p.name for p in folder.iterdir()}

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.tracking import read_scalars
-from tests.conftest import ROOT, read_json, run_harness
+from tests.conftest import ROOT, read_json, run_harness, subprocess_env
 
 RECIPE = ROOT / "recipes/breast_cancer_mlp.yaml"
 COMMON = ["train.epochs=3", "data.batch_size=32", "schedule.step_size=1", "schedule.gamma=0.7"]
@@ -93,6 +93,45 @@ def test_bf16_mixed_precision_trains_on_two_cpu_ranks_with_the_same_schedule(tmp
     # bf16 keeps 8 bits of mantissa: autocast really ran (not bitwise fp32), and trained the same model.
     assert 1e-5 < abs(a["val_loss"] - b["val_loss"]) / a["val_loss"] < 0.1, (a["val_loss"], b["val_loss"])
     assert b["test_accuracy"] > 0.9
+
+
+DTYPE_PROBE = """\
+import os
+import torch
+from torch import nn
+
+
+class DtypeProbe(nn.Module):
+    \"\"\"Fails its forward unless the first layer's output has the dtype $EXPECT names.\"\"\"
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc, self.out = nn.Linear(in_dim, 8), nn.Linear(8, out_dim)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.dtype != getattr(torch, os.environ["EXPECT"]):
+            raise RuntimeError(f"the forward ran in {h.dtype}")
+        return self.out(torch.relu(h)).float()
+"""
+
+
+def test_bf16_runs_the_forward_under_bf16_autocast_and_fp32_does_not(tmp_path):
+    (tmp_path / "dtype_probe.py").write_text(DTYPE_PROBE)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: {name: breast_cancer, batch_size: 32}\nmodel: {name: dtype_probe:DtypeProbe}\n"
+                      "optim: {name: adam, lr: 0.001}\ntrain: {epochs: 1}\n")
+
+    def train(name: str, expect: str, *extra: str):
+        env = subprocess_env(EXPECT=expect, PYTHONPATH=f"{tmp_path}:{ROOT}")
+        proc = run_harness(recipe, [f"run.output_dir={tmp_path / name}", *extra], nproc=1, launcher="python",
+                           env=env, check=False)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    assert train("bf16", "bfloat16", "train.mixed_precision=bf16")[0] == 0
+    assert train("fp32", "float32")[0] == 0
+    code, text = train("wrong", "bfloat16")  # no mixed precision: the forward runs in float32
+    assert code == 1 and "the forward ran in torch.float32" in text, text[-2000:]
 
 
 def test_the_save_policy_saves_at_step_intervals_inside_epochs_and_at_epoch_ends():
