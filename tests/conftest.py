@@ -231,3 +231,17 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+# The heaviest files first (by their time in a full run, 2026-12-07): pytest-xdist hands whole
+# files to its workers in collection order, and a heavy file collected last kept one worker busy
+# for minutes after the other ran out of work. The rest stay in name order.
+HEAVY_FIRST = ("test_resume.py", "test_resume_holes.py", "test_datasets.py", "test_slurm.py", "test_streams.py",
+               "test_user_components.py", "test_distributed.py", "test_resume_matrix.py", "test_fsdp.py",
+               "test_training_controls.py", "test_multi_node.py", "test_token_losses.py", "test_slurm_two_nodes.py",
+               "test_launcher_death.py", "test_save_failures.py", "test_recipe_changes.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay together
