@@ -56,12 +56,20 @@ def _steps_per_s(probe_dir: Path) -> float:
     return rates(perf, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)["median"]
 
 
-def _two_nodes(hosts: Hosts, work: Path, logs: Path, overrides: list[str], tag: str) -> float:
-    probe_dir = Path(tempfile.mkdtemp(prefix="harness-bench-probe-"))
+def _start_nodes(hosts: Hosts, rendezvous, run_dir: Path, overrides: list[str], probe_dir: Path, logs: Path,
+                 tag: str, **env: str) -> tuple[list[subprocess.Popen], list[Path]]:
+    """torchrun on both hosts, ``rendezvous(rank, port)`` their arguments; (processes, log files)."""
     port = free_port()
     files = [logs / f"multi_node-{tag}-node{rank}.log" for rank in (0, 1)]
-    nodes = [_start(hosts.torchrun(rank, BIN, static_rendezvous(rank, port), *_probe(work / tag, overrides)),
-                    subprocess_env(BENCH_PROBE_DIR=str(probe_dir), **hosts.env(rank)), files[rank]) for rank in (0, 1)]
+    nodes = [_start(hosts.torchrun(rank, BIN, rendezvous(rank, port), *_probe(run_dir, overrides)),
+                    subprocess_env(BENCH_PROBE_DIR=str(probe_dir), **env, **hosts.env(rank)), files[rank])
+             for rank in (0, 1)]
+    return nodes, files
+
+
+def _two_nodes(hosts: Hosts, work: Path, logs: Path, overrides: list[str], tag: str) -> float:
+    probe_dir = Path(tempfile.mkdtemp(prefix="harness-bench-probe-"))
+    nodes, files = _start_nodes(hosts, static_rendezvous, work / tag, overrides, probe_dir, logs, tag)
     _wait(nodes, 600, files)
     return _steps_per_s(probe_dir)
 
@@ -79,11 +87,8 @@ def _elastic_restart(hosts: Hosts, work: Path, logs: Path, tag: str) -> dict:
     probe_dir = Path(tempfile.mkdtemp(prefix="harness-bench-probe-"))
     run_dir = work / tag
     overrides = ["train.epochs=200", "checkpoint.every_steps=50", "train.collective_timeout_s=10"]
-    port = free_port()
-    files = [logs / f"multi_node-{tag}-node{rank}.log" for rank in (0, 1)]
-    env = {"BENCH_PROBE_DIR": str(probe_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see the README
-    nodes = [_start(hosts.torchrun(rank, BIN, elastic_rendezvous(rank, port), *_probe(run_dir, overrides)),
-                    subprocess_env(**env, **hosts.env(rank)), files[rank]) for rank in (0, 1)]
+    nodes, files = _start_nodes(hosts, elastic_rendezvous, run_dir, overrides, probe_dir, logs, tag,
+                                TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see the README
     try:
         deadline = time.monotonic() + 120
         while not list((run_dir / "checkpoints").glob("step-*")):
@@ -96,8 +101,7 @@ def _elastic_restart(hosts: Hosts, work: Path, logs: Path, tag: str) -> dict:
         _wait(nodes[:1], 300, files[:1])
     finally:
         for process in nodes:
-            if process.poll() is None:
-                kill_node(process)
+            kill_node(process)
     restarted = json.loads((probe_dir / "first-step-rank-0-restart-1.json").read_text())["first_step"]
     before = json.loads((probe_dir / "rank-0.json").read_text())  # the survivor's worker that lost its peer
     resumed = re.search(r"resumed from \S+step-(\d+)", files[0].read_text())

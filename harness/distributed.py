@@ -9,7 +9,7 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 import torch
 
@@ -273,9 +273,23 @@ def shutdown_process_group(timeout_s: float = 30.0, exit_code: int = 0) -> None:
     thread.start()
     if not done.wait(timeout_s):
         logger.warning("destroy_process_group did not return in %.0f s; exiting without it", timeout_s)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
+        exit_now(exit_code)
+
+
+def flush_output() -> None:
+    """Put what this process printed or logged on its way out (a closed stream is skipped)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def exit_now(exit_code: int) -> NoReturn:
+    """End the process at once, output flushed, without Python's finalization (os._exit). Safe from
+    any thread: no lock is taken (the harness's log lines go to stdout, flushed at every line)."""
+    flush_output()
+    os._exit(exit_code)
 
 
 def end_rank_process(exit_code: int) -> int:
@@ -289,10 +303,4 @@ def end_rank_process(exit_code: int) -> int:
     group, returns ``exit_code`` for a normal exit."""
     if not _LEFT_PROCESS_GROUP and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return exit_code
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(exit_code)
+    exit_now(exit_code)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.config import PreemptionConfig
-from harness.distributed import any_rank
+from harness.distributed import any_rank, exit_now, flush_output
 
 logger = logging.getLogger("harness")
 
@@ -213,15 +213,11 @@ class PreemptionWatcher:
     def _exit_now(code: int, message: str) -> None:
         """Exit from the watch thread, whatever the main thread is doing (a save in flight stays a
         .tmp folder, which a resume skips)."""
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        flush_output()  # what the main thread printed comes before the message
         try:
             print(f"harness: {message}", file=sys.stderr, flush=True)
         finally:
-            os._exit(code)
+            exit_now(code)
 
     @property
     def interrupted(self) -> bool:

@@ -283,20 +283,20 @@ class Trackers:
         except TrackerStartError as exc:
             self.close()
             raise ConfigError(f"run.log_with: {name} could not start, nothing was trained: {exc}") from None
+        # The trackers that hold points until a checkpoint covers them (harness.remote_trackers).
+        self.holding = [logger for logger in self.loggers if hasattr(logger, "checkpointed")]
 
-    def _each(self, method: str, *args) -> None:
-        for logger in self.loggers:
-            call = getattr(logger, method, None)  # checkpointed/finished: only trackers that hold points
-            if call is not None:
-                call(*args)
+    def _each(self, method: str, *args, loggers=None) -> None:
+        for logger in self.loggers if loggers is None else loggers:
+            getattr(logger, method)(*args)
 
     def checkpointed(self, step: int) -> None:
         """A checkpoint at ``step`` is saved: trackers that hold points until then send them."""
-        self._each("checkpointed", step)
+        self._each("checkpointed", step, loggers=self.holding)
 
     def finished(self) -> None:
         """The run is complete: everything logged may be sent."""
-        self._each("finished")
+        self._each("finished", loggers=self.holding)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self._each("scalars", step, values)

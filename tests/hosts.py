@@ -48,6 +48,12 @@ class Hosts:
         return ["ip", "netns", "exec", self.names[rank], str(bin_dir / "torchrun"), *launch, "--nproc_per_node", "1",
                 "--local-addr", ADDRESSES[rank], *target]
 
+    def accelerate(self, rank: int, bin_dir: Path, config: Path, port: int, *target: str) -> list[str]:
+        """``accelerate launch`` on host ``rank`` as machine ``rank`` of 2, one process each."""
+        return ["ip", "netns", "exec", self.names[rank], str(bin_dir / "accelerate"), "launch", "--config_file",
+                str(config), "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                "--main_process_ip", ADDRESSES[0], "--main_process_port", str(port), *target]
+
     def env(self, rank: int) -> dict:
         """What the ranks on host ``rank`` need: gloo on that host's link."""
         return {"GLOO_SOCKET_IFNAME": self.links[rank]}
@@ -67,7 +73,9 @@ def elastic_rendezvous(rank: int, port: int) -> list[str]:
 
 
 def kill_node(process: subprocess.Popen) -> None:
-    """SIGKILL a node: its launcher and every process under it, at once."""
+    """SIGKILL a node: its launcher and every process under it, at once (nothing if it has ended)."""
+    if process.poll() is not None:
+        return
     try:
         tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
     except psutil.NoSuchProcess:

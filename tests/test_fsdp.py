@@ -53,14 +53,21 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def test_fsdp_trains_like_ddp_same_lrs_and_losses_within_float_tolerance(runs):
-    assert lr_series(runs["fsdp"]) == lr_series(runs["ddp"])
-    a, b = read_scalars(runs["fsdp"])["train/loss"], read_scalars(runs["ddp"])["train/loss"]
-    assert [s for s, _ in a] == [s for s, _ in b]
+def assert_trains_like_ddp(fsdp_run: Path, ddp_run: Path, groups=("default",)) -> None:
+    """The same LR series per group, the same logged steps with losses to 1e-4, weights to 1e-5."""
+    for group in groups:
+        assert lr_series(fsdp_run, group) == lr_series(ddp_run, group), group
+    a, b = read_scalars(fsdp_run)["train/loss"], read_scalars(ddp_run)["train/loss"]
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
     assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
-    fsdp_w, ddp_w = weights(runs["fsdp"]), weights(runs["ddp"])
+    fsdp_w, ddp_w = weights(fsdp_run), weights(ddp_run)
+    assert fsdp_w.keys() == ddp_w.keys()
     for name in ddp_w:
         assert torch.allclose(fsdp_w[name], ddp_w[name], atol=1e-5), name
+
+
+def test_fsdp_trains_like_ddp_same_lrs_and_losses_within_float_tolerance(runs):
+    assert_trains_like_ddp(runs["fsdp"], runs["ddp"])
 
 
 def test_accumulation_clipping_and_a_param_group_train_under_fsdp_as_under_ddp(tmp_path):
@@ -70,16 +77,8 @@ def test_accumulation_clipping_and_a_param_group_train_under_fsdp_as_under_ddp(t
              "optim.param_groups=[{name: first_layer, params: ['layers.0.*'], lr: 3e-4}]"]
     fsdp(tmp_path / "fsdp", extra)
     ddp(tmp_path / "ddp", extra)
-    for group in ("default", "first_layer"):
-        assert lr_series(tmp_path / "fsdp", group) == lr_series(tmp_path / "ddp", group), group
+    assert_trains_like_ddp(tmp_path / "fsdp", tmp_path / "ddp", groups=("default", "first_layer"))
     assert lr_series(tmp_path / "fsdp", "first_layer")[-1][1] < 3e-4
-    a, b = read_scalars(tmp_path / "fsdp")["train/loss"], read_scalars(tmp_path / "ddp")["train/loss"]
-    assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
-    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
-    fsdp_w, ddp_w = weights(tmp_path / "fsdp"), weights(tmp_path / "ddp")
-    assert fsdp_w.keys() == ddp_w.keys()
-    for name in ddp_w:
-        assert torch.allclose(fsdp_w[name], ddp_w[name], atol=1e-5), name
 
 
 def test_fsdp_checkpoints_hold_each_ranks_own_rows_and_no_pickle(runs):

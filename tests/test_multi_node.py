@@ -21,7 +21,7 @@ import pytest
 
 from harness.distributed import restarts_share_the_agent_store
 from tests.conftest import BIN, ROOT, assert_bitwise_equal, free_port, subprocess_env, weights
-from tests.hosts import ADDRESSES, Hosts, elastic_rendezvous, kill_node, static_rendezvous
+from tests.hosts import Hosts, elastic_rendezvous, kill_node, static_rendezvous
 
 SLOW_MODEL = '''\
 import time
@@ -77,13 +77,20 @@ def project(tmp_path_factory) -> Path:
     return folder
 
 
+def started(command: list[str], project: Path, **env: str) -> subprocess.Popen:
+    """``command`` in the test project, in a session of its own, its output collected."""
+    return subprocess.Popen(command, cwd=project, env=subprocess_env(PYTHONPATH=str(ROOT), **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def train(run_dir: Path, *extra: str) -> list[str]:
+    return ["-m", "harness", "train", "recipe.yaml", f"run.output_dir={run_dir}", *extra]
+
+
 def node(hosts: Hosts, rank: int, project: Path, run_dir: Path, launch: list[str], *extra: str):
     """One node: torchrun in namespace ``rank``, its ranks talking over that namespace's link."""
-    command = hosts.torchrun(rank, BIN, launch, "-m", "harness", "train", "recipe.yaml", f"run.output_dir={run_dir}",
-                             *extra)
-    return subprocess.Popen(command, cwd=project,
-                            env=subprocess_env(PYTHONPATH=str(ROOT), **hosts.env(rank), **NO_SHARED_STORE),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return started(hosts.torchrun(rank, BIN, launch, *train(run_dir, *extra)), project, **hosts.env(rank),
+                   **NO_SHARED_STORE)
 
 
 def two_nodes(hosts, project, run_dir, *extra) -> list[subprocess.Popen]:
@@ -118,10 +125,16 @@ def straight(hosts, project, tmp_path_factory) -> Path:
 
 def local_torchrun(project: Path, run_dir: Path, *launch: str, overrides=()) -> subprocess.Popen:
     """torchrun on this host's loopback, 2 processes."""
-    return subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *launch, "-m", "harness",
-                             "train", "recipe.yaml", f"run.output_dir={run_dir}", *overrides], cwd=project,
-                            env=subprocess_env(PYTHONPATH=str(ROOT), **NO_SHARED_STORE), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return started([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *launch,
+                    *train(run_dir, *overrides)], project, **NO_SHARED_STORE)
+
+
+def only_checkpoint(folder: Path, tmp_path: Path) -> Path:
+    """A fresh run folder holding a copy of checkpoint ``folder`` alone, to resume it by hand."""
+    manual = tmp_path / "manual"
+    (manual / "checkpoints").mkdir(parents=True)
+    shutil.copytree(folder, manual / "checkpoints" / folder.name)
+    return manual
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +157,9 @@ def test_two_nodes_of_one_process_train_bitwise_like_one_node_of_two(straight, l
 def test_accelerate_launch_on_two_machines_trains_bitwise_like_one_node_of_two(hosts, project, local, tmp_path):
     """``accelerate launch --num_machines 2 --machine_rank R``, one per host, the README's way."""
     run_dir, port = tmp_path / "run", free_port()
-    nodes = []
-    for rank in (0, 1):
-        command = ["ip", "netns", "exec", hosts.names[rank], str(BIN / "accelerate"), "launch", "--config_file",
-                   str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--num_machines", "2", "--machine_rank",
-                   str(rank), "--num_processes", "2", "--main_process_ip", ADDRESSES[0], "--main_process_port",
-                   str(port), "-m", "harness", "train", "recipe.yaml", f"run.output_dir={run_dir}"]
-        nodes.append(subprocess.Popen(command, cwd=project, env=subprocess_env(PYTHONPATH=str(ROOT), **hosts.env(rank)),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))
+    config = ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"
+    nodes = [started(hosts.accelerate(rank, BIN, config, port, *train(run_dir)), project, **hosts.env(rank))
+             for rank in (0, 1)]
     outputs = finish(nodes)
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "world size 2" in outputs[0], outputs[0][-3000:]
@@ -215,17 +222,14 @@ def test_an_elastic_restart_after_losing_a_node_resumes_on_the_survivor_by_itsel
         out, _ = nodes[0].communicate(timeout=240)
     finally:
         for process in nodes:
-            if process.poll() is None:
-                kill_node(process)
+            kill_node(process)
     assert nodes[0].returncode == 0, out[-4000:]
     resumed = re.findall(r"resumed from (\S+step-(\d+)): epoch \d+ of 6, step \d+", out)
     assert len(resumed) == 1, out[-4000:]
     folder, step = Path(resumed[0][0]), int(resumed[0][1])
     assert step >= 20 and "World size changed: the checkpoint was written by 2 rank(s), this run has 1" in out
     # The same checkpoint resumed by hand on one process gives the same final weights.
-    manual = tmp_path / "manual"
-    (manual / "checkpoints").mkdir(parents=True)
-    shutil.copytree(folder, manual / "checkpoints" / folder.name)
+    manual = only_checkpoint(folder, tmp_path)
     proc = subprocess.run([str(BIN / "python"), "-m", "harness", "train", "recipe.yaml", f"run.output_dir={manual}"],
                           cwd=project, capture_output=True, text=True, env=subprocess_env(PYTHONPATH=str(ROOT)),
                           timeout=240)
@@ -248,8 +252,7 @@ def test_a_worker_killed_like_the_oom_killer_does_is_restarted_by_torchrun_and_r
         rank_1[0].kill()
         out = finish([launcher])[0]
     finally:
-        if launcher.poll() is None:
-            kill_node(launcher)
+        kill_node(launcher)
     assert launcher.returncode == 0, out[-4000:]
     assert len(re.findall(r"resumed from \S+step-(\d+): epoch \d+ of 6", out)) == 1, out[-4000:]
     assert_bitwise_equal(weights(local), weights(run_dir))
@@ -270,16 +273,13 @@ def test_a_node_that_joins_an_elastic_run_scales_it_up_at_a_checkpoint_and_train
         outputs = finish(nodes)
     finally:
         for process in nodes:
-            if process.poll() is None:
-                kill_node(process)
+            kill_node(process)
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-4000:] + outputs[1][-3000:]
     resumed = re.findall(r"resumed from (\S+step-(\d+)): epoch \d+ of 20, step \d+", "".join(outputs))
     assert len(resumed) == 1, outputs[0][-4000:] + outputs[1][-3000:]
     folder = Path(resumed[0][0])
     assert "World size changed: the checkpoint was written by 1 rank(s), this run has 2" in "".join(outputs)
-    manual = tmp_path / "manual"
-    (manual / "checkpoints").mkdir(parents=True)
-    shutil.copytree(folder, manual / "checkpoints" / folder.name)
+    manual = only_checkpoint(folder, tmp_path)
     process = local_torchrun(project, manual, overrides=[longer])
     out = finish([process])[0]
     assert process.returncode == 0 and f"step-{resumed[0][1]}: epoch" in out, out[-3000:]

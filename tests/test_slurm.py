@@ -29,11 +29,9 @@ import concurrent.futures
 import glob
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, assert_same_weights, run_harness, subprocess_env
+from tests.slurm_jobs import job_info, pick_ports, read_output
 
 pytestmark = pytest.mark.slurm
 
@@ -70,26 +69,6 @@ FINISH_TIMEOUT_S = 240   # signal -> requeue (~7-11 s) -> resume -> COMPLETED
 # --------------------------------------------------------------------------------------------
 
 
-def _port_pair_free(port: int) -> bool:
-    for p in (port, port + 1):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("0.0.0.0", p))
-            except OSError:
-                return False
-    return True
-
-
-def _pick_ports() -> int:
-    # Below the job rendezvous ports (20000 + job id % 10000) and Linux's ephemeral range.
-    for _ in range(200):
-        port = random.randrange(15000, 19998, 2)
-        if _port_pair_free(port):
-            return port
-    raise RuntimeError("no free port pair in 15000-19999")
-
-
 class Cluster:
     def __init__(self, env: dict, folder: Path, owned: bool):
         self.env, self.folder, self.owned = env, folder, owned
@@ -101,9 +80,7 @@ class Cluster:
         return proc
 
     def job(self, job_id: str) -> dict:
-        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
-        out = self.cmd("scontrol", "show", "job", "-o", job_id).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0])) if out.strip() else {}
+        return job_info(self.env, job_id, check=True)
 
     def sbatch(self, out_file: Path, args: list[str], sbatch_opts: tuple[str, ...] = (),
                env: dict | None = None) -> str:
@@ -134,7 +111,7 @@ def cluster():
         # Our own: a short folder (the munge socket path must stay under 108 bytes), our own ports.
         owned_dir = tempfile.mkdtemp(prefix="hs-", dir="/tmp")
         env["HARNESS_SLURM_DIR"] = owned_dir
-        env["HARNESS_SLURM_PORT"] = str(_pick_ports())
+        env["HARNESS_SLURM_PORT"] = str(pick_ports())
         already_up = False
     started = time.monotonic()
     proc = _bring_up(env)
@@ -172,13 +149,6 @@ def reference(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except FileNotFoundError:
-        return "<no output file>"
-
-
 def wait_for(what: str, predicate, timeout: float, out_file: Path, cluster: Cluster | None = None,
              job_id: str | None = None):
     """Poll ``predicate`` until it returns something truthy; fail early if the job has ended."""
@@ -194,9 +164,9 @@ def wait_for(what: str, predicate, timeout: float, out_file: Path, cluster: Clus
                 if value:
                     return value
                 pytest.fail(f"job {job_id} ended ({state}) while waiting for {what}\n"
-                            f"--- job output\n{_read(out_file)[-6000:]}")
+                            f"--- job output\n{read_output(out_file)[-6000:]}")
         time.sleep(POLL_S)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n--- job output\n{_read(out_file)[-6000:]}")
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n--- job output\n{read_output(out_file)[-6000:]}")
 
 
 def wait_for_end(cluster: Cluster, job_id: str, out_file: Path, timeout: float) -> dict:
@@ -270,7 +240,7 @@ def test_usr1_to_the_batch_shell_saves_requeues_resumes_and_matches_an_uninterru
 
     info = wait_for_end(cluster, job, out, FINISH_TIMEOUT_S)
     took = time.monotonic() - started
-    text = _read(out)
+    text = read_output(out)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["ExitCode"] == "0:0", \
         f"{info}\n--- job output\n{text[-6000:]}"
     # Two runs appended to one file (--open-mode=append): the first, then restart 1.
@@ -311,7 +281,7 @@ def test_usr1_to_the_job_steps_of_an_array_task_saves_and_requeues_only_that_tas
     assert marker["signal"] == "SIGUSR1" and 0 < marker["step"] < STEPS, marker
 
     info = wait_for_end(cluster, task, out, FINISH_TIMEOUT_S)
-    text = _read(out)
+    text = read_output(out)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["ExitCode"] == "0:0", \
         f"{info}\n--- job output\n{text[-6000:]}"
     assert info.get("ArrayJobId") == job and info.get("ArrayTaskId") == "3", info
@@ -339,7 +309,7 @@ def test_requeue_cap_reached_stops_requeueing_says_so_and_the_checkpoint_resumes
     marker, _ = preempt_after_first_checkpoint(cluster, job, run_dir, out, ["-s", "USR1", "-b", job])
 
     info = wait_for_end(cluster, job, out, FINISH_TIMEOUT_S)
-    text = _read(out)
+    text = read_output(out)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "75:0", \
         f"{info}\n--- job output\n{text[-6000:]}"
     assert banners(text) == ["unset (first run)"], text[-8000:]
@@ -369,7 +339,7 @@ def test_plain_scancel_ends_the_job_and_no_requeue_brings_it_back(cluster, tmp_p
     wait_for("the first checkpoint", lambda: first_checkpoint(run_dir), START_TIMEOUT_S, out, cluster, job)
     cluster.cmd("scancel", job)
     info = wait_for_end(cluster, job, out, FINISH_TIMEOUT_S)
-    text = _read(out)
+    text = read_output(out)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info}\n--- job output\n{text[-6000:]}"
     assert banners(text) == ["unset (first run)"], text[-8000:]
     assert re.search(r"^\[slurm-harness .*\] got SIGTERM: forwarding", text, re.M), text[-6000:]

@@ -17,10 +17,8 @@ import concurrent.futures
 import glob
 import json
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, assert_same_weights, run_harness, subprocess_env
+from tests.slurm_jobs import job_info, pick_ports, read_output
 
 pytestmark = pytest.mark.slurm
 
@@ -46,24 +45,10 @@ CPU_OPTIONS = {
 }
 
 
-def _free_port_pair() -> int:
-    for _ in range(200):
-        port = random.randrange(15000, 19998, 2)
-        try:
-            for p in (port, port + 1):
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind(("0.0.0.0", p))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair in 15000-19999")
-
-
 @pytest.fixture(scope="module")
 def cluster():
     folder = tempfile.mkdtemp(prefix="hs2-", dir="/tmp")
-    env = subprocess_env(HARNESS_SLURM_DIR=folder, HARNESS_SLURM_PORT=str(_free_port_pair()), HARNESS_SLURM_NODES="2",
+    env = subprocess_env(HARNESS_SLURM_DIR=folder, HARNESS_SLURM_PORT=str(pick_ports()), HARNESS_SLURM_NODES="2",
                          HARNESS_SLURM_CPUS="2", SLURM_CONF=str(Path(folder) / "slurm.conf"))
     for key in ("HARNESS_MAX_REQUEUES", "HARNESS_RECIPE", "HARNESS_OVERRIDES"):
         env.pop(key, None)
@@ -83,16 +68,6 @@ def cluster():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def job_info(env: dict, job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
-                         timeout=60).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0])) if out.strip() else {}
-
-
-def read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else "<no output file>"
-
-
 def wait_for(what: str, predicate, env: dict, job_id: str, out: Path, timeout: float = TIMEOUT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,10 +75,13 @@ def wait_for(what: str, predicate, env: dict, job_id: str, out: Path, timeout: f
         if value:
             return value
         state = job_info(env, job_id).get("JobState", "")
-        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") or (state == "COMPLETED" and what != "the end"):
-            pytest.fail(f"job {job_id} ended ({state}) while waiting for {what}\n{read(out)[-6000:]}")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            value = predicate()  # it may have come true as the job ended
+            if value:
+                return value
+            pytest.fail(f"job {job_id} ended ({state}) while waiting for {what}\n{read_output(out)[-6000:]}")
         time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what} of job {job_id}\n{read(out)[-6000:]}")
+    pytest.fail(f"timed out waiting for {what} of job {job_id}\n{read_output(out)[-6000:]}")
 
 
 def submit_preempt_finish(env: dict, script: str, folder: Path) -> tuple[dict, str, Path]:
@@ -118,9 +96,12 @@ def submit_preempt_finish(env: dict, script: str, folder: Path) -> tuple[dict, s
     job = proc.stdout.strip().split(";")[0]
     wait_for("the first checkpoint", lambda: glob.glob(str(run_dir / "checkpoints" / "step-*")), env, job, out)
     subprocess.run(["scancel", "-s", "USR1", "-b", job], env=env, check=True, timeout=60)
-    info = wait_for("the end", lambda: (lambda i: i if i.get("JobState") == "COMPLETED" else None)(job_info(env, job)),
-                    env, job, out)
-    return info, read(out), run_dir
+    def completed():
+        info = job_info(env, job)
+        return info if info.get("JobState") == "COMPLETED" else None
+
+    info = wait_for("the end", completed, env, job, out)
+    return info, read_output(out), run_dir
 
 
 def test_both_multi_node_scripts_train_on_two_nodes_are_preempted_requeued_and_finish_bitwise(cluster, tmp_path):
