@@ -51,6 +51,8 @@ AC_MODEL = ["model.dim=128", "model.layers=6", "data.block_size=256", "data.batc
             "train.epochs=1", "checkpoint.every_epochs=1000000", "checkpoint.every_steps=1000000",
             "train.log_every_steps=1000"]
 AC_VARIANTS = {"plain": [], "checkpointed": ["train.activation_checkpointing=[_Block]"]}
+AC_STRATEGIES = ("ddp", "fsdp")
+EMA_VARIANTS = {"plain": [], "ema": ["train.ema.decay=0.999"]}
 
 
 def _launch(work: Path, logs: Path, name: str, overrides: list[str], nproc: int, env: dict) -> list[dict]:
@@ -92,13 +94,31 @@ def compile_round(work: Path, logs: Path, r: int) -> dict:
 def ac_round(work: Path, logs: Path, r: int) -> dict:
     record = {}
     order = list(AC_VARIANTS) if r % 2 == 0 else list(reversed(AC_VARIANTS))
+    for strategy in AC_STRATEGIES:
+        for variant in order:
+            ranks = _launch(work, logs, f"ac-{strategy}-{variant}-{r}",
+                            AC_MODEL + AC_VARIANTS[variant] + [f"train.strategy={strategy}"], 2, subprocess_env())
+            record[f"{strategy}_{variant}_peak_gb"] = max(rank["peak_kb"] for rank in ranks) / 1e6
+            marks = ranks[0]["since_start"]
+            record[f"{strategy}_{variant}_steps_per_s"] = 5 / (marks[7] - marks[2])  # steps 3-7
+        record[f"{strategy}_peak_ratio"] = (record[f"{strategy}_checkpointed_peak_gb"]
+                                            / record[f"{strategy}_plain_peak_gb"])
+        record[f"{strategy}_speed_ratio"] = (record[f"{strategy}_checkpointed_steps_per_s"]
+                                             / record[f"{strategy}_plain_steps_per_s"])
+    return record
+
+
+def ema_round(work: Path, logs: Path, r: int) -> dict:
+    """train.ema's cost per step: the char-LM, 1 process, eager, with and without the average."""
+    record = {}
+    order = list(EMA_VARIANTS) if r % 2 == 0 else list(reversed(EMA_VARIANTS))
     for variant in order:
-        ranks = _launch(work, logs, f"ac-{variant}-{r}", AC_MODEL + AC_VARIANTS[variant], 2, subprocess_env())
-        record[f"{variant}_peak_gb"] = max(rank["peak_kb"] for rank in ranks) / 1e6
-        marks = ranks[0]["since_start"]
-        record[f"{variant}_steps_per_s"] = 5 / (marks[7] - marks[2])  # steps 3-7
-    record["peak_ratio"] = record["checkpointed_peak_gb"] / record["plain_peak_gb"]
-    record["speed_ratio"] = record["checkpointed_steps_per_s"] / record["plain_steps_per_s"]
+        (result,) = _launch(work, logs, f"ema-{variant}-{r}", EMA_VARIANTS[variant] + COMPILE_STEPS, 1,
+                            subprocess_env())
+        marks = result["since_start"]
+        record[f"ema_{variant}_steps_per_s"] = 60 / (marks[79] - marks[19])
+    record["ema_ratio"] = record["ema_ema_steps_per_s"] / record["ema_plain_steps_per_s"]
+    record["ema_ms_per_step"] = 1000 * (1 / record["ema_ema_steps_per_s"] - 1 / record["ema_plain_steps_per_s"])
     return record
 
 
@@ -109,7 +129,7 @@ def around_step(work: Path, logs: Path, rounds: int) -> dict:
     for r in range(rounds):
         started = time.perf_counter()
         compile_rounds.append(compile_round(work, logs, r))
-        ac_rounds.append(ac_round(work, logs, r))
+        ac_rounds.append({**ac_round(work, logs, r), **ema_round(work, logs, r)})
         print(f"[bench] around-step round {r + 1}: {time.perf_counter() - started:.0f} s "
               f"{json.dumps({**compile_rounds[-1], **ac_rounds[-1]}, default=lambda v: round(v, 3))}", flush=True)
     return {"rounds": rounds, "compile": compile_rounds, "activation_checkpointing": ac_rounds}
@@ -133,8 +153,14 @@ def around_step_markdown(s: dict, command: str, when: str) -> str:
                  f"{_median(c, f'regional{suffix}_ratio')} |",
                  f"| compile time (to step 3, beyond eager's), cold inductor cache, {what}, s | - | "
                  f"{_median(c, f'compile{suffix}_compile_s')} | {_median(c, f'regional{suffix}_compile_s')} |")],
-             f"| peak RSS per rank (VmHWM), 2 DDP ranks, 6-block GPT, GB | {_median(a, 'plain_peak_gb')} | "
-             f"{_median(a, 'checkpointed_peak_gb')} (ratio {_median(a, 'peak_ratio')}) | - |",
-             f"| steps/s of that run | {_median(a, 'plain_steps_per_s')} | {_median(a, 'checkpointed_steps_per_s')} "
-             f"(ratio {_median(a, 'speed_ratio')}) | - |", ""]
+             *[row for strategy, what in (("ddp", "2 DDP ranks"), ("fsdp", "2 FSDP2 ranks")) for row in (
+                 f"| peak RSS per rank (VmHWM), {what}, 6-block GPT, GB | {_median(a, f'{strategy}_plain_peak_gb')} | "
+                 f"{_median(a, f'{strategy}_checkpointed_peak_gb')} (ratio {_median(a, f'{strategy}_peak_ratio')}) "
+                 "| - |",
+                 f"| steps/s of that run | {_median(a, f'{strategy}_plain_steps_per_s')} | "
+                 f"{_median(a, f'{strategy}_checkpointed_steps_per_s')} (ratio {_median(a, f'{strategy}_speed_ratio')})"
+                 " | - |")],
+             "", "| train.ema (decay 0.999, every step), char-LM, 1 process | without | with | |", "|---|---|---|---|",
+             f"| steps/s | {_median(a, 'ema_plain_steps_per_s')} | {_median(a, 'ema_ema_steps_per_s')} "
+             f"(ratio {_median(a, 'ema_ratio')}; {_median(a, 'ema_ms_per_step')} ms a step) | |", ""]
     return "\n".join(lines)

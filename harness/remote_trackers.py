@@ -101,7 +101,15 @@ class _UpToCheckpoint:
 
 
 def _params(flat_config: dict) -> dict[str, str]:
+    """MLflow's params: strings."""
     return {key: str(value) for key, value in flat_config.items()}
+
+
+def plain_params(flat_config: dict) -> dict:
+    """The recipe as typed parameters (W&B's config, log.jsonl): numbers, strings, booleans and
+    nulls as they are, anything else (a list) as its text."""
+    return {key: value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+            for key, value in flat_config.items()}
 
 
 class MlflowLog(_UpToCheckpoint):
@@ -165,7 +173,8 @@ class WandbLog(_UpToCheckpoint):
         run_id = self.saved_id() or secrets.token_hex(4)  # W&B's ids: short, lowercase
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or run_name, name=run_name, id=run_id,
-                                  resume="allow", dir=str(self.run_dir), config=_params(flat_config), allow_val_change=True,
+                                  resume="allow", dir=str(self.run_dir), config=plain_params(flat_config),
+                                  allow_val_change=True,
                                   settings=wandb.Settings(silent=True, console="off"))
         except Exception as exc:  # noqa: BLE001 - login, network, settings: named, before training
             raise TrackerStartError(f"W&B: {type(exc).__name__}: {exc}") from None

@@ -29,7 +29,7 @@ from typing import Optional
 import crc32c
 
 from harness.contracts import ConfigError
-from harness.remote_trackers import MlflowLog, TrackerStartError, WandbLog
+from harness.remote_trackers import MlflowLog, TrackerStartError, WandbLog, plain_params
 
 TB_DIR = "tb"
 FLUSH_EVERY_S = 10.0  # events reach the disk at least this often (and at close)
@@ -239,8 +239,7 @@ class JsonlLog:
             self._write({"step": step, **{f"lr/{name}": lr for name, lr in zip(group_names, row)}})
 
     def hparams(self, flat_config: dict, metrics: dict[str, float], step: int) -> None:
-        self._write({"step": step, "params": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                                              for k, v in flat_config.items()}, **metrics})
+        self._write({"step": step, "params": plain_params(flat_config), **metrics})
 
     def text(self, step: int, tag: str, markdown: str) -> None:
         self._write({"step": step, tag: markdown})

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model
 
+from harness.ema import EMA
 from tests.conftest import ROOT, assert_bitwise_equal, read_json, run_harness, subprocess_env, weights
 
 MODELS = '''\
@@ -154,7 +155,27 @@ def test_evaluate_validates_on_the_average_and_leaves_the_training_weights_alone
     # Before start_step the average is the weights: the same validation as without an average.
     for key in ("val_loss", "val_accuracy", "test_loss", "test_accuracy"):
         assert metrics["not_started"][key] == metrics["plain"][key], key
+    # Validation and the test split both ran on the averages.
     assert metrics["ema"]["val_loss"] != metrics["plain"]["val_loss"]
+    assert metrics["ema"]["test_loss"] != metrics["plain"]["test_loss"]
+
+
+def test_the_average_of_bfloat16_weights_is_kept_in_float32():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    ema = EMA(model, decay=0.99, start_step=0, every_steps=1)
+    expected = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.after_step(step)
+        for name, p in model.named_parameters():
+            expected[name] = torch.lerp(expected[name], p.detach().float(), 0.01)
+    for name, average in ema.state().items():
+        assert average.dtype == torch.float32 and torch.equal(average, expected[name]), name
+        # A bfloat16 average could not hold these: 1% steps are below its resolution.
+        assert not torch.equal(average.bfloat16().float(), average), name
 
 
 def test_fsdp2_shards_the_average_like_the_parameters_and_resumes_it_bitwise(project, tmp_path):

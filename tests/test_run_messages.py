@@ -50,6 +50,16 @@ def test_a_run_stopped_by_max_steps_validates_its_final_weights(stopped, tmp_pat
     assert len(history) == 1 and history[0]["val_loss"] != summary["val_loss"]
 
 
+def test_a_periodic_save_in_the_background_is_one_line_too(tmp_path):
+    out = train(tmp_path / "run", "train.epochs=1", "checkpoint.every_steps=10", "checkpoint.every_epochs=null",
+                "checkpoint.async_save=true")
+    saves = [line for line in out.splitlines() if "] checkpoint " in line]
+    assert len(saves) == 2, saves  # step 10, and the run's end at step 15
+    for line, step, reason in zip(saves, ("000010", "000015"), ("every_steps", "epoch_end")):
+        assert re.search(rf"checkpoint \S+step-{step} \({reason}\): \d+\.\d kB, snapshot taken, writing in the "
+                         r"background, in \d+\.\d\d s$", line), line
+
+
 def test_the_resume_line_counts_epochs_from_one_and_a_finished_run_says_so(stopped, tmp_path):
     run_dir, _ = stopped
     again = train(run_dir, *STOP)

@@ -20,7 +20,8 @@ RECIPE = ROOT / "recipes" / "breast_cancer_mlp.yaml"  # 15 steps an epoch on 1 p
 # log_every_steps 1: each step writes ~110 bytes, so the 90 steps between the checkpoint at 200
 # and the kill at 290 overflow the file's buffer: the killed process leaves points past 200.
 LOGGED = ["train.epochs=20", "train.log_every_steps=1", "checkpoint.every_steps=100", "checkpoint.every_epochs=null",
-          "run.log_with=[tensorboard,jsonl,mlflow,wandb]"]
+          "run.log_with=[tensorboard,jsonl,mlflow,wandb]",
+          'optim.param_groups=[{name: first_layer, params: ["layers.0.*"], lr: 3e-4}]']  # a named group's LR too
 KILL_AT_STEP = 290
 PROFILE = ["train.profile.wait=2", "train.profile.warmup=1", "train.profile.active=3"]
 # MLflow's default here: the run folder's own file store; W&B offline, its files in the run folder.
@@ -59,8 +60,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_jsonl_holds_the_same_series_as_tensorboard(runs):
     jsonl, tensorboard = series(runs["straight"]), read_scalars(runs["straight"])
     assert set(jsonl) == set(tensorboard)
-    assert {"lr/default", "train/loss", "train/loss_epoch", "val/loss", "val/accuracy", "test/loss",
-            "perf/samples_per_s", "lr_epoch/default"} <= set(jsonl)
+    assert {"lr/default", "lr/first_layer", "train/loss", "train/loss_epoch", "val/loss", "val/accuracy",
+            "test/loss", "perf/samples_per_s", "lr_epoch/default", "lr_epoch/first_layer"} <= set(jsonl)
+    assert jsonl["lr/first_layer"][0] == (1, pytest.approx(3e-4)) and jsonl["lr/default"][0] == (1, pytest.approx(1e-3))
     for tag, points in tensorboard.items():
         # TensorBoard stores float32; the JSON records keep the float64 values.
         assert [s for s, _ in points] == [s for s, _ in jsonl[tag]], tag
@@ -136,6 +138,23 @@ def wandb_series(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], lis
     return out, [f.name for f in folders]
 
 
+def wandb_config(run_dir: Path) -> dict:
+    """The run config the W&B offline files hold (the last value of each key)."""
+    from wandb.proto import wandb_internal_pb2
+
+    run_id = read_json(run_dir / "trackers.json")["wandb"]
+    config = {}
+    for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):
+        for raw in wandb_records(folder / f"run-{run_id}.wandb"):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            kind = record.WhichOneof("record_type")
+            items = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+            for item in items:
+                config[item.key] = json.loads(item.value_json)
+    return config
+
+
 def test_mlflow_and_wandb_get_the_same_series_and_a_resumed_run_logs_no_step_twice_in_either(runs, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the run folder's file store
     run_dir = runs["resumed"]
@@ -154,6 +173,10 @@ def test_mlflow_and_wandb_get_the_same_series_and_a_resumed_run_logs_no_step_twi
         assert len(steps) == len(set(steps)) and set(wandb[tag]) <= set(points), tag
         assert [p for p in points if p[0] > 200] == [p for p in wandb[tag] if p[0] > 200], tag
     assert [s for s, _ in mlflow["lr/default"]] == list(range(1, 301))
+    assert [s for s, _ in mlflow["lr/first_layer"]] == list(range(1, 301))
+    assert {"lr/default", "lr/first_layer", "perf/samples_per_s", "val/loss", "test/loss"} <= set(wandb)
+    # The resolved recipe as parameters: MLflow's params, W&B's run config.
+    assert wandb_config(run_dir)["optim.lr"] == 0.001 and run["params"]["data.batch_size"] == "32"
 
 
 def test_a_tracker_that_cannot_start_stops_the_run_before_training(tmp_path):
@@ -163,6 +186,23 @@ def test_a_tracker_that_cannot_start_stops_the_run_before_training(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "run.log_with: mlflow could not start, nothing was trained: MLflow at file:///proc/no/mlruns" in proc.stderr
     assert "Traceback" not in proc.stderr and not (run_dir / "checkpoints").exists()
+
+
+def test_wandb_missing_or_refusing_to_start_stops_the_run_before_training(tmp_path):
+    blocked = tmp_path / "no_wandb"
+    blocked.mkdir()
+    (blocked / "wandb.py").write_text("raise ImportError('No module named wandb (hidden by this test)')\n")
+    for name, env, expected in (
+            ("missing", {"PYTHONPATH": f"{blocked}:{ROOT}"},
+             "run.log_with: wandb could not start, nothing was trained: wandb is not installed (No module named wandb"),
+            ("refusing", {"WANDB_MODE": "offlin"},
+             "run.log_with: wandb could not start, nothing was trained: W&B: ")):
+        run_dir = tmp_path / name
+        proc = run_harness(RECIPE, [f"run.output_dir={run_dir}", "run.log_with=[tensorboard,wandb]"], nproc=1,
+                           launcher="python", check=False, env=subprocess_env(**env))
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not (run_dir / "checkpoints").exists()
 
 
 def test_only_the_trackers_asked_for_write(tmp_path):
@@ -187,3 +227,20 @@ def test_the_profiler_traces_the_steps_it_was_asked_for(runs):
     assert sorted(n for n in names if n and n.startswith("ProfilerStep#")) == ["ProfilerStep#3", "ProfilerStep#4",
                                                                               "ProfilerStep#5"]
     assert {"aten::addmm", "Optimizer.step#Adam.step"} <= names
+
+
+def test_the_profiler_counts_optimizer_steps_on_the_main_rank_or_on_every_rank(tmp_path):
+    # Two micro-batches an optimizer step: the window is steps 4-6 all the same, each holding two
+    # forwards (the MLP's three layers: three aten::addmm a forward) and one optimizer step.
+    common = ["train.epochs=1", "train.grad_accum_steps=2", "data.batch_size=16", *PROFILE]
+    for ranks, profiled in (("main", ["rank0"]), ("all", ["rank0", "rank1"])):
+        run_dir = tmp_path / ranks
+        run_harness(RECIPE, [f"run.output_dir={run_dir}", *common, f"train.profile.ranks={ranks}"], nproc=2)
+        traces = sorted((run_dir / "profile").glob("*.pt.trace.json"))
+        assert [trace.name.split(".")[0] for trace in traces] == profiled
+        for trace in traces:
+            names = Counter(event.get("name") for event in json.loads(trace.read_text())["traceEvents"]
+                            if event.get("ph") == "X")
+            assert sorted(n for n in names if n and n.startswith("ProfilerStep#")) == [
+                "ProfilerStep#3", "ProfilerStep#4", "ProfilerStep#5"], trace.name
+            assert names["Optimizer.step#Adam.step"] == 3 and names["aten::addmm"] == 3 * 2 * 3, trace.name
