@@ -1,14 +1,17 @@
-"""train.compile and train.activation_checkpointing, measured through the harness itself.
+"""train.compile, train.activation_checkpointing, train.ema and train.profile, measured through
+the harness itself.
 
 Compile: the char-LM recipe on 1 process, 1 thread, eager vs ``train.compile: true`` vs
 ``train.compile: [_Block]`` (regional), each with a cold inductor cache of its own, with the
-recipe's dropout and without dropout. Reported: steps/s
-over steps 20-79 (after compiling), and the compile cost, the time to the end of step 3 beyond
-eager's.
+recipe's dropout and without dropout. Reported: steps/s over steps 20-79 (after compiling), and
+the compile cost, the time to the end of step 3 beyond eager's.
 
 Activation checkpointing: a GPT whose activations dominate its memory (6 blocks, dim 128, 256
-tokens, batch 32: 1.2M parameters), 2 DDP ranks, with and without ``train.activation_checkpointing: [_Block]``: each rank's peak resident memory (VmHWM)
-and steps/s.
+tokens, batch 32: 1.2M parameters), 2 ranks under DDP and under FSDP2, with and without
+``train.activation_checkpointing: [_Block]``: each rank's peak resident memory (VmHWM) and steps/s.
+
+EMA and profiler: the char-LM recipe on 1 process, eager, with and without ``train.ema`` (steps/s
+over steps 20-79) and ``train.profile`` (steps/s of its traced window, steps 8-12, and after it).
 
     .venv/bin/python scripts/bench.py --around-step 2
 """
@@ -52,7 +55,9 @@ AC_MODEL = ["model.dim=128", "model.layers=6", "data.block_size=256", "data.batc
             "train.log_every_steps=1000"]
 AC_VARIANTS = {"plain": [], "checkpointed": ["train.activation_checkpointing=[_Block]"]}
 AC_STRATEGIES = ("ddp", "fsdp")
-EMA_VARIANTS = {"plain": [], "ema": ["train.ema.decay=0.999"]}
+# train.ema's cost, and train.profile's: a window of steps 8-12 traced (wait 5, warmup 2, active 5).
+COST_VARIANTS = {"plain": [], "ema": ["train.ema.decay=0.999"],
+                 "profiled": ["train.profile.wait=5", "train.profile.warmup=2", "train.profile.active=5"]}
 
 
 def _launch(work: Path, logs: Path, name: str, overrides: list[str], nproc: int, env: dict) -> list[dict]:
@@ -108,17 +113,21 @@ def ac_round(work: Path, logs: Path, r: int) -> dict:
     return record
 
 
-def ema_round(work: Path, logs: Path, r: int) -> dict:
-    """train.ema's cost per step: the char-LM, 1 process, eager, with and without the average."""
+def cost_round(work: Path, logs: Path, r: int) -> dict:
+    """train.ema's and train.profile's cost per step: the char-LM, 1 process, eager, with and
+    without each. The profiled run: its traced window (steps 8-12) and the steps after it (20-79)."""
     record = {}
-    order = list(EMA_VARIANTS) if r % 2 == 0 else list(reversed(EMA_VARIANTS))
+    order = list(COST_VARIANTS) if r % 2 == 0 else list(reversed(COST_VARIANTS))
     for variant in order:
-        (result,) = _launch(work, logs, f"ema-{variant}-{r}", EMA_VARIANTS[variant] + COMPILE_STEPS, 1,
+        (result,) = _launch(work, logs, f"cost-{variant}-{r}", COST_VARIANTS[variant] + COMPILE_STEPS, 1,
                             subprocess_env())
         marks = result["since_start"]
-        record[f"ema_{variant}_steps_per_s"] = 60 / (marks[79] - marks[19])
-    record["ema_ratio"] = record["ema_ema_steps_per_s"] / record["ema_plain_steps_per_s"]
-    record["ema_ms_per_step"] = 1000 * (1 / record["ema_ema_steps_per_s"] - 1 / record["ema_plain_steps_per_s"])
+        record[f"{variant}_steps_per_s"] = 60 / (marks[79] - marks[19])
+        record[f"{variant}_window_steps_per_s"] = 5 / (marks[12] - marks[7])  # steps 8-12
+    for variant in ("ema", "profiled"):
+        record[f"{variant}_ratio"] = record[f"{variant}_steps_per_s"] / record["plain_steps_per_s"]
+    record["ema_ms_per_step"] = 1000 * (1 / record["ema_steps_per_s"] - 1 / record["plain_steps_per_s"])
+    record["profiled_window_ratio"] = record["profiled_window_steps_per_s"] / record["plain_window_steps_per_s"]
     return record
 
 
@@ -129,7 +138,7 @@ def around_step(work: Path, logs: Path, rounds: int) -> dict:
     for r in range(rounds):
         started = time.perf_counter()
         compile_rounds.append(compile_round(work, logs, r))
-        ac_rounds.append({**ac_round(work, logs, r), **ema_round(work, logs, r)})
+        ac_rounds.append({**ac_round(work, logs, r), **cost_round(work, logs, r)})
         print(f"[bench] around-step round {r + 1}: {time.perf_counter() - started:.0f} s "
               f"{json.dumps({**compile_rounds[-1], **ac_rounds[-1]}, default=lambda v: round(v, 3))}", flush=True)
     return {"rounds": rounds, "compile": compile_rounds, "activation_checkpointing": ac_rounds}
@@ -160,7 +169,12 @@ def around_step_markdown(s: dict, command: str, when: str) -> str:
                  f"| steps/s of that run | {_median(a, f'{strategy}_plain_steps_per_s')} | "
                  f"{_median(a, f'{strategy}_checkpointed_steps_per_s')} (ratio {_median(a, f'{strategy}_speed_ratio')})"
                  " | - |")],
-             "", "| train.ema (decay 0.999, every step), char-LM, 1 process | without | with | |", "|---|---|---|---|",
-             f"| steps/s | {_median(a, 'ema_plain_steps_per_s')} | {_median(a, 'ema_ema_steps_per_s')} "
-             f"(ratio {_median(a, 'ema_ratio')}; {_median(a, 'ema_ms_per_step')} ms a step) | |", ""]
+             "", "| char-LM, 1 process, eager | without | with | ratio |", "|---|---|---|---|",
+             f"| train.ema (decay 0.999, every step): steps/s | {_median(a, 'plain_steps_per_s')} | "
+             f"{_median(a, 'ema_steps_per_s')} | {_median(a, 'ema_ratio')} ({_median(a, 'ema_ms_per_step')} ms a step) |",
+             f"| train.profile (wait 5, warmup 2, active 5): steps/s of the traced steps 8-12 | "
+             f"{_median(a, 'plain_window_steps_per_s')} | {_median(a, 'profiled_window_steps_per_s')} | "
+             f"{_median(a, 'profiled_window_ratio')} |",
+             f"| train.profile: steps/s of steps 20-79, after the window | {_median(a, 'plain_steps_per_s')} | "
+             f"{_median(a, 'profiled_steps_per_s')} | {_median(a, 'profiled_ratio')} |", ""]
     return "\n".join(lines)

@@ -6,7 +6,7 @@
     .venv/bin/python scripts/bench.py --only mlp_ddp2 # one figure (or a comma-separated list)
     .venv/bin/python scripts/bench.py --soak 50       # 50 clean starts and exits of a 2-rank run
     .venv/bin/python scripts/bench.py --stops 5       # seconds from a signal / a launcher's death to the stop
-    .venv/bin/python scripts/bench.py --around-step 2 # train.compile and activation checkpointing, 2 rounds
+    .venv/bin/python scripts/bench.py --around-step 2 # compile, activation checkpointing, EMA, profiler: 2 rounds
     .venv/bin/python scripts/bench.py --multi-node 3  # 2 nodes vs 1 node, elastic restart (root: ip netns)
 
 Harness and baseline alternate within every round (the order flips or rotates from round to
@@ -731,7 +731,8 @@ def main() -> int:
     parser.add_argument("--stops", type=int, default=None, metavar="N",
                         help="stop a run N times each way (SIGTERM on 1 and 2 ranks, launcher SIGKILLed)")
     parser.add_argument("--around-step", type=int, default=None, metavar="N",
-                        help="N rounds of train.compile (steps/s, compile time) and activation checkpointing (peak memory)")
+                        help="N rounds of train.compile (steps/s, compile time), activation checkpointing (peak memory), "
+                             "train.ema and train.profile (steps/s)")
     parser.add_argument("--multi-node", type=int, default=None, metavar="N",
                         help="N rounds on two network-namespace hosts: 2 nodes vs 1 node steps/s, elastic restart time")
     parser.add_argument("--list", action="store_true", help="list figure names and exit")

@@ -238,8 +238,8 @@ def run_dir(tmp_path: Path) -> Path:
 # for minutes after the other ran out of work. The rest stay in name order.
 HEAVY_FIRST = ("test_resume.py", "test_resume_holes.py", "test_datasets.py", "test_slurm.py", "test_streams.py",
                "test_user_components.py", "test_distributed.py", "test_resume_matrix.py", "test_fsdp.py",
-               "test_training_controls.py", "test_multi_node.py", "test_token_losses.py", "test_slurm_two_nodes.py",
-               "test_launcher_death.py", "test_save_failures.py", "test_recipe_changes.py")
+               "test_training_controls.py", "test_blocks.py", "test_multi_node.py", "test_token_losses.py",
+               "test_slurm_two_nodes.py", "test_launcher_death.py", "test_save_failures.py", "test_recipe_changes.py")
 
 
 def pytest_collection_modifyitems(config, items):
