@@ -95,9 +95,6 @@ class FSDP2(DDP):
         finally:
             sharding.set_gradient_sync(model, True)
 
-    def before_validation(self, raw_model: torch.nn.Module) -> None:
-        pass  # no broadcast of buffers here: they are not DTensors, each rank keeps its own
-
     def validation_batches(self, split, shards: list) -> Iterable[tuple]:
         return sharding.lockstep(split.batches, shards)  # every rank runs every forward (each all-gathers)
 

@@ -1,6 +1,6 @@
 """train.activation_checkpointing and train.compile: the model's own parameter names and
 checkpoint keys, activation checkpointing keeps fewer activations and trains bitwise the same
-(DDP and FSDP2 on 2 ranks, dropout included); compiled whole under DDP and per block under FSDP2
+(DDP and FSDP2 on 2 ranks, dropout included); compiled whole under DDP (an MLP) and per block under FSDP2 (a GPT)
 on 2 ranks trains like eager (float32 rounding apart); a compiled run SIGKILLed and resumed
 compiled is bitwise the uninterrupted compiled run, and its checkpoint resumes uncompiled, as an
 eager one resumes compiled.
@@ -59,6 +59,30 @@ def test_activation_checkpointing_keeps_a_fraction_of_the_activations_and_the_sa
         assert torch.equal(a.grad, b.grad), name  # dropout's masks replayed in the recomputation
 
 
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=1.0):
+        return self.linear(x).relu() * scale
+
+
+def test_a_checkpointed_block_takes_keyword_arguments_and_its_input_need_not_require_grad():
+    # What non-reentrant checkpointing gives and reentrant does not: keyword arguments, and
+    # gradients for the block's weights when its input needs none (a block right after the data).
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(_Scaled())
+    checkpointed = torch.nn.Sequential(_Scaled())
+    checkpointed.load_state_dict(plain.state_dict())
+    assert blocks.checkpoint_activations(checkpointed, ["_Scaled"]) == 1
+    x = torch.randn(3, 4)
+    for model in (plain, checkpointed):
+        model[0](x, scale=2.0).sum().backward()
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        assert b.grad is not None and torch.equal(a.grad, b.grad)
+
+
 def test_an_unknown_block_class_names_the_models_classes():
     with pytest.raises(ConfigError, match=r"train.activation_checkpointing: no module of class \['Block'\].*_Block"):
         blocks.checkpoint_activations(gpt(), ["Block"])
@@ -78,17 +102,19 @@ def test_activation_checkpointing_trains_bitwise_the_same_on_two_ranks(strategy,
     assert read_json(runs["plain"] / "metrics.json") == read_json(runs["checkpointed"] / "metrics.json")
 
 
-@pytest.mark.parametrize("strategy,compile_setting,line", [
-    ("ddp", "true", "torch.compile: the whole model"),
-    ("fsdp", "[_Block]", "torch.compile: 2 blocks (_Block), each compiled on its own"),
-])
-def test_a_compiled_run_on_two_ranks_trains_like_the_eager_one(strategy, compile_setting, line, tmp_path):
+# The whole model under DDP (the MLP recipe: a short compile), each block on its own under FSDP2
+# (the char-LM's GPT, its two blocks sharing one graph).
+@pytest.mark.parametrize("recipe,extra,line", [
+    (MLP, ["train.strategy=ddp", "train.epochs=1", "train.compile=true"], "torch.compile: the whole model"),
+    (CHAR_LM, ["train.strategy=fsdp", "model.dropout=0.0", "schedule.warmup_steps=0", *SMALL_LM,
+               "train.compile=[_Block]"], "torch.compile: 2 blocks (_Block), each compiled on its own"),
+], ids=["ddp-whole-mlp", "fsdp-per-block-gpt"])
+def test_a_compiled_run_on_two_ranks_trains_like_the_eager_one(recipe, extra, line, tmp_path):
     # Without dropout: inductor draws its own random numbers, so only a model without them can be
     # compared with the eager run. Fused kernels add in another order: close, not bitwise.
-    common = [f"train.strategy={strategy}", "model.dropout=0.0", "schedule.warmup_steps=0", *SMALL_LM]
     runs = {name: tmp_path / name for name in ("eager", "compiled")}
-    run_harness(CHAR_LM, [f"run.output_dir={runs['eager']}", *common])
-    proc = run_harness(CHAR_LM, [f"run.output_dir={runs['compiled']}", *common, f"train.compile={compile_setting}"])
+    run_harness(recipe, [f"run.output_dir={runs['eager']}", *extra[:-1]])
+    proc = run_harness(recipe, [f"run.output_dir={runs['compiled']}", *extra])
     assert line in proc.stderr + proc.stdout
     eager, compiled = weights(runs["eager"]), weights(runs["compiled"])
     assert not any("_orig_mod" in key for key in compiled)
