@@ -134,14 +134,17 @@ def cost_round(work: Path, logs: Path, r: int) -> dict:
 def around_step(work: Path, logs: Path, rounds: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    compile_rounds, ac_rounds = [], []
+    measured = {"compile": compile_round, "activation_checkpointing": ac_round, "costs": cost_round}
+    out = {"rounds": rounds, **{name: [] for name in measured}}
     for r in range(rounds):
         started = time.perf_counter()
-        compile_rounds.append(compile_round(work, logs, r))
-        ac_rounds.append({**ac_round(work, logs, r), **cost_round(work, logs, r)})
+        record = {}
+        for name, measure in measured.items():
+            out[name].append(measure(work, logs, r))
+            record.update(out[name][-1])
         print(f"[bench] around-step round {r + 1}: {time.perf_counter() - started:.0f} s "
-              f"{json.dumps({**compile_rounds[-1], **ac_rounds[-1]}, default=lambda v: round(v, 3))}", flush=True)
-    return {"rounds": rounds, "compile": compile_rounds, "activation_checkpointing": ac_rounds}
+              f"{json.dumps(record, default=lambda v: round(v, 3))}", flush=True)
+    return out
 
 
 def _median(rows: list[dict], key: str) -> str:
@@ -150,7 +153,7 @@ def _median(rows: list[dict], key: str) -> str:
 
 
 def around_step_markdown(s: dict, command: str, when: str) -> str:
-    c, a = s["compile"], s["activation_checkpointing"]
+    c, a, e = s["compile"], s["activation_checkpointing"], s["costs"]
     lines = [f"### train.compile and train.activation_checkpointing ({when}, `{command}`, {s['rounds']} rounds, "
              "median (min-max))", "",
              "| measurement | eager / plain | whole model compiled / checkpointed | per block (`[_Block]`) |",
@@ -170,11 +173,11 @@ def around_step_markdown(s: dict, command: str, when: str) -> str:
                  f"{_median(a, f'{strategy}_checkpointed_steps_per_s')} (ratio {_median(a, f'{strategy}_speed_ratio')})"
                  " | - |")],
              "", "| char-LM, 1 process, eager | without | with | ratio |", "|---|---|---|---|",
-             f"| train.ema (decay 0.999, every step): steps/s | {_median(a, 'plain_steps_per_s')} | "
-             f"{_median(a, 'ema_steps_per_s')} | {_median(a, 'ema_ratio')} ({_median(a, 'ema_ms_per_step')} ms a step) |",
+             f"| train.ema (decay 0.999, every step): steps/s | {_median(e, 'plain_steps_per_s')} | "
+             f"{_median(e, 'ema_steps_per_s')} | {_median(e, 'ema_ratio')} ({_median(e, 'ema_ms_per_step')} ms a step) |",
              f"| train.profile (wait 5, warmup 2, active 5): steps/s of the traced steps 8-12 | "
-             f"{_median(a, 'plain_window_steps_per_s')} | {_median(a, 'profiled_window_steps_per_s')} | "
-             f"{_median(a, 'profiled_window_ratio')} |",
-             f"| train.profile: steps/s of steps 20-79, after the window | {_median(a, 'plain_steps_per_s')} | "
-             f"{_median(a, 'profiled_steps_per_s')} | {_median(a, 'profiled_ratio')} |", ""]
+             f"{_median(e, 'plain_window_steps_per_s')} | {_median(e, 'profiled_window_steps_per_s')} | "
+             f"{_median(e, 'profiled_window_ratio')} |",
+             f"| train.profile: steps/s of steps 20-79, after the window | {_median(e, 'plain_steps_per_s')} | "
+             f"{_median(e, 'profiled_steps_per_s')} | {_median(e, 'profiled_ratio')} |", ""]
     return "\n".join(lines)

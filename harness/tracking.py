@@ -179,8 +179,9 @@ class TensorBoardLog:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat_config.items()}
-        clean = {k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))}
+        # TensorBoard's hparams take no null and no NaN: a null as its text, a NaN left out.
+        clean = {k: "None" if v is None else v for k, v in plain_params(flat_config).items()
+                 if not (isinstance(v, float) and math.isnan(v))}
         for summary in hparams(clean, metrics):
             self.file.write_summary(0, summary)
         self.scalars(step, metrics)

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from harness import blocks
 from harness.builtin.models import Gpt
@@ -104,17 +105,17 @@ def test_activation_checkpointing_trains_bitwise_the_same_on_two_ranks(strategy,
 
 # The whole model under DDP (the MLP recipe: a short compile), each block on its own under FSDP2
 # (the char-LM's GPT, its two blocks sharing one graph).
-@pytest.mark.parametrize("recipe,extra,line", [
-    (MLP, ["train.strategy=ddp", "train.epochs=1", "train.compile=true"], "torch.compile: the whole model"),
-    (CHAR_LM, ["train.strategy=fsdp", "model.dropout=0.0", "schedule.warmup_steps=0", *SMALL_LM,
-               "train.compile=[_Block]"], "torch.compile: 2 blocks (_Block), each compiled on its own"),
+@pytest.mark.parametrize("recipe,common,setting,line", [
+    (MLP, ["train.strategy=ddp", "train.epochs=1"], "true", "torch.compile: the whole model"),
+    (CHAR_LM, ["train.strategy=fsdp", "model.dropout=0.0", "schedule.warmup_steps=0", *SMALL_LM], "[_Block]",
+     "torch.compile: 2 blocks (_Block), each compiled on its own"),
 ], ids=["ddp-whole-mlp", "fsdp-per-block-gpt"])
-def test_a_compiled_run_on_two_ranks_trains_like_the_eager_one(recipe, extra, line, tmp_path):
+def test_a_compiled_run_on_two_ranks_trains_like_the_eager_one(recipe, common, setting, line, tmp_path):
     # Without dropout: inductor draws its own random numbers, so only a model without them can be
     # compared with the eager run. Fused kernels add in another order: close, not bitwise.
     runs = {name: tmp_path / name for name in ("eager", "compiled")}
-    run_harness(recipe, [f"run.output_dir={runs['eager']}", *extra[:-1]])
-    proc = run_harness(recipe, [f"run.output_dir={runs['compiled']}", *extra])
+    run_harness(recipe, [f"run.output_dir={runs['eager']}", *common])
+    proc = run_harness(recipe, [f"run.output_dir={runs['compiled']}", *common, f"train.compile={setting}"])
     assert line in proc.stderr + proc.stdout
     eager, compiled = weights(runs["eager"]), weights(runs["compiled"])
     assert not any("_orig_mod" in key for key in compiled)
@@ -134,7 +135,7 @@ def test_a_compiled_run_resumes_bitwise_compiled_and_also_uncompiled(tmp_path):
     uncompiled = tmp_path / "uncompiled"
     shutil.copytree(killed, uncompiled)
     # The checkpoint's keys are the model's own: no _orig_mod. prefix.
-    saved = weights_of(killed / "checkpoints" / "step-000020" / "model.safetensors")
+    saved = load_file(killed / "checkpoints" / "step-000020" / "model.safetensors")
     assert saved and not any("_orig_mod" in key for key in saved)
     run_harness(MLP, [f"run.output_dir={killed}", *compiled], nproc=1, launcher="python")
     assert_bitwise_equal(weights(straight), weights(killed))
@@ -161,8 +162,3 @@ def assert_close_training(expected: dict, got: dict) -> None:
     for key in expected:
         assert torch.allclose(got[key], expected[key], rtol=1e-4, atol=1e-5), key
 
-
-def weights_of(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(path)

@@ -118,40 +118,46 @@ def wandb_records(path: Path):
             pending = b""
 
 
-def wandb_series(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+def wandb_run(run_dir: Path):
+    """(the offline folders of the run in trackers.json, each record of their files parsed): one
+    folder per process; `wandb sync` uploads them into the one run."""
     from wandb.proto import wandb_internal_pb2
 
     run_id = read_json(run_dir / "trackers.json")["wandb"]
-    out: dict[str, list] = {}
     folders = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
-    for folder in folders:  # one per process; `wandb sync` uploads them into the one run
-        for raw in wandb_records(folder / f"run-{run_id}.wandb"):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(raw)
-            if record.WhichOneof("record_type") == "history":
-                # A key with a "/" is stored as its parts (nested_key).
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                       for item in record.history.item}
-                for key, value in row.items():
-                    if not key.startswith("_"):
-                        out.setdefault(key, []).append((record.history.step.num, value))
+
+    def parsed():
+        for folder in folders:
+            for raw in wandb_records(folder / f"run-{run_id}.wandb"):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(raw)
+                yield record
+
+    return folders, parsed()
+
+
+def wandb_series(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    out: dict[str, list] = {}
+    folders, records = wandb_run(run_dir)
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            # A key with a "/" is stored as its parts (nested_key).
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in record.history.item}
+            for key, value in row.items():
+                if not key.startswith("_"):
+                    out.setdefault(key, []).append((record.history.step.num, value))
     return out, [f.name for f in folders]
 
 
 def wandb_config(run_dir: Path) -> dict:
     """The run config the W&B offline files hold (the last value of each key)."""
-    from wandb.proto import wandb_internal_pb2
-
-    run_id = read_json(run_dir / "trackers.json")["wandb"]
     config = {}
-    for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):
-        for raw in wandb_records(folder / f"run-{run_id}.wandb"):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(raw)
-            kind = record.WhichOneof("record_type")
-            items = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
-            for item in items:
-                config[item.key] = json.loads(item.value_json)
+    for record in wandb_run(run_dir)[1]:
+        kind = record.WhichOneof("record_type")
+        items = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+        for item in items:
+            config[item.key] = json.loads(item.value_json)
     return config
 
 
@@ -216,17 +222,21 @@ def test_only_the_trackers_asked_for_write(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def traced(trace: Path) -> Counter:
+    """How many times each named span (a Chrome trace's complete events) was recorded."""
+    return Counter(event.get("name") for event in json.loads(trace.read_text())["traceEvents"] if event.get("ph") == "X")
+
+
 def test_the_profiler_traces_the_steps_it_was_asked_for(runs):
     run_dir = runs["straight"]
     assert f"profiling optimizer steps 4-6 of this process into {run_dir / 'profile'}" in runs["straight_output"]
     traces = list((run_dir / "profile").glob("rank0.*.pt.trace.json"))
     assert len(traces) == 1
-    events = json.loads(traces[0].read_text())["traceEvents"]
-    names = {event.get("name") for event in events}
+    names = traced(traces[0])
     # torch numbers the profiler's steps from 0: steps 4-6 of the run.
     assert sorted(n for n in names if n and n.startswith("ProfilerStep#")) == ["ProfilerStep#3", "ProfilerStep#4",
                                                                               "ProfilerStep#5"]
-    assert {"aten::addmm", "Optimizer.step#Adam.step"} <= names
+    assert {"aten::addmm", "Optimizer.step#Adam.step"} <= names.keys()
 
 
 def test_the_profiler_counts_optimizer_steps_on_the_main_rank_or_on_every_rank(tmp_path):
@@ -239,8 +249,7 @@ def test_the_profiler_counts_optimizer_steps_on_the_main_rank_or_on_every_rank(t
         traces = sorted((run_dir / "profile").glob("*.pt.trace.json"))
         assert [trace.name.split(".")[0] for trace in traces] == profiled
         for trace in traces:
-            names = Counter(event.get("name") for event in json.loads(trace.read_text())["traceEvents"]
-                            if event.get("ph") == "X")
+            names = traced(trace)
             assert sorted(n for n in names if n and n.startswith("ProfilerStep#")) == [
                 "ProfilerStep#3", "ProfilerStep#4", "ProfilerStep#5"], trace.name
             assert names["Optimizer.step#Adam.step"] == 3 and names["aten::addmm"] == 3 * 2 * 3, trace.name
